@@ -1,0 +1,116 @@
+"""Backends: who computes a loss for which device, and how ``"auto"`` chooses.
+
+A backend is a function ``(logits (R, K), target (R,) int64, spec, reduction,
+ignore_index) -> loss`` plus the device types it serves. Fused backends load
+lazily (a C++ extension may compile on first use); one that cannot load says
+why, and ``"auto"`` then falls back to the next candidate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import reference
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here; the message says why."""
+
+
+@dataclass
+class Backend:
+    name: str
+    device_types: tuple[str, ...]  # empty: every device type
+    loader: Callable[[], Callable]  # returns the loss function or raises BackendUnavailable
+    _fn: Callable | None = field(default=None, repr=False)
+    _error: str | None = field(default=None, repr=False)
+    _warned: bool = field(default=False, repr=False)
+
+    def serves(self, device_type: str) -> bool:
+        return not self.device_types or device_type in self.device_types
+
+    def load(self) -> Callable:
+        if self._fn is None and self._error is None:
+            try:
+                self._fn = self.loader()
+            except BackendUnavailable as err:
+                self._error = str(err)
+        if self._fn is None:
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {self._error}")
+        return self._fn
+
+    def available(self) -> bool:
+        try:
+            self.load()
+        except BackendUnavailable:
+            return False
+        return True
+
+
+_REGISTRY: dict[str, Backend] = {}
+# "auto" tries these in order for a device type; the reference serves the rest.
+_AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+
+
+def register(name: str, device_types: tuple[str, ...], loader: Callable[[], Callable]) -> None:
+    _REGISTRY[name] = Backend(name, device_types, loader)
+
+
+register("torch", (), lambda: reference.reference_loss)
+
+
+def backend_names() -> list[str]:
+    """Every backend this build knows of (available or not)."""
+    return list(_REGISTRY)
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    """The backends that can run on ``device_type`` here."""
+    return [b.name for b in _REGISTRY.values() if b.serves(device_type) and b.available()]
+
+
+def check_name(name: str) -> None:
+    """Raise unless ``name`` is ``"auto"`` or a known backend (whether or not it runs here)."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}")
+
+
+def resolve(name: str, device_type: str) -> Backend:
+    """The backend that computes for a tensor on ``device_type``."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ()):
+            backend = _REGISTRY.get(candidate)
+            if backend is None:
+                continue
+            if backend.available():
+                return backend
+            if not backend._warned:
+                backend._warned = True
+                warnings.warn(
+                    f"apl_kernels: {backend._error} (backend {candidate!r}); "
+                    f"backend='auto' uses the next candidate",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return _REGISTRY["torch"]
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise ValueError(
+            f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}; "
+            f"available for {device_type} tensors: {', '.join(available_backends(device_type))}"
+        )
+    if not backend.serves(device_type):
+        raise ValueError(
+            f"backend {name!r} does not run on {device_type} tensors (it serves "
+            f"{', '.join(backend.device_types)}); available for {device_type} tensors: "
+            f"{', '.join(available_backends(device_type))}"
+        )
+    try:
+        backend.load()
+    except BackendUnavailable as err:
+        raise ValueError(
+            f"{err}; available for {device_type} tensors: {', '.join(available_backends(device_type))}"
+        ) from None
+    return backend

@@ -1,0 +1,167 @@
+"""The public API: names, modules, functional forms, backends, and every bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import apl_kernels as ak
+from apl_kernels.catalogue import PAPER_PAIRS
+from cases import random_logits, random_target
+
+F = ak.functional
+
+MODULES = {
+    "ce": ak.CE, "fl": ak.FL, "gce": ak.GCE, "sce": ak.SCE, "mae": ak.MAE, "rce": ak.RCE,
+    "nce": ak.NCE, "nfl": ak.NFL, "ngce": ak.NGCE, "nmae": ak.NMAE, "nrce": ak.NRCE,
+    "nce+mae": ak.NCEMAE, "nce+rce": ak.NCERCE, "nfl+mae": ak.NFLMAE, "nfl+rce": ak.NFLRCE,
+    "ngce+mae": ak.NGCEMAE, "ngce+rce": ak.NGCERCE, "gce+mae": ak.GCEMAE, "gce+rce": ak.GCERCE,
+    "gce+nce": ak.GCENCE, "mae+rce": ak.MAERCE, "nfl+nce": ak.NFLNCE, "ngce+nce": ak.NGCENCE,
+}
+
+
+def test_available_losses_lists_every_spec_name():
+    names = ak.available_losses()
+    assert len(names) == len(set(names))
+    for name in MODULES:
+        assert name in names
+    for active in ("ce", "fl", "gce", "nce", "nfl", "ngce"):
+        for passive in ("mae", "rce", "nmae", "nrce"):
+            assert f"{active}+{passive}" in names
+    assert all(name == name.lower() for name in names)
+
+
+def test_readme_example():
+    loss = ak.NCEMAE(1.0, 1.0)(torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_modules_functional_and_get_loss_agree(name, seed):
+    z = random_logits(6, 10, seed, dtype=torch.float32)
+    y = random_target(6, 10, seed)
+    by_module = MODULES[name]()(z, y)
+    by_function = getattr(F, name.replace("+", "_"))(z, y)
+    by_name = ak.get_loss(name)(z, y)
+    by_apl = F.apl_loss(z, y, name)
+    assert torch.equal(by_module, by_function) and torch.equal(by_module, by_name)
+    assert torch.equal(by_module, by_apl)
+    assert type(ak.get_loss(name)) is MODULES[name]
+
+
+def test_pairs_take_alpha_beta_first(seed):
+    z = random_logits(6, 10, seed)
+    y = random_target(6, 10, seed)
+    pair = ak.NCERCE(2.0, 0.5)(z, y)
+    assert torch.allclose(pair, 2.0 * ak.NCE()(z, y) + 0.5 * ak.RCE()(z, y), rtol=1e-14, atol=0)
+    assert torch.equal(pair, ak.APLLoss("nce", "rce", 2.0, 0.5)(z, y))
+    assert torch.equal(pair, ak.APLLoss("nce", "rce", alpha=2.0, beta=0.5)(z, y))
+    assert torch.equal(pair, F.nce_rce(z, y, 2.0, 0.5))
+    assert torch.equal(pair, ak.get_loss("NCE+RCE", alpha=2.0, beta=0.5)(z, y))
+    generic = ak.get_loss("ce+nrce", alpha=0.3)
+    assert isinstance(generic, ak.APLLoss)
+    assert torch.allclose(generic(z, y), 0.3 * ak.CE()(z, y) + ak.NRCE()(z, y), rtol=1e-14, atol=0)
+
+
+def test_sce_is_alpha_ce_plus_beta_rce(seed):
+    z = random_logits(6, 10, seed)
+    y = random_target(6, 10, seed)
+    assert torch.allclose(ak.SCE()(z, y), 0.1 * ak.CE()(z, y) + ak.RCE()(z, y), rtol=1e-14, atol=0)
+    assert torch.allclose(ak.SCE(0.5, 2.0)(z, y), 0.5 * ak.CE()(z, y) + 2 * ak.RCE()(z, y), rtol=1e-14, atol=0)
+
+
+def test_scale_and_parameters(seed):
+    z = random_logits(6, 10, seed)
+    y = random_target(6, 10, seed)
+    assert torch.allclose(ak.NFL(10.0)(z, y), 10 * ak.NFL()(z, y), rtol=1e-14, atol=0)
+    assert not torch.equal(ak.FL(gamma=2.0)(z, y), ak.FL()(z, y))
+    assert torch.equal(ak.FL(gamma=0.0)(z, y), ak.CE()(z, y))
+    assert torch.equal(ak.NGCE(q=0.1)(z, y), F.ngce(z, y, q=0.1))
+
+
+def test_repr_names_the_loss_and_its_parameters():
+    assert repr(ak.NCEMAE(1.0, 1.0)) == "NCEMAE(alpha=1.0, beta=1.0)"
+    assert repr(ak.NFL(10.0, gamma=0.5)) == "NFL(scale=10.0, gamma=0.5, official_grad=False)"
+    assert repr(ak.GCE(reduction="sum")) == "GCE(scale=1.0, q=0.7, reduction='sum')"
+    assert repr(ak.APLLoss("nce", "nrce", 2.0)) == "APLLoss('nce+nrce', alpha=2.0, beta=1.0)"
+    assert repr(ak.NGCENCE(q=0.1, ignore_index=255)) == "NGCENCE(alpha=1.0, beta=1.0, q=0.1, ignore_index=255)"
+
+
+def test_modules_have_no_parameters_and_work_in_nn_sequential_training():
+    model = torch.nn.Linear(4, 3)
+    criterion = ak.NCERCE(1.0, 1.0)
+    assert list(criterion.parameters()) == []
+    loss = criterion(model(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1]))
+    loss.backward()
+    assert model.weight.grad is not None and torch.isfinite(model.weight.grad).all()
+
+
+def test_backends():
+    assert "torch" in ak.available_backends("cpu")
+    z, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    assert torch.equal(F.nce(z, y, backend="torch"), F.nce(z, y))
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*available for cpu tensors: torch"):
+        F.nce(z, y, backend="fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ak.NCE(backend="fast")
+
+
+# ---------------------------------------------------------------- bad input
+
+z10 = torch.randn(4, 10)
+y10 = torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda: F.nce(z10, torch.tensor([0, 10, 2, 3])), ValueError, r"target 10 at flat position 1 is outside \[0, 10\)"),
+        (lambda: F.nce(z10, torch.tensor([0, -1, 2, 3])), ValueError, r"target -1 .* not ignore_index \(-100\)"),
+        (lambda: F.nce(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), ValueError, r"K = input.shape\[1\] must be >= 2"),
+        (lambda: F.nce(z10, torch.tensor([0, 1, 2])), ValueError, r"target shape \(3,\) does not match input shape \(4, 10\)"),
+        (lambda: F.nce(torch.randn(10), torch.tensor(1)), ValueError, r"shape \(N, K\)"),
+        (lambda: F.nce(z10, y10.to("meta")), ValueError, r"input is on cpu but target is on meta"),
+        (lambda: F.nce(z10, y10.float()), TypeError, r"target must hold integer class indices; got torch.float32"),
+        (lambda: F.nce(z10, y10.bool()), TypeError, r"integer class indices"),
+        (lambda: F.nce(torch.randint(0, 5, (4, 10)), y10), TypeError, r"input \(logits\) must be float16, bfloat16, float32 or float64; got torch.int64"),
+        (lambda: F.nce(z10.numpy(), y10), TypeError, r"must be tensors"),
+        (lambda: ak.GCE(q=-0.5), ValueError, r"q must be > 0, got -0.5"),
+        (lambda: ak.NGCE(q=0), ValueError, r"q must be > 0"),
+        (lambda: ak.FL(gamma=-1.0), ValueError, r"gamma must be >= 0, got -1.0"),
+        (lambda: F.nfl_rce(z10, y10, gamma=-0.1), ValueError, r"gamma must be >= 0"),
+        (lambda: ak.NCE(scale=float("nan")), ValueError, r"scale must be finite"),
+        (lambda: ak.NCEMAE(alpha="1"), TypeError, r"alpha must be a real number"),
+        (lambda: ak.NCE(gamma=0.5), TypeError, r"unexpected parameter\(s\) gamma; it accepts: scale"),
+        (lambda: ak.NCE(official_grad=True), TypeError, r"unexpected parameter\(s\) official_grad"),
+        (lambda: ak.NCEMAE(1.0, 1.0, 1.0), TypeError, r"takes at most 2 parameters"),
+        (lambda: ak.NCEMAE(1.0, alpha=2.0), TypeError, r"multiple values for alpha"),
+        (lambda: ak.get_loss("nce+foo"), ValueError, r"unknown loss 'nce\+foo'; available: ce, fl"),
+        (lambda: ak.APLLoss("mae", "nce"), ValueError, r"unknown loss 'mae\+nce'"),
+        (lambda: ak.NCE(reduction="avg"), ValueError, r"reduction must be one of mean, sum, none; got 'avg'"),
+        (lambda: F.nce(z10, y10, reduction="avg"), ValueError, r"reduction must be one of"),
+        (lambda: ak.NCE(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
+        (lambda: ak.FL(official_grad=1), TypeError, r"official_grad must be a bool"),
+    ],
+)
+def test_bad_input_raises_with_a_message_that_names_the_problem(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_out_of_range_target_in_spatial_input_names_its_position():
+    y = torch.zeros(2, 3, dtype=torch.long)
+    y[1, 2] = 7
+    with pytest.raises(ValueError, match=r"target 7 at flat position 5 is outside \[0, 4\)"):
+        F.nce_mae(torch.randn(2, 4, 3), y)
+
+
+def test_ignore_index_is_not_out_of_range():
+    y = torch.tensor([0, 255, 2, 3])
+    assert torch.isfinite(F.nce(z10, y, ignore_index=255))
+    with pytest.raises(ValueError, match="outside"):
+        F.nce(z10, y)
+
+
+def test_integer_target_dtypes_are_accepted():
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(F.nce(z10, y10.to(dtype)), F.nce(z10, y10))

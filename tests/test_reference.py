@@ -1,0 +1,299 @@
+"""The PyTorch reference against the spec: formulas, anchors, gradients, call semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import apl_kernels as ak
+from apl_kernels.catalogue import FOCAL, SINGLES
+from cases import LOSS_CASES, LOSS_IDS, assert_close_to_scale, case_id, random_logits, random_target
+from formulas import loss_and_grad
+
+F = ak.functional
+
+
+def value_and_grad(logits, target, name, params, reduction="none", backend="torch", upstream=None, **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss = F.apl_loss(x, target, name, reduction=reduction, backend=backend, **params, **kw)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+    return loss.detach(), x.grad
+
+
+# ---------------------------------------------------------------- the spec's formulas
+
+
+def assert_matches_formulas(z, y, name, params):
+    values, grads = value_and_grad(z, y, name, params)
+    want_v, want_g, magnitude, sensitivity = loss_and_grad(z.numpy(), y.numpy(), name, **params)
+    # log_softmax rounds lp to about eps * (1 + |z|) absolutely; a value can be no more exact
+    # than that times its sensitivity (this matters only where lp[y] ~ 0 in confident rows).
+    lp_rounding = 1e-14 * (1 + np.abs(z.numpy()).max(axis=1))
+    tolerance = 1e-10 * np.abs(want_v) + sensitivity * lp_rounding
+    assert np.all(np.abs(values.numpy() - want_v) <= tolerance), np.abs(values.numpy() - want_v) / tolerance
+    # Relative to the largest term the row's gradient sums: dL/dz = h - p sum(h) cancels in
+    # confident rows, where both sides carry rounding of that size (not of the small result).
+    scale = magnitude.max(axis=1, keepdims=True)
+    error = np.abs(grads.numpy() - want_g)
+    assert np.all(error <= 1e-10 * scale), (error / scale).max()
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_values_and_gradients_match_formulas(case, seed):
+    name, params = case
+    for k in (2, 3, 10, 37):
+        z = random_logits(9, k, seed + k)
+        y = random_target(9, k, seed + k)
+        assert_matches_formulas(z, y, name, params)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    name=st.sampled_from(["nce+rce", "nfl+mae", "ngce+nce", "nfl", "fl", "gce+rce", "sce", "nrce"]),
+    official=st.booleans(),
+)
+def test_formulas_on_arbitrary_logits(data, name, official):
+    n = data.draw(st.integers(1, 4))
+    k = data.draw(st.integers(2, 12))
+    z = data.draw(hnp.arrays(np.float64, (n, k), elements=st.floats(-60, 60, allow_subnormal=False)))
+    y = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, k - 1)))
+    params = {"official_grad": True} if official and any(m in FOCAL for m in name.split("+")) else {}
+    assert_matches_formulas(torch.from_numpy(z), torch.from_numpy(y), name, params)
+
+
+EXACT_CASES = [c for c in LOSS_CASES if not c[1].get("official_grad")]
+
+
+# official_grad is by design not the derivative of the value: the formula test above and
+# test_official_grad_is_the_published_codes_gradient hold it to its own definition.
+@pytest.mark.parametrize("case", EXACT_CASES, ids=[case_id(c) for c in EXACT_CASES])
+def test_gradcheck_float64(case, seed):
+    name, params = case
+    z = random_logits(5, 7, seed).requires_grad_()
+    y = random_target(5, 7, seed)
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(
+            lambda x: F.apl_loss(x, y, name, reduction=reduction, backend="torch", **params), (z,)
+        )
+
+
+NORMALIZED = ["nce", "nfl", "ngce", "nmae", "nrce"]
+
+
+@pytest.mark.parametrize("name,params", [(n, {}) for n in NORMALIZED] + [("nfl", {"gamma": 2.0}), ("ngce", {"q": 0.1})])
+def test_normalized_losses_sum_to_one_over_labels(name, params, seed):
+    k = 11
+    z = random_logits(12, k, seed)
+    total = sum(F.apl_loss(z, torch.full((12,), label), name, reduction="none", **params) for label in range(k))
+    # Exactly one without clamps; the clamps of ngce/nrce move it by at most ~K * 1e-7.
+    tol = 1e-6 if name in ("ngce", "nrce") else 1e-12
+    torch.testing.assert_close(total, torch.ones(12, dtype=torch.float64), rtol=0, atol=tol)
+    if name in ("nce", "nfl", "nmae"):
+        return
+    # Without active clamps (near-uniform rows) ngce and nrce are exact too.
+    z = random_logits(4, k, seed, spread=False) * 0.1
+    total = sum(F.apl_loss(z, torch.full((4,), label), name, reduction="none", **params) for label in range(k))
+    torch.testing.assert_close(total, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- anchors of the published code
+
+ANCHOR_LOGITS = torch.tensor(
+    [
+        [2.0, 0.5, -1.0, 0.0, 1.0, -0.5, 0.3, -2.0, 0.8, 0.1],
+        [-1.0, 3.0, 0.2, 0.1, -0.3, 0.0, 1.5, -0.7, 0.4, 2.2],
+        [0.0] * 10,
+        [8.0] + [-4.0] * 9,
+    ],
+    dtype=torch.float64,
+)
+ANCHOR_TARGET = torch.tensor([0, 9, 3, 0])
+# name, params, mean loss, sum |grad| exact, sum |grad| official_grad
+ANCHORS = [
+    ("ce", {}, 1.178048, 1.138055, None),
+    ("fl", {"gamma": 0.5}, 1.052207, 1.200593, 1.000990),
+    ("gce", {"q": 0.7}, 0.686733, 0.384286, None),
+    ("mae", {}, 0.569028, 0.252202, None),
+    ("rce", {}, 5.240937, 2.322866, None),
+    ("nce", {}, 0.045038, 0.045275, None),
+    ("nfl", {"gamma": 0.5}, 0.042278, 0.049236, 0.041612),
+    ("ngce", {"q": 0.7}, 0.058942, 0.033405, None),
+    ("ngce", {"q": 0.1}, 0.047233, 0.043823, None),
+    ("nmae", {}, 0.063225, 0.028022, None),
+    ("nrce", {}, 0.063225, 0.028022, None),
+    ("nce+mae", {"alpha": 1.0, "beta": 1.0}, 0.614066, 0.297477, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name,params,value,grad_exact,grad_official", ANCHORS, ids=[f"{a[0]}{a[1]}" for a in ANCHORS])
+def test_anchor_table(name, params, value, grad_exact, grad_official, dtype):
+    # The table has six decimals: half a unit in the last place, plus float32 rounding.
+    tol = 5e-7 + (2e-6 * abs(value) if dtype == torch.float32 else 0)
+    modes = [({}, grad_exact)] + ([({"official_grad": True}, grad_official)] if grad_official else [])
+    for extra, grad_sum in modes:
+        loss, grad = value_and_grad(ANCHOR_LOGITS.to(dtype), ANCHOR_TARGET, name, {**params, **extra}, reduction="mean")
+        assert abs(loss.item() - value) <= tol, (loss.item(), value)
+        assert abs(grad.abs().sum().item() - grad_sum) <= tol, (grad.abs().sum().item(), grad_sum)
+
+
+# ---------------------------------------------------------------- official_grad = the published code
+
+
+def published_fl(z, y, gamma):
+    """FocalLoss of the published code (``.data`` written as ``.detach()``)."""
+    logpt = torch.log_softmax(z, dim=1).gather(1, y[:, None]).view(-1)
+    pt = logpt.detach().exp()
+    return -1 * (1 - pt) ** gamma * logpt
+
+
+def published_nfl(z, y, gamma):
+    """NormalizedFocalLoss of the published code (scale 1)."""
+    logpt = torch.log_softmax(z, dim=1)
+    normalizor = torch.sum(-1 * (1 - logpt.detach().exp()) ** gamma * logpt, dim=1)
+    logpt = logpt.gather(1, y[:, None]).view(-1)
+    pt = logpt.detach().exp()
+    return -1 * (1 - pt) ** gamma * logpt / normalizor
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name,published", [("fl", published_fl), ("nfl", published_nfl)])
+def test_official_grad_is_the_published_codes_gradient(name, published, gamma, seed):
+    z = random_logits(16, 10, seed)
+    y = random_target(16, 10, seed)
+    x = z.clone().requires_grad_()
+    published(x, y, gamma).sum().backward()
+    values, grads = value_and_grad(z, y, name, {"gamma": gamma, "official_grad": True})
+    # The published 1 - pt loses ~1e-16 absolutely where pt ~ 1; ours uses expm1.
+    torch.testing.assert_close(values, published(z, y, gamma).detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grads, x.grad, rtol=1e-10, atol=1e-14)
+    # ... and it is not the exact gradient.
+    _, exact = value_and_grad(z, y, name, {"gamma": gamma})
+    assert (exact - grads).abs().max() > 1e-3
+
+
+def test_official_grad_applies_to_pairs(seed):
+    z = random_logits(8, 10, seed)
+    y = random_target(8, 10, seed)
+    _, pair = value_and_grad(z, y, "nfl+rce", {"official_grad": True, "alpha": 2.0, "beta": 0.5})
+    _, nfl = value_and_grad(z, y, "nfl", {"official_grad": True, "scale": 2.0})
+    _, rce = value_and_grad(z, y, "rce", {"scale": 0.5})
+    torch.testing.assert_close(pair, nfl + rce, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- call semantics
+
+
+@pytest.mark.parametrize("case", LOSS_CASES[::3], ids=LOSS_IDS[::3])
+def test_spatial_input_equals_flattened(case, seed):
+    name, params = case
+    n, k, d1, d2 = 3, 5, 4, 2
+    z = random_logits(n * d1 * d2, k, seed).reshape(n, d1, d2, k).movedim(-1, 1)  # (N, K, d1, d2)
+    y = random_target(n * d1 * d2, k, seed).reshape(n, d1, d2)
+    for reduction in ("none", "mean", "sum"):
+        v, g = value_and_grad(z, y, name, params, reduction=reduction)
+        flat_z = z.movedim(1, -1).reshape(-1, k)
+        fv, fg = value_and_grad(flat_z, y.reshape(-1), name, params, reduction=reduction)
+        assert v.shape == (y.shape if reduction == "none" else ())
+        torch.testing.assert_close(v.reshape(-1), fv.reshape(-1), rtol=1e-13, atol=0)
+        torch.testing.assert_close(g.movedim(1, -1).reshape(-1, k), fg, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name", ["nce+rce", "nfl+mae", "ngce", "sce"])
+def test_non_contiguous_and_transposed_inputs(name, seed):
+    k, n = 9, 6
+    base = random_logits(k, 2 * n, seed)  # (K, 2N): columns are rows
+    y = random_target(n, k, seed)
+    strided = base.t()[::2]  # (N, K), strides (1, ...) and a step
+    assert not strided.is_contiguous()
+    for z in (strided, random_logits(n, 2 * k, seed)[:, ::2]):
+        v, g = value_and_grad(z, y, name, {})
+        cv, cg = value_and_grad(z.contiguous(), y, name, {})
+        torch.testing.assert_close(v, cv, rtol=0, atol=0)
+        torch.testing.assert_close(g, cg, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, -1, 255])
+@pytest.mark.parametrize("name", ["nce+mae", "nfl+rce", "gce", "nrce"])
+def test_ignore_index(name, ignore_index, seed):
+    n, k = 10, 7
+    z = random_logits(n, k, seed)
+    y = random_target(n, k, seed)
+    ignored = torch.zeros(n, dtype=torch.bool)
+    ignored[::3] = True
+    y_ignored = torch.where(ignored, ignore_index, y)
+    z = z.clone()
+    z[0] = float("nan")  # an ignored row's logits never reach the result
+    v, g = value_and_grad(z, y_ignored, name, {}, ignore_index=ignore_index)
+    assert torch.all(v[ignored] == 0) and torch.all(g[ignored] == 0)
+    kv, kg = value_and_grad(z[~ignored], y[~ignored], name, {})
+    torch.testing.assert_close(v[~ignored], kv, rtol=0, atol=0)
+    torch.testing.assert_close(g[~ignored], kg, rtol=0, atol=0)
+    mean, mean_grad = value_and_grad(z, y_ignored, name, {}, reduction="mean", ignore_index=ignore_index)
+    torch.testing.assert_close(mean, kv.mean(), rtol=1e-14, atol=0)
+    assert_close_to_scale(mean_grad[~ignored], kg / (~ignored).sum(), 1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(reduction):
+    z = torch.randn(4, 5)
+    v, g = value_and_grad(z, torch.full((4,), -100), "nce+rce", {}, reduction=reduction)
+    assert torch.all(v == 0) and torch.all(g == 0)
+
+
+@pytest.mark.parametrize("name", ["nce+mae", "nfl+rce", "ce", "ngce+nce"])
+def test_reductions(name, seed):
+    z = random_logits(12, 6, seed)
+    y = random_target(12, 6, seed)
+    upstream = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    none, none_grad = value_and_grad(z, y, name, {}, upstream=upstream)
+    for reduction, want in (("sum", none.sum()), ("mean", none.mean())):
+        v, g = value_and_grad(z, y, name, {}, reduction=reduction, upstream=torch.tensor(2.0, dtype=torch.float64))
+        torch.testing.assert_close(v, want, rtol=1e-14, atol=0)
+        _, unit = value_and_grad(z, y, name, {})
+        assert_close_to_scale(g, 2.0 * unit / (12 if reduction == "mean" else 1), 1e-14)
+    _, unit = value_and_grad(z, y, name, {})
+    # A random upstream gradient scales each row.
+    assert_close_to_scale(none_grad, unit * upstream[:, None], 1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["nce+rce", "nfl+mae", "ngce", "sce"])
+def test_low_precision_computes_in_float32(name, dtype, seed):
+    z = random_logits(8, 10, seed, dtype=dtype)
+    y = random_target(8, 10, seed)
+    for reduction in ("none", "mean"):
+        v, g = value_and_grad(z, y, name, {}, reduction=reduction)
+        assert v.dtype == dtype and g.dtype == dtype
+        fv, fg = value_and_grad(z.float(), y, name, {}, reduction=reduction)
+        assert torch.equal(v, fv.to(dtype))
+        assert torch.equal(g, fg.to(dtype))
+
+
+@pytest.mark.parametrize("name", ["ce", "nce", "nfl", "ngce", "rce", "nce+rce", "nfl+mae", "gce+nce"])
+def test_masked_classes_and_extreme_logits_stay_finite(name, seed):
+    z = random_logits(6, 8, seed, dtype=torch.float32)
+    z[:, 3] = float("-inf")  # a masked class, never the label
+    z[1, 0], z[2, 1] = 1e4, -1e4
+    z[4] = torch.tensor([30.0, -30.0, 0, float("-inf"), 0, 0, 0, 0])  # p[y] == 1 in float32
+    y = torch.tensor([0, 0, 2, 4, 0, 7])
+    for params in ({}, {"official_grad": True}) if "fl" in name else ({},):
+        v, g = value_and_grad(z, y, name, params)
+        assert torch.isfinite(v).all() and torch.isfinite(g).all()
+        assert torch.all(g[:, 3] == 0)
+
+
+def test_nan_logits_give_nan():
+    z = torch.randn(3, 5)
+    z[1, 2] = float("nan")
+    v = F.nce_rce(z, torch.tensor([0, 1, 2]), reduction="none")
+    assert torch.isnan(v[1]) and torch.isfinite(v[[0, 2]]).all()
+
+
+def test_singles_cover_the_spec():
+    assert set(SINGLES) == {"ce", "fl", "gce", "sce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce"}
