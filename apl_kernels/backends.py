@@ -8,6 +8,7 @@ why, and ``"auto"`` then falls back to the next candidate.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -58,7 +59,34 @@ def register(name: str, device_types: tuple[str, ...], loader: Callable[[], Call
     _REGISTRY[name] = Backend(name, device_types, loader)
 
 
+def _load_cpp() -> Callable:
+    from . import cpp_backend
+
+    return cpp_backend.load("cpu")
+
+
+def _load_cuda() -> Callable:
+    from . import cpp_backend
+
+    return cpp_backend.load("cuda")
+
+
+def _load_triton() -> Callable:
+    try:
+        from . import triton_backend
+    except ImportError as err:
+        raise BackendUnavailable(f"triton cannot be imported ({err})") from None
+    return triton_backend.load()
+
+
+# Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors: that is how they are tested
+# without a GPU, so the triton backend then serves CPU tensors too (never chosen by "auto").
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 register("torch", (), lambda: reference.reference_loss)
+register("cpp", ("cpu",), _load_cpp)
+register("cuda", ("cuda",), _load_cuda)
+register("triton", ("cuda", "cpu") if TRITON_INTERPRETED else ("cuda",), _load_triton)
 
 
 def backend_names() -> list[str]:

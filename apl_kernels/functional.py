@@ -84,7 +84,9 @@ def compute(
     # (N, K, d1, ...) -> rows of K classes; a view for 2-D input, whatever its strides.
     logits = input.movedim(1, -1).reshape(-1, num_classes)
     labels = target.reshape(-1).long()
-    if chosen.name == "torch":
+    # Labels are checked wherever reading them costs no device synchronization (fused CUDA
+    # kernels instead give a NaN row for a label out of range: see the README).
+    if chosen.name == "torch" or labels.device.type == "cpu":
         check_target_range(labels, num_classes, ignore_index)
     loss = chosen.load()(logits, labels, spec, reduction, ignore_index)
     return loss.reshape(target.shape) if reduction == "none" else loss

@@ -64,3 +64,31 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
     scale = expected.abs().max().item()
     error = (actual - expected).abs().max().item()
     assert error <= rel * scale, f"max error {error:.3g} > {rel:g} * max|expected| = {rel * scale:.3g}"
+
+
+def assert_parity(fused: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor,
+                  magnitude: torch.Tensor, rtol: float, factor: float = 2.0) -> None:
+    """A fused result is as exact as its dtype allows, and as the reference in that dtype.
+
+    ``truth`` is the reference in float64 on the same (rounded) inputs; ``magnitude`` (per row,
+    or per element) the size of the terms the result is computed from (see
+    formulas.loss_and_grad): where the math cancels (confident rows, sums over many classes),
+    rounding is relative to the terms, not to their small difference. Each row may be off by
+    ``rtol`` times its largest magnitude (float32 arithmetic: ~100 ulps), or by ``factor``
+    times the reference's own error on that row (half types: both round to the same grid).
+    """
+    rows = truth.shape[0] if truth.dim() else 1
+    fused, reference, truth, magnitude = (
+        torch.as_tensor(t).double().reshape(rows, -1) for t in (fused, reference, truth, magnitude)
+    )
+    reference_error = (reference - truth).abs().amax(dim=1, keepdim=True)
+    allowed = torch.maximum(rtol * magnitude.amax(dim=1, keepdim=True), factor * reference_error)
+    error = (fused - truth).abs()
+    bad = error > allowed
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise AssertionError(
+            f"row {row}: fused error {error[row].max().item():.3g} > allowed {allowed[row, 0].item():.3g} "
+            f"(reference error {reference_error[row, 0].item():.3g}, magnitude "
+            f"{magnitude[row].max().item():.3g}); {int(bad.any(dim=1).sum())} of {bad.shape[0]} rows"
+        )

@@ -97,11 +97,15 @@ def test_modules_have_no_parameters_and_work_in_nn_sequential_training():
 
 
 def test_backends():
-    assert "torch" in ak.available_backends("cpu")
+    assert {"torch", "cpp"} <= set(ak.available_backends("cpu"))
     z, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    assert torch.equal(F.nce(z, y, backend="torch"), F.nce(z, y))
-    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*available for cpu tensors: torch"):
+    # "auto" takes the C++ kernel for CPU tensors once the extension is available.
+    assert torch.equal(F.nce(z, y), F.nce(z, y, backend="cpp"))
+    assert torch.allclose(F.nce(z, y, backend="torch"), F.nce(z, y), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*available for cpu tensors: torch, cpp"):
         F.nce(z, y, backend="fast")
+    with pytest.raises(ValueError, match=r"backend 'cuda' does not run on cpu tensors .*available for cpu tensors: torch, cpp"):
+        F.nce(z, y, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         ak.NCE(backend="fast")
 

@@ -1,0 +1,43 @@
+"""Compile the C++/CUDA extension ahead of time: ``python -m apl_kernels.build``.
+
+The libraries are built against the torch this Python imports and cached (see
+apl_kernels.cpp_backend); later imports load them without compiling. Useful
+before a SLURM array starts, in a container image, or to see compiler errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .backends import BackendUnavailable
+from .cpp_backend import cuda_unavailable_reason, ensure_loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m apl_kernels.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-only", action="store_true", help="build only the CPU library")
+    parser.add_argument("--require-cuda", action="store_true",
+                        help="fail unless the CUDA library is built too (used by CI)")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    args = parser.parse_args(argv)
+    variants = ["cpu"]
+    reason = None if args.require_cuda else cuda_unavailable_reason()
+    if args.cpu_only:
+        reason = "--cpu-only was given"
+    if reason is None:
+        variants.append("cuda")
+    for variant in variants:
+        try:
+            path = ensure_loaded(variant, verbose=args.verbose)
+        except BackendUnavailable as err:
+            print(f"apl_kernels.build: {variant}: {err}", file=sys.stderr)
+            return 1
+        print(f"apl_kernels.build: {variant} library ready: {path}")
+    if reason is not None:
+        print(f"apl_kernels.build: the CUDA library was not built: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
