@@ -54,8 +54,13 @@ class LossSpec:
     params: tuple[tuple[str, object], ...] = ()  # every accepted parameter's value, for repr
 
     @property
-    def uses_focal(self) -> bool:
-        return any(base in FOCAL for base, _ in self.terms)
+    def base_indices(self) -> tuple[int, ...]:
+        """The terms' base losses as the kernels' enum values."""
+        return tuple(BASE_INDEX[base] for base, _ in self.terms)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(float(weight) for _, weight in self.terms)
 
 
 def canonical_name(name: str) -> str:

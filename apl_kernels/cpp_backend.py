@@ -133,4 +133,4 @@ def ensure_loaded(variant: str, verbose: bool = False) -> Path:
 def load(device_type: str) -> Callable:
     """The backend function of the ``cpp`` (device_type "cpu") or ``cuda`` backend."""
     ensure_loaded(device_type)
-    return fused.backend_function(torch.ops.apl.fused_loss)
+    return fused.backend_function(torch.ops.apl.fused_loss.default)

@@ -81,15 +81,16 @@ def compute(
     check_inputs(input, target)
     chosen = backends.resolve(backend, input.device.type)
     num_classes = input.shape[1]
-    # (N, K, d1, ...) -> rows of K classes; a view for 2-D input, whatever its strides.
-    logits = input.movedim(1, -1).reshape(-1, num_classes)
-    labels = target.reshape(-1).long()
-    # Labels are checked wherever reading them costs no device synchronization (fused CUDA
-    # kernels instead give a NaN row for a label out of range: see the README).
-    if chosen.name == "torch" or labels.device.type == "cpu":
+    spatial = input.dim() > 2
+    # (N, K, d1, ...) -> rows of K classes. 2-D input passes as it is, whatever its strides.
+    logits = input.movedim(1, -1).reshape(-1, num_classes) if spatial else input
+    labels = (target.reshape(-1) if spatial else target).long()
+    # The reference checks labels here (a synchronization on GPUs); the C++ CPU kernel checks
+    # them itself, raising the same ValueError; fused GPU kernels give such a row NaN (README).
+    if chosen.name == "torch":
         check_target_range(labels, num_classes, ignore_index)
     loss = chosen.load()(logits, labels, spec, reduction, ignore_index)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return loss.reshape(target.shape) if spatial and reduction == "none" else loss
 
 
 def _bind(name: str, args: tuple, kwargs: dict) -> dict:

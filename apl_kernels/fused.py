@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .catalogue import BASE_INDEX, LossSpec
+from .catalogue import LossSpec
 from .reference import accumulation_dtype
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
@@ -49,11 +49,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _is_exactly_one(upstream: Tensor) -> bool:
     """True for a real (not traced) CPU scalar equal to 1; never reads GPU memory."""
-    if torch.compiler.is_compiling() or upstream.device.type != "cpu" or upstream.numel() != 1:
+    if upstream.device.type != "cpu" or upstream.dim() != 0 or torch.compiler.is_compiling():
         return False
-    if torch._subclasses.fake_tensor.is_fake(upstream):
-        return False
-    return upstream.item() == 1.0
+    return not torch._subclasses.fake_tensor.is_fake(upstream) and upstream.item() == 1.0
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Tensor):
@@ -83,11 +81,9 @@ def backend_function(op: Callable) -> Callable:
     """The backend function ``(logits, target, spec, reduction, ignore_index) -> loss`` of ``op``."""
 
     def fused_loss(logits: Tensor, target: Tensor, spec: LossSpec, reduction: str, ignore_index: int) -> Tensor:
-        bases = [BASE_INDEX[base] for base, _ in spec.terms]
-        weights = [float(weight) for _, weight in spec.terms]
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
         loss, _ = op(
-            logits, target, bases, weights, spec.gamma, spec.q, spec.official_grad,
+            logits, target, spec.base_indices, spec.weights, spec.gamma, spec.q, spec.official_grad,
             ignore_index, REDUCTION_CODES[reduction], compute_grad,
         )
         return loss.to(logits.dtype)

@@ -1,12 +1,13 @@
 // The fused losses on CPU, and the op's schema.
 //
 // Rows run in parallel (at::parallel_for). Each row is read from memory once:
-// pass 1 converts it to the accumulation type while taking its max and sum,
-// pass 2 stores exp(z - max) and sums it, pass 3 (only for rce/nrce, ngce, nfl)
-// gathers the sums of apl_rowmath.h, pass 4 writes the gradient. Passes 2-4
-// work on the row's copy in cache, in at::vec vectors: the element math of
-// apl_rowmath.h is written once as templates and instantiated here on vectors
-// (through the Math specialization below) and on scalars for the tails.
+// pass 1 takes its max and sum (converting it to the accumulation type first
+// if it is strided or of a half type), pass 2 stores exp(z - max) and sums it,
+// pass 3 (only for rce/nrce, ngce, nfl) gathers the sums of apl_rowmath.h and
+// keeps the element terms, pass 4 writes the gradient. Passes 2-4 work on data
+// in cache, in at::vec vectors: the element math of apl_rowmath.h is written
+// once as templates and instantiated here on vectors (through the Math
+// specialization below), on scalars by the CUDA kernel.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,6 +32,9 @@ struct Math<at::vec::Vectorized<T>> {
   static V exp(const V& x) { return x.exp(); }
   static V expm1(const V& x) { return x.expm1(); }
   static V pow(const V& x, const V& e) { return x.pow(e); }
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V log(const V& x) { return x.log(); }
+  static bool any(const V& mask) { return mask.zero_mask() != (1 << V::size()) - 1; }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static V ge(const V& a, const V& b) { return a >= b; }
   static V gt(const V& a, const V& b) { return a > b; }
@@ -72,43 +76,16 @@ struct BlockedSum {
   T result() const { return total + block; }
 };
 
-// Adds the sums that `needs` asks for over elements [begin, end) of a row, and
-// stores the element terms the gradient pass reads back (when it will).
+// A row is walked in vectors; the last may be partial (`count` lanes): loads pad
+// it, `lanes_below(count)` masks its sums, stores write `count` lanes.
 template <typename acc_t>
-void add_sums(RowSums<acc_t>& sums, int needs, const acc_t* z, const acc_t* e, acc_t inv_s, int64_t begin,
-              int64_t end, const LossParams& params, acc_t* powered_masked, acc_t* focal_derivative) {
-  using V = Vec<acc_t>;
-  ElementSums<V, acc_t> vector_sums, block_sums;
-  ElementSums<acc_t, acc_t> scalar_sums;
-  const V inv_s_v(inv_s), lse_v(sums.lse);
-  int64_t i = begin;
-  int count = 0;
-  for (; i + V::size() <= end; i += V::size()) {
-    const V p = V::loadu(e + i) * inv_s_v;
-    const ElementTerms<V> terms = element_terms<V, acc_t>(needs, p, V::loadu(z + i) - lse_v, params);
-    block_sums.add(needs, p, terms);
-    if (++count == kBlockVectors) {
-      vector_sums.merge(block_sums);
-      block_sums = ElementSums<V, acc_t>();
-      count = 0;
-    }
-    if (powered_masked) terms.powered_masked.store(powered_masked + i);
-    if (focal_derivative) terms.focal_derivative.store(focal_derivative + i);
-  }
-  for (; i < end; ++i) {
-    const acc_t p = e[i] * inv_s;
-    const ElementTerms<acc_t> terms = element_terms<acc_t, acc_t>(needs, p, z[i] - sums.lse, params);
-    scalar_sums.add(needs, p, terms);
-    if (powered_masked) powered_masked[i] = terms.powered_masked;
-    if (focal_derivative) focal_derivative[i] = terms.focal_derivative;
-  }
-  vector_sums.merge(block_sums);
-  sums.off_clamped += horizontal_sum(vector_sums.off_clamped) + scalar_sums.off_clamped;
-  sums.off_masked += horizontal_sum(vector_sums.off_masked) + scalar_sums.off_masked;
-  sums.powered += horizontal_sum(vector_sums.powered) + scalar_sums.powered;
-  sums.powered_masked += horizontal_sum(vector_sums.powered_masked) + scalar_sums.powered_masked;
-  sums.focal += horizontal_sum(vector_sums.focal) + scalar_sums.focal;
-  sums.focal_derivative += horizontal_sum(vector_sums.focal_derivative) + scalar_sums.focal_derivative;
+Vec<acc_t> lanes_below(int64_t count) {
+  return Vec<acc_t>::arange(acc_t(0), acc_t(1)) < Vec<acc_t>(acc_t(count));
+}
+
+template <typename acc_t>
+Vec<acc_t> load(const acc_t* p, int64_t count) {
+  return count == Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, count);
 }
 
 struct RowsArgs {
@@ -123,6 +100,7 @@ template <typename scalar_t>
 void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
+  constexpr int64_t kLanes = V::size();
   const int64_t rows = args.logits.size(0), K = args.logits.size(1);
   const int64_t row_stride = args.logits.stride(0), col_stride = args.logits.stride(1);
   const scalar_t* logits = args.logits.const_data_ptr<scalar_t>();
@@ -131,16 +109,20 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
   const LossParams params = args.params;
   const int needs = row_needs(params);
   const acc_t scale = static_cast<acc_t>(args.grad_scale);
-  // Rows of a chunk share one scratch buffer; chunks are big enough to amortize the threads.
+  const V minus_inf(-std::numeric_limits<acc_t>::infinity()), zero(0), all_lanes = zero == zero;
+  // Chunks of rows big enough to amortize a thread; they share one scratch buffer.
   const int64_t grain = std::max<int64_t>(1, 32768 / K);
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    // The row's copy, exp(z - max), and the element terms kept for the gradient pass.
-    std::vector<acc_t> scratch(4 * K);
+    // The row in the accumulation type, exp(z - max), and the element terms kept
+    // for the gradient pass; padded to whole vectors.
+    const int64_t padded = (K + kLanes - 1) / kLanes * kLanes;
+    std::vector<acc_t> scratch(4 * padded);
     acc_t* z_copy = scratch.data();
-    acc_t* e = scratch.data() + K;
-    acc_t* powered_masked = grad_out && (needs & kNeedPowered) ? scratch.data() + 2 * K : nullptr;
-    acc_t* focal_derivative = grad_out && (needs & kNeedFocal) ? scratch.data() + 3 * K : nullptr;
+    acc_t* e = scratch.data() + padded;
+    acc_t* powered_masked = scratch.data() + 2 * padded;
+    acc_t* focal_derivative = scratch.data() + 3 * padded;
+    const bool keep_terms = grad_out != nullptr;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = args.target[r];
       scalar_t* grad_row = grad_out ? grad_out + r * K : nullptr;
@@ -151,84 +133,94 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
       }
       // Pass 1: the row in the accumulation type, its max and its sum.
       const scalar_t* row = logits + r * row_stride;
-      const acc_t* z;
+      const acc_t* z = z_copy;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (col_stride == 1) {
-          z = row;
-        } else {
-          for (int64_t i = 0; i < K; ++i) z_copy[i] = row[i * col_stride];
-          z = z_copy;
-        }
-      } else {
+        if (col_stride == 1) z = row;
+      }
+      if (z == z_copy) {
         for (int64_t i = 0; i < K; ++i) z_copy[i] = static_cast<acc_t>(row[i * col_stride]);
-        z = z_copy;
       }
-      V max_v(-std::numeric_limits<acc_t>::infinity());
+      V max_v = minus_inf;
       BlockedSum<V> sum_z_v;
-      int64_t i = 0;
-      for (; i + V::size() <= K; i += V::size()) {
-        const V x = V::loadu(z + i);
-        max_v = at::vec::maximum(max_v, x);
-        sum_z_v.add(x);
+      for (int64_t i = 0; i < K; i += kLanes) {
+        const int64_t count = std::min(kLanes, K - i);
+        const V x = load(z + i, count);
+        max_v = at::vec::maximum(max_v, count == kLanes ? x : V::blendv(minus_inf, x, lanes_below<acc_t>(count)));
+        sum_z_v.add(x);  // padding is 0
       }
-      acc_t max_z = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, max_v);
-      acc_t sum_z = horizontal_sum(sum_z_v.result());
-      for (; i < K; ++i) {
-        max_z = (z[i] > max_z || std::isnan(z[i])) ? z[i] : max_z;  // NaN propagates, as in maximum
-        sum_z += z[i];
-      }
+      const acc_t max_z = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, max_v);
       // Pass 2: e = exp(z - max), s = sum e.
       const V max_vec(max_z);
       BlockedSum<V> s_v;
-      i = 0;
-      for (; i + V::size() <= K; i += V::size()) {
-        const V x = (V::loadu(z + i) - max_vec).exp();
+      for (int64_t i = 0; i < K; i += kLanes) {
+        const int64_t count = std::min(kLanes, K - i);
+        V x = (load(z + i, count) - max_vec).exp();
+        if (count < kLanes) x = V::blendv(zero, x, lanes_below<acc_t>(count));
         x.store(e + i);
         s_v.add(x);
       }
-      acc_t s = horizontal_sum(s_v.result());
-      for (; i < K; ++i) {
-        e[i] = std::exp(z[i] - max_z);
-        s += e[i];
-      }
+      const acc_t s = horizontal_sum(s_v.result());
       RowSums<acc_t> sums;
       sums.lse = max_z + std::log(s);
-      sums.sum_z = sum_z;
+      sums.sum_z = horizontal_sum(sum_z_v.result());
       const acc_t inv_s = acc_t(1) / s;
+      const V inv_s_v(inv_s), lse_v(sums.lse);
       // Pass 3: the sums some losses need; the label's element is never off-label.
       if (needs) {
-        add_sums(sums, needs, z, e, inv_s, 0, y, params, powered_masked, focal_derivative);
-        add_sums(sums, needs & ~kNeedOffLabel, z, e, inv_s, y, y + 1, params, powered_masked, focal_derivative);
-        add_sums(sums, needs, z, e, inv_s, y + 1, K, params, powered_masked, focal_derivative);
+        ElementSums<V, acc_t> total, block;
+        int blocked = 0;
+        for (int64_t i = 0; i < K; i += kLanes) {
+          const int64_t count = std::min(kLanes, K - i);
+          const V p = V::loadu(e + i) * inv_s_v;
+          const ElementTerms<V> terms = element_terms<V, acc_t>(needs, p, load(z + i, count) - lse_v, params);
+          const V counted = count < kLanes ? lanes_below<acc_t>(count) : all_lanes;
+          V off_label = counted;
+          if (y >= i && y < i + kLanes) {
+            off_label = off_label & (V::arange(acc_t(0), acc_t(1)) != V(acc_t(y - i)));
+          }
+          block.add(needs, p, terms, counted, off_label);
+          if (++blocked == kBlockVectors) {
+            total.merge(block);
+            block = ElementSums<V, acc_t>();
+            blocked = 0;
+          }
+          if (keep_terms) {
+            terms.powered_masked.store(powered_masked + i);
+            terms.focal_derivative.store(focal_derivative + i);
+          }
+        }
+        total.merge(block);
+        sums.off_clamped = horizontal_sum(total.off_clamped);
+        sums.off_masked = horizontal_sum(total.off_masked);
+        sums.powered = horizontal_sum(total.powered);
+        sums.powered_masked = horizontal_sum(total.powered_masked);
+        sums.focal = horizontal_sum(total.focal);
+        sums.focal_derivative = horizontal_sum(total.focal_derivative);
       }
-      const RowGrad<acc_t> g = row_grad<acc_t>(params, sums, z[y], K);
+      const acc_t p_label = e[y] * inv_s;
+      const RowGrad<acc_t> g = row_grad<acc_t>(params, sums, z[y], p_label, K);
       loss_out[r] = g.value;
       if (!grad_row) continue;
-      // Pass 4: the gradient, written over e (each element is read before it is written).
+      // Pass 4: the gradient, written over e (each vector is read before it is written).
       acc_t* grad_acc;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         grad_acc = grad_row;
       } else {
         grad_acc = e;
       }
-      const acc_t p_label = e[y] * inv_s;  // before e is overwritten
-      const V scale_v(scale), inv_s_v(inv_s), zero_v(0);
-      i = 0;
-      for (; i + V::size() <= K; i += V::size()) {
-        const ElementTerms<V> terms{zero_v, powered_masked ? V::loadu(powered_masked + i) : zero_v, zero_v,
-                                    focal_derivative ? V::loadu(focal_derivative + i) : zero_v};
-        (element_grad<V, acc_t>(needs, V::loadu(e + i) * inv_s_v, terms, g) * scale_v).store(grad_acc + i);
+      const V scale_v(scale);
+      for (int64_t i = 0; i < K; i += kLanes) {
+        const int64_t count = std::min(kLanes, K - i);
+        const ElementTerms<V> terms{zero, V::loadu(powered_masked + i), zero, V::loadu(focal_derivative + i)};
+        const V value = element_grad<V, acc_t>(needs, V::loadu(e + i) * inv_s_v, terms, g) * scale_v;
+        if (count == kLanes) {
+          value.store(grad_acc + i);
+        } else {
+          value.store(grad_acc + i, count);
+        }
       }
-      for (; i < K; ++i) {
-        const ElementTerms<acc_t> terms{0, powered_masked ? powered_masked[i] : acc_t(0), 0,
-                                        focal_derivative ? focal_derivative[i] : acc_t(0)};
-        grad_acc[i] = element_grad<acc_t, acc_t>(needs, e[i] * inv_s, terms, g) * scale;
-      }
-      {
-        const ElementTerms<acc_t> terms{0, powered_masked ? powered_masked[y] : acc_t(0), 0,
-                                        focal_derivative ? focal_derivative[y] : acc_t(0)};
-        grad_acc[y] = (element_grad<acc_t, acc_t>(needs & ~kNeedOffLabel, p_label, terms, g) + g.at_label) * scale;
-      }
+      const ElementTerms<acc_t> label_terms{0, powered_masked[y], 0, focal_derivative[y]};
+      grad_acc[y] = (element_grad<acc_t, acc_t>(needs & ~kNeedOffLabel, p_label, label_terms, g) + g.at_label) * scale;
       if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(grad_acc, grad_row, K);
     }
   });
@@ -248,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
   for (int64_t r = 0; r < target.size(0); ++r) {
     const int64_t y = labels[r];
     if (y == ignore_index) continue;
-    TORCH_CHECK(y >= 0 && y < K, "apl: target ", y, " at row ", r, " is outside [0, ", K,
-                ") and is not ignore_index (", ignore_index, ")");
+    TORCH_CHECK_VALUE(y >= 0 && y < K, "target ", y, " at flat position ", r, " is outside [0, ", K,
+                      ") and is not ignore_index (", ignore_index, ")");
     ++counted;
   }
   auto [row_loss, grad] = empty_outputs(logits, compute_grad);

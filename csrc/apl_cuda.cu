@@ -118,8 +118,7 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
     for (int64_t j = tid; j < K; j += kThreads) {
       const S lp = static_cast<S>(z[j * col_stride]) - sums.lse;
       const S p = Math<S>::exp(lp);
-      const int element_needs = j == y ? needs & ~kNeedOffLabel : needs;
-      partial.add(element_needs, p, element_terms<S, S>(element_needs, p, lp, params));
+      partial.add(needs, p, element_terms<S, S>(needs, p, lp, params), true, j != y);
     }
     sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
     sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
@@ -128,7 +127,8 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
     sums.focal = row_sum<kThreads>(partial.focal, shared);
     sums.focal_derivative = row_sum<kThreads>(partial.focal_derivative, shared);
   }
-  const RowGrad<S> g = row_grad<S>(params, sums, static_cast<S>(z[y * col_stride]), K);
+  const S z_label = static_cast<S>(z[y * col_stride]);
+  const RowGrad<S> g = row_grad<S>(params, sums, z_label, Math<S>::exp(z_label - sums.lse), K);
   if (tid == 0) row_loss[row] = g.value;
   if (!grad_row) return;
   // Pass 3: the gradient, divided by the number of counted rows for a mean.

@@ -38,7 +38,7 @@
 //
 // Limits the code takes care of: u^(g-1) is infinite at u = 0 (p == 1 in floating
 // point) but multiplies lp ~ -u, so the term is 0 there; p lp is 0 where p = 0
-// (a masked class, lp = -inf). 1 - p is computed as -expm1(lp) (no cancellation
+// (a masked class, lp = -inf). 1 - p is computed as -expm1(lp) where p > 1/2 (no cancellation
 // near p = 1), its derivative -p from p. With a masked class, S and F are infinite
 // and nce/nfl give value 0 and gradient 0, as their limits.
 //
@@ -107,6 +107,9 @@ struct Math<float> {
   static APL_HD float exp(float x) { return ::expf(x); }
   static APL_HD float expm1(float x) { return ::expm1f(x); }
   static APL_HD float pow(float x, float e) { return ::powf(x, e); }
+  static APL_HD float sqrt(float x) { return ::sqrtf(x); }
+  static APL_HD float log(float x) { return ::logf(x); }
+  static APL_HD bool any(bool c) { return c; }
   static APL_HD float where(bool c, float a, float b) { return c ? a : b; }
   static APL_HD bool ge(float a, float b) { return a >= b; }
   static APL_HD bool gt(float a, float b) { return a > b; }
@@ -119,6 +122,9 @@ struct Math<double> {
   static APL_HD double exp(double x) { return ::exp(x); }
   static APL_HD double expm1(double x) { return ::expm1(x); }
   static APL_HD double pow(double x, double e) { return ::pow(x, e); }
+  static APL_HD double sqrt(double x) { return ::sqrt(x); }
+  static APL_HD double log(double x) { return ::log(x); }
+  static APL_HD bool any(bool c) { return c; }
   static APL_HD double where(bool c, double a, double b) { return c ? a : b; }
   static APL_HD bool ge(double a, double b) { return a >= b; }
   static APL_HD bool gt(double a, double b) { return a > b; }
@@ -150,10 +156,33 @@ APL_HD V powered_p(V p, V lp, const LossParams& params) {
   return M::where(M::ge(p, V(S(kClampMin))), M::exp(V(S(params.q)) * lp), V(S(params.clamp_min_powered)));
 }
 
+// u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there: at most one
+// element of a row is above), else as -expm1(lp).
+template <typename V, typename S>
+APL_HD V one_minus_p(V p, V lp) {
+  using M = Math<V>;
+  const V above_half = M::gt(p, V(S(0.5)));
+  const V simple = V(S(1)) - p;
+  if (!M::any(above_half)) return simple;
+  return M::where(above_half, V(S(0)) - M::expm1(lp), simple);
+}
+
+// u^gamma for u in [0, 1]: exact forms for the common gammas, else exp(gamma log u)
+// (a fraction of pow's cost; log u = -inf at u = 0 gives 0).
+template <typename V, typename S>
+APL_HD V power(V u, S gamma) {
+  using M = Math<V>;
+  if (gamma == S(0.5)) return M::sqrt(u);
+  if (gamma == S(1)) return u;
+  if (gamma == S(2)) return u * u;
+  if (gamma == S(0)) return V(S(1));
+  return M::exp(V(gamma) * M::log(u));
+}
+
 // The focal term f = -u^gamma lp, u = 1 - p, and its derivative
 // d = df/dlp = -u^gamma + gamma u^(gamma-1) p lp (du/dlp = -p). official_grad
 // drops the second term; it is 0 (its limit) where u = 0 or p = 0, and
-// u^(gamma-1) is taken as u^gamma / u (one pow per element).
+// u^(gamma-1) is taken as u^gamma / u.
 template <typename V>
 struct Focal {
   V value;
@@ -164,8 +193,8 @@ template <typename V, typename S>
 APL_HD Focal<V> focal_term(V p, V lp, S gamma, bool official_grad) {
   using M = Math<V>;
   const V zero(S(0));
-  const V u = zero - M::expm1(lp);
-  const V u_gamma = M::pow(u, V(gamma));
+  const V u = one_minus_p<V, S>(p, lp);
+  const V u_gamma = power<V, S>(u, gamma);
   Focal<V> f{zero - u_gamma * lp, zero - u_gamma};
   if (!official_grad) {
     const V defined = M::both(M::gt(u, zero), M::gt(p, zero));
@@ -227,13 +256,12 @@ struct RowGrad {
   S total_h = 0;
 };
 
-// Value and gradient coefficients of a row, from its sums and its label's logit.
+// Value and gradient coefficients of a row, from its sums and its label's logit
+// and probability (as the element passes compute it).
 template <typename S>
-APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z_label, int64_t K) {
-  using M = Math<S>;
+APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z_label, S p_y, int64_t K) {
   const S lp_y = z_label - sums.lse;
-  const S p_y = M::exp(lp_y);
-  const S one_minus_p_y = -M::expm1(lp_y);
+  const S one_minus_p_y = one_minus_p<S, S>(p_y, lp_y);
   const S mask_y = p_y >= S(kClampMin) ? S(1) : S(0);
   const S gamma = S(params.gamma), q = S(params.q);
   const S k_minus_1 = S(K - 1);
@@ -315,8 +343,8 @@ APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z
 }
 
 // Accumulates, over the elements of a row, the sums that `needs` asks for. The
-// label's element is added with kNeedOffLabel cleared: subtracting it afterwards
-// would cancel (p[y] ~ 1 next to a small off-label sum) in float32.
+// label's element is left out of the off-label sums rather than subtracted
+// afterwards, which would cancel (p[y] ~ 1 next to a small sum) in float32.
 template <typename V, typename S>
 struct ElementSums {
   V off_clamped, off_masked, powered, powered_masked, focal, focal_derivative;
@@ -333,18 +361,23 @@ struct ElementSums {
     focal_derivative = focal_derivative + other.focal_derivative;
   }
 
-  APL_HD void add(int needs, V p, const ElementTerms<V>& terms) {
+  // `counted`: lanes that are elements of the row; `off_label`: those that are
+  // not the label (masks for vectors, bools for scalars).
+  template <typename Mask>
+  APL_HD void add(int needs, V p, const ElementTerms<V>& terms, Mask counted, Mask off_label) {
+    using M = Math<V>;
+    const V zero(S(0));
     if (needs & kNeedOffLabel) {
-      off_clamped = off_clamped + clamped_p<V, S>(p);
-      off_masked = off_masked + masked_p<V, S>(p);
+      off_clamped = off_clamped + M::where(off_label, clamped_p<V, S>(p), zero);
+      off_masked = off_masked + M::where(off_label, masked_p<V, S>(p), zero);
     }
     if (needs & kNeedPowered) {
-      powered = powered + terms.powered;
-      powered_masked = powered_masked + terms.powered_masked;
+      powered = powered + M::where(counted, terms.powered, zero);
+      powered_masked = powered_masked + M::where(counted, terms.powered_masked, zero);
     }
     if (needs & kNeedFocal) {
-      focal = focal + terms.focal_value;
-      focal_derivative = focal_derivative + terms.focal_derivative;
+      focal = focal + M::where(counted, terms.focal_value, zero);
+      focal_derivative = focal_derivative + M::where(counted, terms.focal_derivative, zero);
     }
   }
 };

@@ -1,0 +1,160 @@
+"""Run the loss benchmarks and write the report: ``python bench/run.py``.
+
+Times bench/bench_losses.py with pytest-benchmark, then writes
+``bench/results/<device>.md`` (a table per mode: median, speed-up over eager
+and over torch.compile of the reference, % of a memory copy's bandwidth, bytes
+saved for backward, and peak memory on CUDA) and ``bench/results/<device>.png``
+(speed-up against K), and prints the table. ``--json FILE`` rebuilds the report
+from an earlier run's pytest-benchmark JSON without timing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def run_benchmarks(json_path: Path, extra: list[str]) -> None:
+    command = [
+        sys.executable, "-m", "pytest", str(HERE / "bench_losses.py"), "-q", "-p", "no:cacheprovider",
+        "--benchmark-enable", "--benchmark-warmup=on", "--benchmark-min-rounds=5",
+        "--benchmark-max-time=0.5", "--benchmark-disable-gc", f"--benchmark-json={json_path}", *extra,
+    ]
+    print("running:", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=HERE.parent)
+
+
+def load(json_path: Path) -> tuple[list[dict], dict]:
+    data = json.loads(json_path.read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info = dict(bench["extra_info"])
+        info["median"] = bench["stats"]["median"]
+        rows.append(info)
+    return rows, data.get("machine_info", {})
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def build_table(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Markdown tables, one per mode, and the per-result derived numbers (for the plot)."""
+    by_key = {(r["n"], r["k"], r["dtype"], r["mode"], r["loss"], r["impl"]): r for r in rows}
+    copies = {(r["n"], r["k"], r["dtype"]): r["median"] for r in rows if r["impl"] == "copy"}
+    derived = []
+    lines = []
+    for mode in ("forward+backward", "forward"):
+        lines += [
+            f"\n### {mode}\n",
+            "| N x K | dtype | loss | impl | median | x eager | x compile | % of copy bandwidth | saved for backward | peak memory |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (n, k, dtype, row_mode, loss, impl), r in sorted(by_key.items(), key=lambda kv: (kv[0][1] * kv[0][0], kv[0][0], kv[0][2], kv[0][4], kv[0][5])):
+            if row_mode != mode:
+                continue
+            eager = by_key.get((n, k, dtype, mode, loss, "eager"))
+            compiled = by_key.get((n, k, dtype, mode, loss, "compile"))
+            copy = copies.get((n, k, dtype))
+            vs_eager = eager["median"] / r["median"] if eager else None
+            vs_compile = compiled["median"] / r["median"] if compiled else None
+            # A fused forward+backward moves the bytes a copy moves: read N K, write N K.
+            bandwidth = 100 * copy / r["median"] if copy and mode == "forward+backward" else None
+            derived.append({**r, "vs_eager": vs_eager, "vs_compile": vs_compile})
+            lines.append(
+                f"| {n} x {k} | {dtype} | {loss} | {impl} | {r['median'] * 1e3:.3f} ms | "
+                f"{'' if vs_eager is None else f'{vs_eager:.2f}'} | {'' if vs_compile is None else f'{vs_compile:.2f}'} | "
+                f"{'' if bandwidth is None else f'{bandwidth:.0f} %'} | {human_bytes(r.get('saved_bytes'))} | "
+                f"{human_bytes(r.get('peak_bytes'))} |"
+            )
+    lines += ["\n### memory copy (the floor)\n", "| N x K | dtype | median | GB/s |", "|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["impl"] == "copy"), key=lambda r: (r["n"] * r["k"], r["dtype"])):
+        lines.append(f"| {r['n']} x {r['k']} | {r['dtype']} | {r['median'] * 1e3:.3f} ms | {r['bytes_moved'] / r['median'] / 1e9:.1f} |")
+    return "\n".join(lines), derived
+
+
+def plot(derived: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in derived})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        series = defaultdict(list)
+        for r in derived:
+            if r["dtype"] == dtype and r["mode"] == "forward+backward" and r["vs_eager"] and r["impl"] != "eager":
+                series[(r["impl"], r["loss"])].append((r["k"], r["vs_eager"]))
+        for (impl, loss), points in sorted(series.items()):
+            points.sort()
+            style = "--" if impl in ("compile", "cross_entropy") else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=f"{impl} {loss}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("K (classes); N varies with K as in the table")
+        ax.set_ylabel("speed-up over eager reference")
+        ax.set_title(f"{device}, {dtype}, forward + backward")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def describe(machine: dict, device: str) -> str:
+    import torch
+
+    cpu = machine.get("cpu", {})
+    what = cpu.get("brand_raw") or machine.get("processor", "")
+    if device == "cuda":
+        what = torch.cuda.get_device_name()
+    return (f"Device: {device} ({what}, {os.cpu_count()} CPU threads); torch {torch.__version__}; "
+            f"medians of pytest-benchmark rounds, produced by `python bench/run.py`.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="build the report from this pytest-benchmark JSON")
+    parser.add_argument("--quick", action="store_true", help="the quick grid (a smoke test, not a result)")
+    parser.add_argument("pytest_args", nargs="*", help="passed to pytest (e.g. -k nce)")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.json:
+        json_path = args.json
+    else:
+        json_path = Path(tempfile.mkstemp(suffix=".json")[1])
+        if args.quick:
+            os.environ["APL_BENCH_QUICK"] = "1"
+        run_benchmarks(json_path, args.pytest_args)
+    rows, machine = load(json_path)
+    table, derived = build_table(rows)
+    RESULTS.mkdir(exist_ok=True)
+    report = f"# Loss benchmarks: {device}\n\n{describe(machine, device)}\n\n![speed-up]({device}.png)\n{table}\n"
+    tmp = RESULTS / f".{device}.md.tmp"
+    tmp.write_text(report)
+    os.replace(tmp, RESULTS / f"{device}.md")
+    plot(derived, RESULTS / f"{device}.png", device)
+    print(report)
+    print(f"wrote {RESULTS / f'{device}.md'} and {RESULTS / f'{device}.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
