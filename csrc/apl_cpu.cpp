@@ -13,7 +13,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -245,14 +244,12 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
     ++counted;
   }
   auto [row_loss, grad] = empty_outputs(logits, compute_grad);
-  const double grad_scale = reduction == kMean ? 1.0 / static_cast<double>(std::max<int64_t>(counted, 1)) : 1.0;
+  const double divisor = static_cast<double>(std::max<int64_t>(counted, 1));  // a mean's; 0 / 1 when all ignored
+  const double grad_scale = reduction == kMean ? 1.0 / divisor : 1.0;
   const RowsArgs args{logits, labels, params, ignore_index, grad_scale};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cpu",
                                   [&] { loss_rows_cpu<scalar_t>(args, row_loss, grad); });
-  if (reduction == kNone) return {row_loss, grad};
-  at::Tensor total = row_loss.sum();
-  if (reduction == kMean) total.div_(static_cast<double>(std::max<int64_t>(counted, 1)));
-  return {total, grad};
+  return reduce_rows(row_loss, grad, reduction, divisor);
 }
 
 }  // namespace

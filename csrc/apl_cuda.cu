@@ -11,7 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/ne.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/clamp_min.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -178,10 +178,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& logits, con
       launch<scalar_t, kRowBlockThreads>(logits, target, params, ignore_index, mean_count, row_loss, grad);
     }
   });
-  if (reduction == kNone) return {row_loss, grad};
-  at::Tensor total = row_loss.sum();
-  if (reduction == kMean) total.div_(count.clamp_min(1));
-  return {total, grad};
+  return reduce_rows(row_loss, grad, reduction, count.clamp_min(1));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/ArrayRef.h>
 
 #include "apl_rowmath.h"
@@ -60,6 +61,17 @@ inline std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits
   auto row_loss = at::empty({logits.size(0)}, logits.options().dtype(accumulation_type(logits)));
   auto grad = compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   return {row_loss, grad};
+}
+
+// The op's outputs: per-row losses, or their sum, or their sum over `divisor` (a
+// number, or a tensor that stays on the device).
+template <typename Divisor>
+inline std::tuple<at::Tensor, at::Tensor> reduce_rows(at::Tensor row_loss, at::Tensor grad, int64_t reduction,
+                                                      const Divisor& divisor) {
+  if (reduction == kNone) return {row_loss, grad};
+  at::Tensor total = row_loss.sum();
+  if (reduction == kMean) total.div_(divisor);
+  return {total, grad};
 }
 
 }  // namespace apl

@@ -96,38 +96,20 @@ APL_HD int row_needs(const LossParams& params) {
   return needs;
 }
 
-// Scalar math for the element functions below. The CPU kernel specializes
-// Math for at::vec::Vectorized so that the same templates run on whole vectors.
-template <typename V>
-struct Math;
-
-template <>
-struct Math<float> {
-  using Scalar = float;
-  static APL_HD float exp(float x) { return ::expf(x); }
-  static APL_HD float expm1(float x) { return ::expm1f(x); }
-  static APL_HD float pow(float x, float e) { return ::powf(x, e); }
-  static APL_HD float sqrt(float x) { return ::sqrtf(x); }
-  static APL_HD float log(float x) { return ::logf(x); }
+// Math for the element functions below, on a float or a double (std:: picks the
+// precision, in host and device code alike). The CPU kernel specializes Math
+// for at::vec::Vectorized so that the same templates run on whole vectors.
+template <typename T>
+struct Math {
+  static APL_HD T exp(T x) { return std::exp(x); }
+  static APL_HD T expm1(T x) { return std::expm1(x); }
+  static APL_HD T pow(T x, T e) { return std::pow(x, e); }
+  static APL_HD T sqrt(T x) { return std::sqrt(x); }
+  static APL_HD T log(T x) { return std::log(x); }
   static APL_HD bool any(bool c) { return c; }
-  static APL_HD float where(bool c, float a, float b) { return c ? a : b; }
-  static APL_HD bool ge(float a, float b) { return a >= b; }
-  static APL_HD bool gt(float a, float b) { return a > b; }
-  static APL_HD bool both(bool a, bool b) { return a && b; }
-};
-
-template <>
-struct Math<double> {
-  using Scalar = double;
-  static APL_HD double exp(double x) { return ::exp(x); }
-  static APL_HD double expm1(double x) { return ::expm1(x); }
-  static APL_HD double pow(double x, double e) { return ::pow(x, e); }
-  static APL_HD double sqrt(double x) { return ::sqrt(x); }
-  static APL_HD double log(double x) { return ::log(x); }
-  static APL_HD bool any(bool c) { return c; }
-  static APL_HD double where(bool c, double a, double b) { return c ? a : b; }
-  static APL_HD bool ge(double a, double b) { return a >= b; }
-  static APL_HD bool gt(double a, double b) { return a > b; }
+  static APL_HD T where(bool c, T a, T b) { return c ? a : b; }
+  static APL_HD bool ge(T a, T b) { return a >= b; }
+  static APL_HD bool gt(T a, T b) { return a > b; }
   static APL_HD bool both(bool a, bool b) { return a && b; }
 };
 
