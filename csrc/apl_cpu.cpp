@@ -1,8 +1,8 @@
 // The fused losses on CPU, and the op's schema.
 //
 // Rows run in parallel (at::parallel_for). Each row is read from memory once:
-// pass 1 takes its max and sum (converting it to the accumulation type first
-// if it is strided or of a half type), pass 2 stores exp(z - max) and sums it,
+// pass 1 takes its max (converting it to the accumulation type first if it is
+// strided or of a half type), pass 2 stores exp(z - max) and sums it and z - max,
 // pass 3 (only for rce/nrce, ngce, nfl) gathers the sums of apl_rowmath.h and
 // keeps the element terms, pass 4 writes the gradient. Passes 2-4 work on data
 // in cache, in at::vec vectors: the element math of apl_rowmath.h is written
@@ -140,38 +140,42 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
         for (int64_t i = 0; i < K; ++i) z_copy[i] = static_cast<acc_t>(row[i * col_stride]);
       }
       V max_v = minus_inf;
-      BlockedSum<V> sum_z_v;
       for (int64_t i = 0; i < K; i += kLanes) {
         const int64_t count = std::min(kLanes, K - i);
         const V x = load(z + i, count);
         max_v = at::vec::maximum(max_v, count == kLanes ? x : V::blendv(minus_inf, x, lanes_below<acc_t>(count)));
-        sum_z_v.add(x);  // padding is 0
       }
       const acc_t max_z = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, max_v);
-      // Pass 2: e = exp(z - max), s = sum e.
+      // Pass 2: e = exp(z - max), s = sum e, and sum (z - max).
       const V max_vec(max_z);
-      BlockedSum<V> s_v;
+      BlockedSum<V> s_v, shifted_v;
       for (int64_t i = 0; i < K; i += kLanes) {
         const int64_t count = std::min(kLanes, K - i);
-        V x = (load(z + i, count) - max_vec).exp();
-        if (count < kLanes) x = V::blendv(zero, x, lanes_below<acc_t>(count));
+        V shifted = load(z + i, count) - max_vec;
+        V x = shifted.exp();
+        if (count < kLanes) {
+          x = V::blendv(zero, x, lanes_below<acc_t>(count));
+          shifted = V::blendv(zero, shifted, lanes_below<acc_t>(count));
+        }
         x.store(e + i);
         s_v.add(x);
+        shifted_v.add(shifted);
       }
       const acc_t s = horizontal_sum(s_v.result());
       RowSums<acc_t> sums;
-      sums.lse = max_z + std::log(s);
-      sums.sum_z = horizontal_sum(sum_z_v.result());
+      sums.max_z = max_z;
+      sums.log_s = std::log(s);
+      sums.sum_shifted = horizontal_sum(shifted_v.result());
       const acc_t inv_s = acc_t(1) / s;
-      const V inv_s_v(inv_s), lse_v(sums.lse);
+      const V inv_s_v(inv_s), log_s_v(sums.log_s);
       // Pass 3: the sums some losses need; the label's element is never off-label.
-      if (needs) {
+      if (needs & kElementNeeds) {
         ElementSums<V, acc_t> total, block;
         int blocked = 0;
         for (int64_t i = 0; i < K; i += kLanes) {
           const int64_t count = std::min(kLanes, K - i);
           const V p = V::loadu(e + i) * inv_s_v;
-          const ElementTerms<V> terms = element_terms<V, acc_t>(needs, p, load(z + i, count) - lse_v, params);
+          const ElementTerms<V> terms = element_terms<V, acc_t>(needs, p, (load(z + i, count) - max_vec) - log_s_v, params);
           const V counted = count < kLanes ? lanes_below<acc_t>(count) : all_lanes;
           V off_label = counted;
           if (y >= i && y < i + kLanes) {

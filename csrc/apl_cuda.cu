@@ -1,8 +1,8 @@
 // The fused losses on CUDA: the math of apl_rowmath.h, one group of threads per row.
 //
 // K <= 1024: a warp per row (8 rows per block of 256 threads); larger K: a block
-// of 512 threads per row. Pass 1 reads the row once for an online max/sum (and
-// sum z); pass 2 (rce/nrce, ngce, nfl only) gathers the sums those losses need;
+// of 512 threads per row. Pass 1 reads the row once for an online max/sum;
+// pass 2 (nce, rce/nrce, ngce, nfl only) gathers the sums those losses need;
 // pass 3 writes the gradient. Offsets are int64; the kernel runs on the current
 // stream, never synchronizes with the host and uses no atomics, so results are
 // bitwise reproducible. A label outside [0, K) that is not ignore_index is never
@@ -100,41 +100,46 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
     }
     return;
   }
-  // Pass 1: online max and sum of exp, and sum z.
-  S max_z = -std::numeric_limits<S>::infinity(), sum_exp = 0, sum_z = 0;
+  // Pass 1: online max and sum of exp.
+  S max_z = -std::numeric_limits<S>::infinity(), sum_exp = 0;
   for (int64_t j = tid; j < K; j += kThreads) {
-    const S x = static_cast<S>(z[j * col_stride]);
-    merge_max_sum(max_z, sum_exp, x, S(1));  // a NaN makes the sum NaN
-    sum_z += x;
+    merge_max_sum(max_z, sum_exp, static_cast<S>(z[j * col_stride]), S(1));  // a NaN makes the sum NaN
   }
   row_max_sum<kThreads>(max_z, sum_exp, shared);
   RowSums<S> sums;
-  sums.lse = max_z + ::log(sum_exp);
-  sums.sum_z = row_sum<kThreads>(sum_z, shared);
+  sums.max_z = max_z;
+  sums.log_s = Math<S>::log(sum_exp);
   const int needs = row_needs(params);
   // Pass 2: the sums some losses need; the label's element is never off-label.
   if (needs) {
     ElementSums<S, S> partial;
+    S sum_shifted = 0;
     for (int64_t j = tid; j < K; j += kThreads) {
-      const S lp = static_cast<S>(z[j * col_stride]) - sums.lse;
+      const S shifted = static_cast<S>(z[j * col_stride]) - max_z;
+      sum_shifted += shifted;
+      if (!(needs & kElementNeeds)) continue;
+      const S lp = shifted - sums.log_s;
       const S p = Math<S>::exp(lp);
       partial.add(needs, p, element_terms<S, S>(needs, p, lp, params), true, j != y);
     }
-    sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
-    sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
-    sums.powered = row_sum<kThreads>(partial.powered, shared);
-    sums.powered_masked = row_sum<kThreads>(partial.powered_masked, shared);
-    sums.focal = row_sum<kThreads>(partial.focal, shared);
-    sums.focal_derivative = row_sum<kThreads>(partial.focal_derivative, shared);
+    if (needs & kNeedShiftedSum) sums.sum_shifted = row_sum<kThreads>(sum_shifted, shared);
+    if (needs & kElementNeeds) {
+      sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
+      sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
+      sums.powered = row_sum<kThreads>(partial.powered, shared);
+      sums.powered_masked = row_sum<kThreads>(partial.powered_masked, shared);
+      sums.focal = row_sum<kThreads>(partial.focal, shared);
+      sums.focal_derivative = row_sum<kThreads>(partial.focal_derivative, shared);
+    }
   }
   const S z_label = static_cast<S>(z[y * col_stride]);
-  const RowGrad<S> g = row_grad<S>(params, sums, z_label, Math<S>::exp(z_label - sums.lse), K);
+  const RowGrad<S> g = row_grad<S>(params, sums, z_label, Math<S>::exp((z_label - max_z) - sums.log_s), K);
   if (tid == 0) row_loss[row] = g.value;
   if (!grad_row) return;
   // Pass 3: the gradient, divided by the number of counted rows for a mean.
   const S scale = mean_count ? S(1) / static_cast<S>(*mean_count > 0 ? *mean_count : 1) : S(1);
   for (int64_t j = tid; j < K; j += kThreads) {
-    const S lp = static_cast<S>(z[j * col_stride]) - sums.lse;
+    const S lp = (static_cast<S>(z[j * col_stride]) - max_z) - sums.log_s;
     const S p = Math<S>::exp(lp);
     const int element_needs = j == y ? needs & ~kNeedOffLabel : needs;
     S value = element_grad<S, S>(element_needs, p, element_terms<S, S>(element_needs, p, lp, params), g);

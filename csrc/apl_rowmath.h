@@ -2,7 +2,8 @@
 // CPU kernel (apl_cpu.cpp) and the CUDA kernel (apl_cuda.cu) both compile.
 //
 // Notation (one row): logits z[0..K), label y, m = max z, s = sum exp(z - m),
-// lse = m + log s, lp = z - lse, p = exp(lp), p̂ = clamp(p, 1e-7, 1),
+// lp = (z - m) - log s (shifted first: z - (m + log s) loses ~1e-3 at |z| ~ 1e4
+// in float32), p = exp(lp), p̂ = clamp(p, 1e-7, 1),
 // mask[j] = [p[j] >= 1e-7] (torch's clamp passes the gradient at the bound).
 //
 // Gradients. With h[j] = dL/dlp[j] (lp taken as free variables and p = exp(lp)),
@@ -42,9 +43,10 @@
 // near p = 1), its derivative -p from p. With a masked class, S and F are infinite
 // and nce/nfl give value 0 and gradient 0, as their limits.
 //
-// Row sums. Pass 1 gives m, s (online) and sum z (S = sum z - K lse); the other
-// sums need p and are gathered in a second pass only by the losses that use them
-// (see row_needs). The last pass writes the gradient.
+// Row sums. Pass 1 gives m and s; nce's S = sum (z - m) - K log s takes the
+// shifted logits, and the other sums need p: they are gathered in a second pass
+// only by the losses that use them (see row_needs). The last pass writes the
+// gradient.
 
 #pragma once
 
@@ -77,8 +79,9 @@ struct LossParams {
   bool official_grad;
 };
 
-// Which sums beyond m, s and sum z a row needs.
-enum Needs : int { kNeedOffLabel = 1, kNeedPowered = 2, kNeedFocal = 4 };
+// Which sums beyond m and s a row needs. kElementNeeds take per-element terms.
+enum Needs : int { kNeedOffLabel = 1, kNeedPowered = 2, kNeedFocal = 4, kNeedShiftedSum = 8 };
+constexpr int kElementNeeds = kNeedOffLabel | kNeedPowered | kNeedFocal;
 
 APL_HD int base_needs(int base) {
   switch (base) {
@@ -86,6 +89,7 @@ APL_HD int base_needs(int base) {
     case kNRCE: return kNeedOffLabel;
     case kNGCE: return kNeedPowered;
     case kNFL: return kNeedFocal;
+    case kNCE: return kNeedShiftedSum;
     default: return 0;
   }
 }
@@ -215,8 +219,9 @@ APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const LossParams& par
 
 template <typename S>
 struct RowSums {
-  S lse = 0;               // m + log s
-  S sum_z = 0;             // sum_j z[j]
+  S max_z = 0;             // m
+  S log_s = 0;             // log sum_j exp(z[j] - m)
+  S sum_shifted = 0;       // sum_j (z[j] - m)          (kNeedShiftedSum)
   S off_clamped = 0;       // sum_{j != y} p̂[j]          (kNeedOffLabel)
   S off_masked = 0;        // sum_{j != y} p[j] mask[j]
   S powered = 0;           // T = sum_j P[j]              (kNeedPowered)
@@ -242,7 +247,7 @@ struct RowGrad {
 // and probability (as the element passes compute it).
 template <typename S>
 APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z_label, S p_y, int64_t K) {
-  const S lp_y = z_label - sums.lse;
+  const S lp_y = (z_label - sums.max_z) - sums.log_s;
   const S one_minus_p_y = one_minus_p<S, S>(p_y, lp_y);
   const S mask_y = p_y >= S(kClampMin) ? S(1) : S(0);
   const S gamma = S(params.gamma), q = S(params.q);
@@ -287,7 +292,7 @@ APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z
         break;
       }
       case kNCE: {
-        const S lp_sum = sums.sum_z - S(K) * sums.lse;
+        const S lp_sum = sums.sum_shifted - S(K) * sums.log_s;
         const S inv = S(1) / lp_sum;
         const S through_sum = -lp_y * inv * inv;  // d/dlp[j] of lp[y] / S through S
         g.value += w * lp_y * inv;
