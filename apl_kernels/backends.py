@@ -23,14 +23,15 @@ class BackendUnavailable(RuntimeError):
 @dataclass
 class Backend:
     name: str
-    device_types: tuple[str, ...]  # empty: every device type
+    device_types: Callable[[], tuple[str, ...]]  # empty: every device type
     loader: Callable[[], Callable]  # returns the loss function or raises BackendUnavailable
     _fn: Callable | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
     def serves(self, device_type: str) -> bool:
-        return not self.device_types or device_type in self.device_types
+        types = self.device_types()
+        return not types or device_type in types
 
     def load(self) -> Callable:
         if self._fn is None and self._error is None:
@@ -55,8 +56,11 @@ _REGISTRY: dict[str, Backend] = {}
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 
-def register(name: str, device_types: tuple[str, ...], loader: Callable[[], Callable]) -> None:
-    _REGISTRY[name] = Backend(name, device_types, loader)
+def register(name: str, device_types: tuple[str, ...] | Callable[[], tuple[str, ...]],
+             loader: Callable[[], Callable]) -> None:
+    """Register backend ``name`` for ``device_types`` (or a function giving them when asked)."""
+    types = device_types if callable(device_types) else (lambda: device_types)
+    _REGISTRY[name] = Backend(name, types, loader)
 
 
 def _load_cpp() -> Callable:
@@ -79,14 +83,16 @@ def _load_triton() -> Callable:
     return triton_backend.load()
 
 
-# Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors: that is how they are tested
-# without a GPU, so the triton backend then serves CPU tensors too (never chosen by "auto").
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_device_types() -> tuple[str, ...]:
+    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors: that is how they are tested
+    # without a GPU, so the triton backend then serves CPU tensors too (never chosen by "auto").
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
 
 register("torch", (), lambda: reference.reference_loss)
 register("cpp", ("cpu",), _load_cpp)
 register("cuda", ("cuda",), _load_cuda)
-register("triton", ("cuda", "cpu") if TRITON_INTERPRETED else ("cuda",), _load_triton)
+register("triton", _triton_device_types, _load_triton)
 
 
 def backend_names() -> list[str]:
@@ -132,7 +138,7 @@ def resolve(name: str, device_type: str) -> Backend:
     if not backend.serves(device_type):
         raise ValueError(
             f"backend {name!r} does not run on {device_type} tensors (it serves "
-            f"{', '.join(backend.device_types)}); available for {device_type} tensors: "
+            f"{', '.join(backend.device_types())}); available for {device_type} tensors: "
             f"{', '.join(available_backends(device_type))}"
         )
     try:

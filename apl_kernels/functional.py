@@ -85,9 +85,10 @@ def compute(
     # (N, K, d1, ...) -> rows of K classes. 2-D input passes as it is, whatever its strides.
     logits = input.movedim(1, -1).reshape(-1, num_classes) if spatial else input
     labels = (target.reshape(-1) if spatial else target).long()
-    # The reference checks labels here (a synchronization on GPUs); the C++ CPU kernel checks
-    # them itself, raising the same ValueError; fused GPU kernels give such a row NaN (README).
-    if chosen.name == "torch":
+    # Labels are checked here for the reference (a synchronization on GPUs) and wherever it is
+    # free (CPU tensors); the C++ CPU kernel checks them itself, raising the same ValueError.
+    # Fused GPU kernels give a row with such a label a NaN loss instead (README).
+    if chosen.name == "torch" or (labels.device.type == "cpu" and chosen.name != "cpp"):
         check_target_range(labels, num_classes, ignore_index)
     loss = chosen.load()(logits, labels, spec, reduction, ignore_index)
     return loss.reshape(target.shape) if spatial and reduction == "none" else loss

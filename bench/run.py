@@ -2,8 +2,9 @@
 
 Times bench/bench_losses.py with pytest-benchmark, then writes
 ``bench/results/<device>.md`` (a table per mode: median, speed-up over eager
-and over torch.compile of the reference, % of a memory copy's bandwidth, bytes
-saved for backward, and peak memory on CUDA) and ``bench/results/<device>.png``
+and over torch.compile of the reference, GB/s for the bytes a fused forward
+plus backward must move, % of a memory copy's bandwidth, bytes saved for
+backward, and peak memory on CUDA) and ``bench/results/<device>.png``
 (speed-up against K), and prints the table. ``--json FILE`` rebuilds the report
 from an earlier run's pytest-benchmark JSON without timing anything.
 """
@@ -61,8 +62,8 @@ def build_table(rows: list[dict]) -> tuple[str, list[dict]]:
     for mode in ("forward+backward", "forward"):
         lines += [
             f"\n### {mode}\n",
-            "| N x K | dtype | loss | impl | median | x eager | x compile | % of copy bandwidth | saved for backward | peak memory |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| N x K | dtype | loss | impl | median | x eager | x compile | GB/s | % of copy bandwidth | saved for backward | peak memory |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for (n, k, dtype, row_mode, loss, impl), r in sorted(by_key.items(), key=lambda kv: (kv[0][1] * kv[0][0], kv[0][0], kv[0][2], kv[0][4], kv[0][5])):
             if row_mode != mode:
@@ -74,11 +75,12 @@ def build_table(rows: list[dict]) -> tuple[str, list[dict]]:
             vs_compile = compiled["median"] / r["median"] if compiled else None
             # A fused forward+backward moves the bytes a copy moves: read N K, write N K.
             bandwidth = 100 * copy / r["median"] if copy and mode == "forward+backward" else None
+            gbps = r["bytes_moved"] / r["median"] / 1e9  # for the bytes a fused forward+backward must move
             derived.append({**r, "vs_eager": vs_eager, "vs_compile": vs_compile})
             lines.append(
                 f"| {n} x {k} | {dtype} | {loss} | {impl} | {r['median'] * 1e3:.3f} ms | "
                 f"{'' if vs_eager is None else f'{vs_eager:.2f}'} | {'' if vs_compile is None else f'{vs_compile:.2f}'} | "
-                f"{'' if bandwidth is None else f'{bandwidth:.0f} %'} | {human_bytes(r.get('saved_bytes'))} | "
+                f"{gbps:.1f} | {'' if bandwidth is None else f'{bandwidth:.0f} %'} | {human_bytes(r.get('saved_bytes'))} | "
                 f"{human_bytes(r.get('peak_bytes'))} |"
             )
     lines += ["\n### memory copy (the floor)\n", "| N x K | dtype | median | GB/s |", "|---|---|---|---|"]

@@ -169,7 +169,12 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
       const acc_t inv_s = acc_t(1) / s;
       const V inv_s_v(inv_s), log_s_v(sums.log_s);
       // Pass 3: the sums some losses need; the label's element is never off-label.
-      if (needs & kElementNeeds) {
+      if (!row_defined(sums)) {
+        loss_out[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        if (grad_row) std::fill(grad_row, grad_row + K, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
+        continue;
+      }
+      if (needs) {
         ElementSums<V, acc_t> total, block;
         int blocked = 0;
         for (int64_t i = 0; i < K; i += kLanes) {

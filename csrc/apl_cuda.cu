@@ -1,8 +1,9 @@
 // The fused losses on CUDA: the math of apl_rowmath.h, one group of threads per row.
 //
 // K <= 1024: a warp per row (8 rows per block of 256 threads); larger K: a block
-// of 512 threads per row. Pass 1 reads the row once for an online max/sum;
-// pass 2 (nce, rce/nrce, ngce, nfl only) gathers the sums those losses need;
+// of 512 threads per row. Pass 1 reads the row once for an online max, sum of
+// exp and sum of z - max; pass 2 (rce/nrce, ngce, nfl only) gathers the sums
+// those losses need;
 // pass 3 writes the gradient. Offsets are int64; the kernel runs on the current
 // stream, never synchronizes with the host and uses no atomics, so results are
 // bitwise reproducible. A label outside [0, K) that is not ignore_index is never
@@ -44,37 +45,56 @@ __device__ S row_sum(S value, S* shared) {
   return value;
 }
 
-// Merges two partial (max, sum of exp(x - max)) pairs; empty parts have max -inf.
+// Statistics of part of a row: its max m, sum exp(z - m), sum (z - r) and number of
+// elements, with r = m, or 0 while m is -inf (every element so far masked: no -inf - -inf).
 template <typename S>
-__device__ void merge_max_sum(S& max_a, S& sum_a, S max_b, S sum_b) {
-  const S merged = max_a > max_b ? max_a : max_b;
-  if (merged == -std::numeric_limits<S>::infinity()) return;  // both parts empty or masked
-  sum_a = (max_a == merged ? sum_a : sum_a * Math<S>::exp(max_a - merged)) +
-          (max_b == merged ? sum_b : sum_b * Math<S>::exp(max_b - merged));
-  max_a = merged;
+struct Partial {
+  S max, sum_exp, shifted, count;
+};
+
+template <typename S>
+__device__ S reference_point(S max) {
+  return max == -std::numeric_limits<S>::infinity() ? S(0) : max;
 }
 
+// Merges b into a. A NaN reaches sum_exp through its own exp, so the row becomes undefined.
+template <typename S>
+__device__ void merge(Partial<S>& a, const Partial<S>& b) {
+  const S merged = a.max > b.max ? a.max : b.max;
+  const S r = reference_point(merged);
+  a.sum_exp = (a.sum_exp == S(0) ? S(0) : a.sum_exp * Math<S>::exp(a.max - merged)) +
+              (b.sum_exp == S(0) ? S(0) : b.sum_exp * Math<S>::exp(b.max - merged));
+  a.shifted = a.shifted + a.count * (reference_point(a.max) - r) + b.shifted + b.count * (reference_point(b.max) - r);
+  a.count += b.count;
+  a.max = merged;
+}
+
+template <typename S>
+__device__ Partial<S> shuffled(const Partial<S>& p, int offset) {
+  return {__shfl_xor_sync(0xffffffffu, p.max, offset), __shfl_xor_sync(0xffffffffu, p.sum_exp, offset),
+          __shfl_xor_sync(0xffffffffu, p.shifted, offset), __shfl_xor_sync(0xffffffffu, p.count, offset)};
+}
+
+// The whole row's statistics from every thread's part; every thread gets them.
 template <int kThreads, typename S>
-__device__ void row_max_sum(S& max_z, S& sum_exp, S* shared) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    merge_max_sum(max_z, sum_exp, __shfl_xor_sync(0xffffffffu, max_z, offset),
-                  __shfl_xor_sync(0xffffffffu, sum_exp, offset));
-  }
+__device__ Partial<S> row_statistics(Partial<S> part, S* shared) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(part, shuffled(part, offset));
   if constexpr (kThreads > kWarp) {
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     __syncthreads();
     if (lane == 0) {
-      shared[warp] = max_z;
-      shared[kWarp + warp] = sum_exp;
+      shared[warp] = part.max;
+      shared[kWarp + warp] = part.sum_exp;
+      shared[2 * kWarp + warp] = part.shifted;
+      shared[3 * kWarp + warp] = part.count;
     }
     __syncthreads();
-    max_z = lane < kThreads / kWarp ? shared[lane] : -std::numeric_limits<S>::infinity();
-    sum_exp = lane < kThreads / kWarp ? shared[kWarp + lane] : S(0);
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      merge_max_sum(max_z, sum_exp, __shfl_xor_sync(0xffffffffu, max_z, offset),
-                    __shfl_xor_sync(0xffffffffu, sum_exp, offset));
-    }
+    const bool filled = lane < kThreads / kWarp;
+    part = {filled ? shared[lane] : -std::numeric_limits<S>::infinity(), filled ? shared[kWarp + lane] : S(0),
+            filled ? shared[2 * kWarp + lane] : S(0), filled ? shared[3 * kWarp + lane] : S(0)};
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(part, shuffled(part, offset));
   }
+  return part;
 }
 
 template <typename scalar_t, int kThreads>
@@ -84,7 +104,7 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
                                   at::opmath_type<scalar_t>* __restrict__ row_loss, scalar_t* __restrict__ grad) {
   using S = at::opmath_type<scalar_t>;
   constexpr S kNaN = std::numeric_limits<S>::quiet_NaN();
-  __shared__ S shared[2 * kWarp];
+  __shared__ S shared[4 * kWarp];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= rows) return;  // whole groups leave together: no reduction is left waiting
   const int tid = threadIdx.x;
@@ -92,54 +112,52 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
   scalar_t* grad_row = grad ? grad + row * K : nullptr;
   const int64_t y = target[row];
   const bool ignored = y == ignore_index;
-  if (ignored || y < 0 || y >= K) {
-    const S fill = ignored ? S(0) : kNaN;
+  // Ignored rows give 0; a label out of range is never used as an index: NaN.
+  auto fill_row = [&](S fill) {
     if (tid == 0) row_loss[row] = fill;
     if (grad_row) {
       for (int64_t j = tid; j < K; j += kThreads) grad_row[j] = static_cast<scalar_t>(fill);
     }
-    return;
-  }
-  // Pass 1: online max and sum of exp.
-  S max_z = -std::numeric_limits<S>::infinity(), sum_exp = 0;
+  };
+  if (ignored || y < 0 || y >= K) return fill_row(ignored ? S(0) : kNaN);
+  // Pass 1: online max, sum of exp and sum of shifted logits.
+  Partial<S> part{-std::numeric_limits<S>::infinity(), S(0), S(0), S(0)};
   for (int64_t j = tid; j < K; j += kThreads) {
-    merge_max_sum(max_z, sum_exp, static_cast<S>(z[j * col_stride]), S(1));  // a NaN makes the sum NaN
+    const S x = static_cast<S>(z[j * col_stride]);
+    const bool masked = x == -std::numeric_limits<S>::infinity();
+    merge(part, Partial<S>{x, masked ? S(0) : S(1), masked ? x : S(0), S(1)});
   }
-  row_max_sum<kThreads>(max_z, sum_exp, shared);
+  const Partial<S> whole = row_statistics<kThreads>(part, shared);
   RowSums<S> sums;
-  sums.max_z = max_z;
-  sums.log_s = Math<S>::log(sum_exp);
+  sums.max_z = whole.max;
+  sums.log_s = Math<S>::log(whole.sum_exp);
+  sums.sum_shifted = whole.shifted;
+  // The same for every thread of the row: it leaves together.
+  if (!row_defined(sums)) return fill_row(kNaN);
   const int needs = row_needs(params);
   // Pass 2: the sums some losses need; the label's element is never off-label.
   if (needs) {
     ElementSums<S, S> partial;
-    S sum_shifted = 0;
     for (int64_t j = tid; j < K; j += kThreads) {
-      const S shifted = static_cast<S>(z[j * col_stride]) - max_z;
-      sum_shifted += shifted;
-      if (!(needs & kElementNeeds)) continue;
-      const S lp = shifted - sums.log_s;
+      const S lp = (static_cast<S>(z[j * col_stride]) - sums.max_z) - sums.log_s;
       const S p = Math<S>::exp(lp);
       partial.add(needs, p, element_terms<S, S>(needs, p, lp, params), true, j != y);
     }
-    if (needs & kNeedShiftedSum) sums.sum_shifted = row_sum<kThreads>(sum_shifted, shared);
-    if (needs & kElementNeeds) {
-      sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
-      sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
-      sums.powered = row_sum<kThreads>(partial.powered, shared);
-      sums.powered_masked = row_sum<kThreads>(partial.powered_masked, shared);
-      sums.focal = row_sum<kThreads>(partial.focal, shared);
-      sums.focal_derivative = row_sum<kThreads>(partial.focal_derivative, shared);
-    }
+    sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
+    sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
+    sums.powered = row_sum<kThreads>(partial.powered, shared);
+    sums.powered_masked = row_sum<kThreads>(partial.powered_masked, shared);
+    sums.focal = row_sum<kThreads>(partial.focal, shared);
+    sums.focal_derivative = row_sum<kThreads>(partial.focal_derivative, shared);
   }
   const S z_label = static_cast<S>(z[y * col_stride]);
-  const RowGrad<S> g = row_grad<S>(params, sums, z_label, Math<S>::exp((z_label - max_z) - sums.log_s), K);
+  const RowGrad<S> g = row_grad<S>(params, sums, z_label, Math<S>::exp((z_label - sums.max_z) - sums.log_s), K);
   if (tid == 0) row_loss[row] = g.value;
   if (!grad_row) return;
   // Pass 3: the gradient, divided by the number of counted rows for a mean.
   const S scale = mean_count ? S(1) / static_cast<S>(*mean_count > 0 ? *mean_count : 1) : S(1);
   for (int64_t j = tid; j < K; j += kThreads) {
-    const S lp = (static_cast<S>(z[j * col_stride]) - max_z) - sums.log_s;
+    const S lp = (static_cast<S>(z[j * col_stride]) - sums.max_z) - sums.log_s;
     const S p = Math<S>::exp(lp);
     const int element_needs = j == y ? needs & ~kNeedOffLabel : needs;
     S value = element_grad<S, S>(element_needs, p, element_terms<S, S>(element_needs, p, lp, params), g);
@@ -155,8 +173,9 @@ void launch(const at::Tensor& logits, const at::Tensor& target, const LossParams
   if (rows == 0) return;
   const int rows_per_block = kThreads >= kBlockThreads ? 1 : kBlockThreads / kThreads;
   const dim3 block(kThreads, rows_per_block);
-  const dim3 blocks(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
-  TORCH_CHECK(blocks.x <= 2147483647u, "apl: too many rows for one launch: ", rows);
+  const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(num_blocks <= 2147483647, "apl: too many rows for one launch: ", rows);
+  const dim3 blocks(static_cast<unsigned>(num_blocks));
   fused_loss_kernel<scalar_t, kThreads><<<blocks, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
       logits.const_data_ptr<scalar_t>(), rows, logits.size(1), logits.stride(0), logits.stride(1),
       target.const_data_ptr<int64_t>(), params, ignore_index, mean_count,

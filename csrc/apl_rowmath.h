@@ -43,10 +43,9 @@
 // near p = 1), its derivative -p from p. With a masked class, S and F are infinite
 // and nce/nfl give value 0 and gradient 0, as their limits.
 //
-// Row sums. Pass 1 gives m and s; nce's S = sum (z - m) - K log s takes the
-// shifted logits, and the other sums need p: they are gathered in a second pass
-// only by the losses that use them (see row_needs). The last pass writes the
-// gradient.
+// Row sums. The first pass(es) give m, s and sum (z - m) (nce's S = sum (z - m)
+// - K log s); the other sums need p: they are gathered in one more pass only by
+// the losses that use them (see row_needs). The last pass writes the gradient.
 
 #pragma once
 
@@ -79,9 +78,8 @@ struct LossParams {
   bool official_grad;
 };
 
-// Which sums beyond m and s a row needs. kElementNeeds take per-element terms.
-enum Needs : int { kNeedOffLabel = 1, kNeedPowered = 2, kNeedFocal = 4, kNeedShiftedSum = 8 };
-constexpr int kElementNeeds = kNeedOffLabel | kNeedPowered | kNeedFocal;
+// Which sums beyond m, s and sum (z - m) a row needs: each takes a second pass.
+enum Needs : int { kNeedOffLabel = 1, kNeedPowered = 2, kNeedFocal = 4 };
 
 APL_HD int base_needs(int base) {
   switch (base) {
@@ -89,7 +87,6 @@ APL_HD int base_needs(int base) {
     case kNRCE: return kNeedOffLabel;
     case kNGCE: return kNeedPowered;
     case kNFL: return kNeedFocal;
-    case kNCE: return kNeedShiftedSum;
     default: return 0;
   }
 }
@@ -221,7 +218,7 @@ template <typename S>
 struct RowSums {
   S max_z = 0;             // m
   S log_s = 0;             // log sum_j exp(z[j] - m)
-  S sum_shifted = 0;       // sum_j (z[j] - m)          (kNeedShiftedSum)
+  S sum_shifted = 0;       // sum_j (z[j] - m)
   S off_clamped = 0;       // sum_{j != y} p̂[j]          (kNeedOffLabel)
   S off_masked = 0;        // sum_{j != y} p[j] mask[j]
   S powered = 0;           // T = sum_j P[j]              (kNeedPowered)
@@ -229,6 +226,14 @@ struct RowSums {
   S focal = 0;             // F = sum_j f[j]              (kNeedFocal)
   S focal_derivative = 0;  // D = sum_j d[j]
 };
+
+// A row's softmax is undefined when a logit is NaN or +inf or every logit is
+// -inf: its loss and gradient are then NaN (as log_softmax's), never a finite
+// number that a clamp made of NaN probabilities.
+template <typename S>
+APL_HD bool row_defined(const RowSums<S>& sums) {
+  return std::isfinite(sums.max_z) && std::isfinite(sums.log_s);
+}
 
 // The gradient of a row: grad[i] = at_label [i == y] + constant
 //   + clamped_p p[i] mask[i] + powered P[i] mask[i] + focal d[i] - p[i] total_h.

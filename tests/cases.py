@@ -67,7 +67,7 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 
 
 def assert_parity(fused: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor,
-                  magnitude: torch.Tensor, rtol: float, factor: float = 2.0) -> None:
+                  magnitude: torch.Tensor, rtol: float, factor: float = 2.0, floor: float = 0.0) -> None:
     """A fused result is as exact as its dtype allows, and as the reference in that dtype.
 
     ``truth`` is the reference in float64 on the same (rounded) inputs; ``magnitude`` (per row,
@@ -75,14 +75,16 @@ def assert_parity(fused: torch.Tensor, reference: torch.Tensor, truth: torch.Ten
     formulas.loss_and_grad): where the math cancels (confident rows, sums over many classes),
     rounding is relative to the terms, not to their small difference. Each row may be off by
     ``rtol`` times its largest magnitude (float32 arithmetic: ~100 ulps), or by ``factor``
-    times the reference's own error on that row (half types: both round to the same grid).
+    times the reference's own error on that row (half types: both round to the same grid),
+    or by ``floor``: the dtype's smallest normal number, below which it has no relative
+    precision at all (gradients of rows whose probabilities underflow).
     """
     rows = truth.shape[0] if truth.dim() else 1
     fused, reference, truth, magnitude = (
         torch.as_tensor(t).double().reshape(rows, -1) for t in (fused, reference, truth, magnitude)
     )
     reference_error = (reference - truth).abs().amax(dim=1, keepdim=True)
-    allowed = torch.maximum(rtol * magnitude.amax(dim=1, keepdim=True), factor * reference_error)
+    allowed = torch.maximum(rtol * magnitude.amax(dim=1, keepdim=True), factor * reference_error).clamp_min(floor)
     error = (fused - truth).abs()
     bad = error > allowed
     if bad.any():

@@ -3,6 +3,12 @@ import random
 import zlib
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels are tested under the interpreter, on CPU tensors. Set here,
+# before any test module imports triton, so that the whole session sees one setting.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Fresh random inputs every run; a failure reproduces with APL_TEST_SEED=<the seed in the header>.
 BASE_SEED = int(os.environ.get("APL_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -48,8 +48,9 @@ def check_parity(z, y, name, params):
     assert fused[0].dtype == z.dtype and fused[1].dtype == z.dtype
     _, _, grad_terms, value_terms = loss_and_grad(z.double().numpy(), y.numpy(), name, **params)
     value_terms = torch.maximum(torch.from_numpy(value_terms), truth[0].abs())
-    assert_parity(fused[0], reference[0], truth[0], value_terms, RTOL[z.dtype])
-    assert_parity(fused[1], reference[1], truth[1], torch.from_numpy(grad_terms), RTOL[z.dtype])
+    tiny = torch.finfo(z.dtype).tiny
+    assert_parity(fused[0], reference[0], truth[0], value_terms, RTOL[z.dtype], floor=tiny)
+    assert_parity(fused[1], reference[1], truth[1], torch.from_numpy(grad_terms), RTOL[z.dtype], floor=tiny)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -206,11 +207,19 @@ def test_masked_and_extreme_logits(name, params, seed):
         assert_close_to_scale(f, r, 1e-5)
 
 
-def test_nan_logits_give_nan():
-    z = torch.randn(3, 5)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_undefined_rows_give_nan_like_the_reference(case):
+    """A NaN or +inf logit, or a row of -inf, has no softmax: NaN, never a clamp's number."""
+    name, params = case
+    z = torch.randn(5, 6)
     z[1, 2] = float("nan")
-    loss = F.nce_rce(z, torch.tensor([0, 1, 2]), reduction="none", backend="cpp")
-    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    z[2, 4] = float("inf")
+    z[3] = float("-inf")
+    y = torch.tensor([0, 1, 2, 3, 4])
+    for backend in ("cpp", "torch"):
+        loss, grad = run(z, y, name, params, backend)
+        assert torch.isnan(loss[1:4]).all() and torch.isnan(grad[1:4]).all(), backend
+        assert torch.isfinite(loss[[0, 4]]).all() and torch.isfinite(grad[[0, 4]]).all(), backend
 
 
 def test_out_of_range_target_raises_before_reading(seed):

@@ -1,0 +1,252 @@
+"""Datasets on the training device, and augmentation of whole batches with tensor operations.
+
+CIFAR-10, CIFAR-100 and MNIST are read from ``data_dir`` in torchvision's on-disk layout
+(``cifar-10-batches-py/``, ``cifar-100-python/``, ``MNIST/raw/``); ``download=True`` fetches them
+through torchvision. ``digits`` is scikit-learn's bundled 8x8 digits, available offline.
+
+The whole training set is one ``uint8`` tensor ``(N, C, H, W)`` on the training device.
+:class:`BatchAugment` turns a batch of it into the normalized float input of the network with
+a handful of tensor operations (one gather does random crop and flip for the whole batch), so
+no per-image PIL work and no DataLoader worker can starve a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the spec fixes per dataset: classes, image shape, augmentation, normalization."""
+
+    title: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...] | None  # None: the training images' own mean and std
+    std: tuple[float, ...] | None
+    train_size: int  # images of the full dataset (for cost estimates before loading it)
+    test_size: int
+    crop_padding: int = 0  # random crop of the original size after zero padding; 0: no crop
+    flip: bool = False  # random horizontal flip with probability 1/2
+    rotation_degrees: float = 0.0  # random rotation in [-d, d], nearest, zero fill; 0: none
+
+
+DATASETS = {
+    "cifar10": DatasetInfo("CIFAR-10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), 50_000, 10_000, crop_padding=4, flip=True),
+    "cifar100": DatasetInfo("CIFAR-100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), 50_000, 10_000, crop_padding=4, flip=True, rotation_degrees=20.0),
+    "mnist": DatasetInfo("MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), 60_000, 10_000),
+    "digits": DatasetInfo("scikit-learn digits", 10, (1, 8, 8), None, None, 1_437, 360),
+}
+
+DIGITS_TEST_FRACTION = 0.2  # digits has no official split: a fixed stratified 80/20 split
+DIGITS_SPLIT_SEED = 0
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset is not in ``data_dir``; the message says where it was looked for and what to do."""
+
+
+@dataclass
+class Data:
+    """A dataset on one device: uint8 images ``(N, C, H, W)``, int64 clean labels."""
+
+    name: str
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def info(self) -> DatasetInfo:
+        return DATASETS[self.name]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+
+def check_dataset(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _read_cifar(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels of torchvision's CIFAR pickles ``files``."""
+    batches = [_unpickle(folder / name) for name in files]
+    images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+CIFAR_LAYOUT = {  # folder, training files, test files, label key
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool):
+    folder_name, train_files, test_files, label_key = CIFAR_LAYOUT[name]
+    folder = data_dir / folder_name
+    if download:
+        from torchvision import datasets
+
+        dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        dataset_class(str(data_dir), train=True, download=True)  # fetches, verifies, extracts
+    missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+    if missing:
+        raise DatasetNotFound(
+            f"{DATASETS[name].title} not found: {folder} lacks {', '.join(missing)}; pass --data-dir "
+            f"DIR where DIR/{folder_name}/ is torchvision's extracted archive, or add --download"
+        )
+    return (*_read_cifar(folder, train_files, label_key), *_read_cifar(folder, test_files, label_key))
+
+
+def _load_mnist(data_dir: Path, download: bool):
+    from torchvision import datasets
+
+    try:
+        train = datasets.MNIST(str(data_dir), train=True, download=download)
+        test = datasets.MNIST(str(data_dir), train=False, download=download)
+    except RuntimeError as err:  # torchvision's "Dataset not found"
+        raise DatasetNotFound(
+            f"MNIST not found in {data_dir / 'MNIST' / 'raw'} ({err}); pass --data-dir DIR holding "
+            f"torchvision's MNIST/raw/ files, or add --download"
+        ) from None
+    return (train.data.numpy()[:, None], train.targets.numpy().astype(np.int64),
+            test.data.numpy()[:, None], test.targets.numpy().astype(np.int64))
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # Pixel values are 0..16: scale to the 0..255 of every other dataset here.
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=DIGITS_TEST_FRACTION, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
+    return train_x, train_y, test_x, test_y
+
+
+def load_arrays(name: str, data_dir: str | Path = "data", download: bool = False):
+    """``(train_images, train_labels, test_images, test_labels)`` as numpy (uint8 NCHW, int64)."""
+    check_dataset(name)
+    if name == "digits":
+        return _load_digits()
+    data_dir = Path(data_dir)
+    if name == "mnist":
+        return _load_mnist(data_dir, download)
+    return _load_cifar(name, data_dir, download)
+
+
+def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path = "data",
+         download: bool = False) -> Data:
+    """Dataset ``name`` as uint8 tensors on ``device``, with the normalization of the spec."""
+    info = check_dataset(name)
+    train_x, train_y, test_x, test_y = load_arrays(name, data_dir, download)
+    if tuple(train_x.shape[1:]) != info.image_shape or tuple(test_x.shape[1:]) != info.image_shape:
+        raise ValueError(
+            f"{info.title} images must have shape {info.image_shape}; got {train_x.shape[1:]} "
+            f"(train) and {test_x.shape[1:]} (test)"
+        )
+    bad = [int(y) for y in (train_y.min(), train_y.max(), test_y.min(), test_y.max())
+           if not 0 <= y < info.num_classes]
+    if bad:
+        raise ValueError(f"{info.title} labels must lie in [0, {info.num_classes}); found {bad[0]}")
+    if info.mean is None:  # per-channel statistics of the training images
+        pixels = train_x.astype(np.float64).transpose(1, 0, 2, 3).reshape(train_x.shape[1], -1) / 255.0
+        mean, std = tuple(pixels.mean(axis=1).tolist()), tuple(pixels.std(axis=1).tolist())
+    else:
+        mean, std = info.mean, info.std
+
+    def as_tensor(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    return Data(name, as_tensor(train_x), as_tensor(train_y), as_tensor(test_x), as_tensor(test_y),
+                mean, std)
+
+
+class BatchAugment:
+    """uint8 batches ``(B, C, H, W)`` -> normalized float32, augmented as the dataset's spec says.
+
+    The published PIL pipeline, on whole batches: zero padding + random crop (torchvision's
+    ``RandomCrop(size, padding)``), horizontal flip with probability 1/2, rotation by an angle
+    uniform in ``[-d, d]`` with nearest sampling and zero fill (``RandomRotation(d)``), then
+    ``ToTensor`` + ``Normalize``. Random numbers come from the caller's generator only.
+    """
+
+    def __init__(self, info: DatasetInfo, mean, std, device: str | torch.device) -> None:
+        self.info = info
+        channels = len(mean)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        # (x / 255 - mean) / std  ==  x * scale - shift, in one fused multiply-add per pixel
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = mean_t / std_t
+
+    @property
+    def augments(self) -> bool:
+        info = self.info
+        return bool(info.crop_padding or info.flip or info.rotation_degrees)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 or float pixels in 0..255 -> the network's normalized float32 input."""
+        return torch.addcmul(-self.shift, images.float(), self.scale)
+
+    def crop_and_flip(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Random crop after zero padding and random horizontal flip: one gather for the batch."""
+        batch, channels, height, width = images.shape
+        pad = self.info.crop_padding
+        device = images.device
+        padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+        padded_width = width + 2 * pad
+        top = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
+        left = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
+        rows = top + torch.arange(height, device=device)  # (B, H)
+        cols = left + torch.arange(width, device=device)  # (B, W)
+        if self.info.flip:
+            flipped = torch.rand((batch, 1), generator=generator, device=device) < 0.5
+            cols = torch.where(flipped, cols.flip(1), cols)
+        index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
+        pixels = padded.reshape(batch, channels, -1).gather(2, index.expand(batch, channels, -1))
+        return pixels.view(batch, channels, height, width)
+
+    @staticmethod
+    def rotate(images: Tensor, degrees: Tensor) -> Tensor:
+        """Float ``images`` rotated about their centre by ``degrees`` (one per image; positive:
+        counter-clockwise); nearest pixel, zero fill."""
+        radians = degrees.to(images.dtype) * (math.pi / 180.0)
+        cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Augmented, normalized float32 batch of the uint8 ``images``."""
+        if self.info.crop_padding or self.info.flip:
+            images = self.crop_and_flip(images, generator)
+        pixels = images.float()
+        if self.info.rotation_degrees:
+            uniform = torch.rand(pixels.shape[0], generator=generator, device=pixels.device)
+            pixels = self.rotate(pixels, (uniform * 2 - 1) * self.info.rotation_degrees)
+        return self.normalize(pixels)

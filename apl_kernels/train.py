@@ -1,0 +1,286 @@
+"""Training one run of the reproduction grid: the spec's settings, metrics, checkpoints, NaN handling.
+
+One run = a dataset, a loss with its parameters, a noise kind and rate, a seed and a number of
+epochs (:class:`RunConfig`). :func:`train_run` trains it with the dataset's published settings
+(:data:`SETTINGS`) and returns its record (what the run's JSON file holds). With a
+``checkpoint_path`` it saves its whole state after every epoch (atomically) and, if a checkpoint
+of the same run exists, continues from it, so an interrupted run loses at most one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as datasets
+from .models import build_model
+from .nn import get_loss
+from .noise import make_noisy_labels
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A dataset's published training settings (``../shared/spec/reproduction.md``, "Settings")."""
+
+    model: str
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_min: float  # the cosine schedule's final learning rate
+    batch_size: int = 128
+    grad_clip: float = 5.0  # max L2 norm of all gradients (clip_grad_norm_)
+
+
+SETTINGS = {
+    "cifar10": Settings("cnn8", epochs=120, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_min=0.0),
+    "mnist": Settings("cnn4", epochs=50, lr=0.01, momentum=0.9, weight_decay=1e-3, lr_min=1e-3),
+    "cifar100": Settings("resnet34", epochs=200, lr=0.1, momentum=0.9, weight_decay=1e-5, lr_min=0.0),
+    # Not in the paper: the offline quick preset's. CIFAR-10's settings but for the learning rate,
+    # 0.05 so that a small CNN fits 1,437 images in 50 epochs (600 steps): cross entropy then fits
+    # the noisy labels, as CNN8 does on CIFAR-10 in 120 epochs.
+    "digits": Settings("digits_cnn", epochs=50, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_min=0.0),
+}
+
+EVAL_BATCH = 1024
+METRICS = ("lr", "train_loss", "train_acc_noisy", "train_acc_clean", "test_loss", "test_acc")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What identifies a run; two runs with equal configs must give the same numbers."""
+
+    dataset: str
+    loss: str
+    noise: str  # a kind of apl_kernels.noise.NOISE_KINDS
+    rate: float
+    seed: int
+    epochs: int
+    loss_params: dict = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        """A file-name-safe identifier, e.g. ``cifar10_nce+rce_sym0.4_seed1``."""
+        return f"{self.dataset}_{self.loss}_{self.noise}{float(self.rate)}_seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Options:
+    """How to run (not what): none of these may change the numbers beyond rounding."""
+
+    device: str = "cpu"
+    backend: str = "auto"
+    bf16: bool = False  # bfloat16 autocast of the network (CUDA only)
+    channels_last: bool = False  # channels-last memory format (CUDA only)
+    compile: bool = False  # torch.compile the network
+    progress: bool = True  # a tqdm bar over the epochs
+
+    def check(self) -> None:
+        device_type = torch.device(self.device).type
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for but CUDA is not available here; use --device cpu")
+        for flag in ("bf16", "channels_last"):
+            if getattr(self, flag) and device_type != "cuda":
+                raise ValueError(f"--{flag.replace('_', '-')} is a CUDA option; the device is {self.device!r}")
+
+
+class ConfigMismatch(ValueError):
+    """A saved run (checkpoint or result) has the same name as a run asked for but other settings."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (model initialization uses torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it to ``path``: readers
+    and interrupted writers never leave or see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, criterion_sum,
+             autocast) -> tuple[float, float]:
+    """(mean loss, accuracy in %) of ``model`` on un-augmented ``images`` against ``labels``."""
+    model.eval()
+    loss_sum = torch.zeros((), device=labels.device)
+    correct = torch.zeros((), dtype=torch.long, device=labels.device)
+    with torch.no_grad():
+        for start in range(0, labels.numel(), EVAL_BATCH):
+            x = augment.normalize(images[start:start + EVAL_BATCH])
+            y = labels[start:start + EVAL_BATCH]
+            with autocast():
+                logits = model(x).float()
+            loss_sum += criterion_sum(logits, y)
+            correct += (logits.argmax(1) == y).sum()
+    model.train()
+    return loss_sum.item() / labels.numel(), 100.0 * correct.item() / labels.numel()
+
+
+def train_run(config: RunConfig, data: datasets.Data, options: Options | None = None,
+              checkpoint_path: str | Path | None = None,
+              on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Train ``config`` on ``data`` (already on ``options.device``) and return the run's record.
+
+    ``on_epoch(epoch, record)`` is called after each epoch's checkpoint is written.
+    The record's ``status`` is ``"finished"`` or ``"diverged"`` (the training loss became NaN or
+    infinite: the run stops there and keeps the epochs before it).
+    """
+    options = options or Options()
+    options.check()
+    if config.dataset != data.name:
+        raise ValueError(f"run {config.run_id} is for {config.dataset!r} but the data is {data.name!r}")
+    settings = SETTINGS[config.dataset]
+    device = torch.device(options.device)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+
+    clean_labels = data.train_labels.cpu().numpy()
+    noisy = make_noisy_labels(config.dataset, config.noise, config.rate, clean_labels, data.num_classes,
+                              config.seed)
+    noisy_labels = torch.from_numpy(noisy.labels).to(device)
+
+    seed_everything(config.seed)
+    model = build_model(settings.model, data.num_classes).to(device)
+    if options.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
+                                                           eta_min=settings.lr_min)
+    criterion = get_loss(config.loss, backend=options.backend, **config.loss_params)
+    criterion_sum = get_loss(config.loss, backend=options.backend, reduction="sum", **config.loss_params)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    augment = datasets.BatchAugment(data.info, data.mean, data.std, device)
+    network = torch.compile(model) if options.compile else model
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16)
+
+    history = {name: [] for name in METRICS}
+    record = {
+        "run_id": config.run_id,
+        "config": config.to_dict(),
+        "settings": asdict(settings) | {"epochs": config.epochs},
+        "status": "running",
+        "noise": {"realized_rate": noisy.rate, "transition": noisy.transition.round(6).tolist()},
+        "history": history,
+        "epochs_done": 0,
+        "wall_time_s": 0.0,
+        "resumed_at_epochs": [],
+        "options": {k: v for k, v in asdict(options).items() if k != "progress"},
+        "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
+    }
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state["record"]["config"] != record["config"]:
+            raise ConfigMismatch(f"checkpoint {checkpoint_path} is of another configuration of run "
+                                 f"{config.run_id}; delete it or use another output directory")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        record = state["record"]
+        history = record["history"]
+        record["resumed_at_epochs"].append(record["epochs_done"])
+
+    train_images, train_count = data.train_images, data.train_labels.numel()
+    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id, unit="epoch",
+               leave=False, disable=not options.progress, dynamic_ncols=True)
+    try:
+        for epoch in range(record["epochs_done"], config.epochs):
+            started = time.perf_counter()
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            loss_sum = torch.zeros((), device=device)
+            correct_noisy = torch.zeros((), dtype=torch.long, device=device)
+            correct_clean = torch.zeros((), dtype=torch.long, device=device)
+            order = torch.randperm(train_count, generator=generator, device=device)
+            seen = 0
+            for start in range(0, train_count, settings.batch_size):
+                index = order[start:start + settings.batch_size]
+                if index.numel() == 1 and start > 0:
+                    continue  # batch norm cannot train on a batch of one sample: skip it
+                x = augment(train_images[index], generator)
+                if options.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = noisy_labels[index]
+                with autocast():
+                    logits = network(x).float()
+                loss = criterion(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                optimizer.step()
+                with torch.no_grad():
+                    predicted = logits.argmax(1)
+                    seen += index.numel()
+                    loss_sum += loss.detach() * index.numel()
+                    correct_noisy += (predicted == y).sum()
+                    correct_clean += (predicted == data.train_labels[index]).sum()
+            scheduler.step()
+            train_loss = loss_sum.item() / seen
+            history["train_acc_noisy"].append(100.0 * correct_noisy.item() / seen)
+            history["train_acc_clean"].append(100.0 * correct_clean.item() / seen)
+            if not math.isfinite(train_loss):  # recorded as None: the JSON files stay strict JSON
+                for name in ("train_loss", "test_loss", "test_acc"):
+                    history[name].append(None)
+                record["status"] = "diverged"
+                record["diverged_at_epoch"] = epoch + 1
+                record["epochs_done"] = epoch + 1
+                record["wall_time_s"] += time.perf_counter() - started
+                break
+            history["train_loss"].append(train_loss)
+            test_loss, test_acc = evaluate(network, data.test_images, data.test_labels, augment,
+                                           criterion_sum, autocast)
+            history["test_loss"].append(test_loss)
+            history["test_acc"].append(test_acc)
+            record["epochs_done"] = epoch + 1
+            record["wall_time_s"] += time.perf_counter() - started
+            if checkpoint_path is not None and epoch + 1 < config.epochs:
+                state = {"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                         "torch_rng": torch.get_rng_state()}
+                atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+            bar.update(1)
+            bar.set_postfix(test_acc=f"{test_acc:.2f}", loss=f"{train_loss:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
+    finally:
+        bar.close()
+
+    if record["status"] == "running":
+        record["status"] = "finished"
+    accuracies = [a for a in history["test_acc"] if a is not None]
+    record["final_test_acc"] = accuracies[-1] if record["status"] == "finished" else None
+    if accuracies:
+        best = int(np.argmax(accuracies))
+        record["best_test_acc"], record["best_epoch"] = accuracies[best], best + 1
+    else:
+        record["best_test_acc"], record["best_epoch"] = None, None
+    return record
