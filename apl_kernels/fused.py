@@ -42,6 +42,10 @@ def _fake(logits, target, bases, weights, gamma, q, official_grad, ignore_index,
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # The gradient output is a constant for autograd: no (N, K) tensor of zeros is made
+    # for its upstream gradient in backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.reduced = inputs[8] != REDUCTION_CODES["none"]
     ctx.computed_grad = inputs[9]

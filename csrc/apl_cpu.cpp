@@ -28,7 +28,7 @@ namespace apl {
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V exp(const V& x) { return x.exp(); }
+  static V exp(const V& x) { return x.exp_u20(); }
   static V expm1(const V& x) { return x.expm1(); }
   static V pow(const V& x, const V& e) { return x.pow(e); }
   static V sqrt(const V& x) { return x.sqrt(); }
@@ -152,7 +152,7 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
       for (int64_t i = 0; i < K; i += kLanes) {
         const int64_t count = std::min(kLanes, K - i);
         V shifted = load(z + i, count) - max_vec;
-        V x = shifted.exp();
+        V x = Math<V>::exp(shifted);
         if (count < kLanes) {
           x = V::blendv(zero, x, lanes_below<acc_t>(count));
           shifted = V::blendv(zero, shifted, lanes_below<acc_t>(count));
