@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from apl_kernels.train import atomic_write
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.json:
         json_path = args.json
@@ -149,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     table, derived = build_table(rows)
     RESULTS.mkdir(exist_ok=True)
     report = f"# Loss benchmarks: {device}\n\n{describe(machine, device)}\n\n![speed-up]({device}.png)\n{table}\n"
-    tmp = RESULTS / f".{device}.md.tmp"
-    tmp.write_text(report)
-    os.replace(tmp, RESULTS / f"{device}.md")
+    atomic_write(RESULTS / f"{device}.md", lambda f: f.write(report.encode()))
     plot(derived, RESULTS / f"{device}.png", device)
     print(report)
     print(f"wrote {RESULTS / f'{device}.md'} and {RESULTS / f'{device}.png'}")

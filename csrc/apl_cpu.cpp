@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -168,12 +167,12 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
       sums.sum_shifted = horizontal_sum(shifted_v.result());
       const acc_t inv_s = acc_t(1) / s;
       const V inv_s_v(inv_s), log_s_v(sums.log_s);
-      // Pass 3: the sums some losses need; the label's element is never off-label.
       if (!row_defined(sums)) {
         loss_out[r] = std::numeric_limits<acc_t>::quiet_NaN();
         if (grad_row) std::fill(grad_row, grad_row + K, scalar_t(std::numeric_limits<acc_t>::quiet_NaN()));
         continue;
       }
+      // Pass 3: the sums some losses need; the label's element is never off-label.
       if (needs) {
         ElementSums<V, acc_t> total, block;
         int blocked = 0;
@@ -192,10 +191,8 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
             block = ElementSums<V, acc_t>();
             blocked = 0;
           }
-          if (keep_terms) {
-            terms.powered_masked.store(powered_masked + i);
-            terms.focal_derivative.store(focal_derivative + i);
-          }
+          if (keep_terms && (needs & kNeedPowered)) terms.powered_masked.store(powered_masked + i);
+          if (keep_terms && (needs & kNeedFocal)) terms.focal_derivative.store(focal_derivative + i);
         }
         total.merge(block);
         sums.off_clamped = horizontal_sum(total.off_clamped);
@@ -219,7 +216,8 @@ void loss_rows_cpu(const RowsArgs& args, at::Tensor& row_loss, at::Tensor& grad)
       const V scale_v(scale);
       for (int64_t i = 0; i < K; i += kLanes) {
         const int64_t count = std::min(kLanes, K - i);
-        const ElementTerms<V> terms{zero, V::loadu(powered_masked + i), zero, V::loadu(focal_derivative + i)};
+        const ElementTerms<V> terms{zero, needs & kNeedPowered ? V::loadu(powered_masked + i) : zero, zero,
+                                    needs & kNeedFocal ? V::loadu(focal_derivative + i) : zero};
         const V value = element_grad<V, acc_t>(needs, V::loadu(e + i) * inv_s_v, terms, g) * scale_v;
         if (count == kLanes) {
           value.store(grad_acc + i);
