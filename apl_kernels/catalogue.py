@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 # The order is the kernels' enum order (csrc/apl_rowmath.h, apl_kernels/triton_backend.py).
 BASE_LOSSES = ("ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce")
@@ -53,12 +54,13 @@ class LossSpec:
     official_grad: bool = False
     params: tuple[tuple[str, object], ...] = ()  # every accepted parameter's value, for repr
 
-    @property
+    # Cached: the fused backends pass both to their op on every call.
+    @cached_property
     def base_indices(self) -> tuple[int, ...]:
         """The terms' base losses as the kernels' enum values."""
         return tuple(BASE_INDEX[base] for base, _ in self.terms)
 
-    @property
+    @cached_property
     def weights(self) -> tuple[float, ...]:
         return tuple(float(weight) for _, weight in self.terms)
 

@@ -42,11 +42,20 @@ def source_dir() -> Path:
     return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
 
 
+# at::vec widths by the capability torch itself uses on this CPU (which ATEN_CPU_CAPABILITY
+# can lower), with the flags torch compiles its own kernels of that width with.
+_X86_VECTOR_FLAGS = {
+    "AVX512": ("avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                          "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]),
+    "AVX2": ("avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
+}
+
+
 def _vector_flags() -> tuple[str, list[str]]:
     """The at::vec width to compile for this CPU, as a cache tag and compiler flags."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512"):
-        return "avx2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if platform.machine() in ("x86_64", "AMD64") and capability in _X86_VECTOR_FLAGS:
+        return _X86_VECTOR_FLAGS[capability]
     return "generic", []
 
 

@@ -405,8 +405,7 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _check(logits: Tensor, target: Tensor, bases: list[int], weights: list[float], gamma: float,
-           q: float, reduction: int) -> None:
+def _check_tensors(logits: Tensor, target: Tensor) -> None:
     """Metadata checks for direct calls of the op (no data is read: no host synchronization)."""
     if logits.dim() != 2:
         raise ValueError(f"apl::triton_loss: logits must have shape (R, K), got {tuple(logits.shape)}")
@@ -426,36 +425,59 @@ def _check(logits: Tensor, target: Tensor, bases: list[int], weights: list[float
             f"apl::triton_loss runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
             f"apl_kernels.triton_backend is imported); got a {logits.device.type} tensor"
         )
-    if not 1 <= len(bases) <= 2 or len(weights) != len(bases):
-        raise ValueError(f"apl::triton_loss: expected 1 or 2 bases with one weight each, got {bases} and {weights}")
+
+
+def decode_call(bases: list[int], coefficients: list[float], options: list[int]) -> dict:
+    """The op's three lists (apl_kernels.fused) as named values, checked."""
+    if not 1 <= len(bases) <= 2 or len(coefficients) != len(bases) + 2:
+        raise ValueError(
+            f"apl::triton_loss: expected 1 or 2 bases, and coefficients holding one weight per base, then gamma "
+            f"and q; got {bases} and {coefficients}"
+        )
     if any(not 0 <= b < len(BASE_LOSSES) for b in bases):
         raise ValueError(f"apl::triton_loss: base indices must be in [0, {len(BASE_LOSSES)}), got {bases}")
-    if reduction not in (0, 1, 2):
-        raise ValueError(f"apl::triton_loss: reduction code must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
-    if not gamma >= 0 or not q > 0:
-        raise ValueError(f"apl::triton_loss: need gamma >= 0 and q > 0, got gamma={gamma}, q={q}")
+    if len(options) != 4:
+        raise ValueError(
+            f"apl::triton_loss: options must be [ignore_index, reduction, official_grad, compute_grad], got {options}"
+        )
+    call = dict(
+        bases=list(bases), weights=list(coefficients[: len(bases)]), gamma=coefficients[-2], q=coefficients[-1],
+        ignore_index=options[fused.IGNORE_INDEX], reduction=options[fused.REDUCTION],
+        official_grad=bool(options[fused.OFFICIAL_GRAD]), compute_grad=bool(options[fused.COMPUTE_GRAD]),
+    )
+    if call["reduction"] not in (0, 1, 2):
+        raise ValueError(
+            f"apl::triton_loss: reduction code must be 0 (none), 1 (mean) or 2 (sum), got {call['reduction']}"
+        )
+    if not all(math.isfinite(w) for w in call["weights"]):
+        raise ValueError(f"apl::triton_loss: weights must be finite, got {call['weights']}")
+    if not (math.isfinite(call["gamma"]) and call["gamma"] >= 0 and math.isfinite(call["q"]) and call["q"] > 0):
+        raise ValueError(
+            f"apl::triton_loss: need finite gamma >= 0 and q > 0, got gamma={call['gamma']}, q={call['q']}"
+        )
+    if any(options[i] not in (0, 1) for i in (fused.OFFICIAL_GRAD, fused.COMPUTE_GRAD)):
+        raise ValueError(f"apl::triton_loss: official_grad and compute_grad must be 0 or 1, got {options}")
+    return call
 
 
-def launch_arguments(
-    logits: Tensor, target: Tensor, bases: list[int], weights: list[float], gamma: float, q: float,
-    official_grad: bool, ignore_index: int, reduction: int, compute_grad: bool,
-    row_loss: Tensor, grad: Tensor, count: Tensor | None,
-) -> tuple[tuple, dict]:
-    """The kernel's positional arguments and its constexprs (with num_warps) for one call."""
+def launch_arguments(logits: Tensor, target: Tensor, call: dict, row_loss: Tensor, grad: Tensor,
+                     count: Tensor | None) -> tuple[tuple, dict]:
+    """The kernel's positional arguments and its constexprs (with num_warps) for one decoded call."""
     num_classes = int(logits.shape[1])  # the kernel specializes on K (a guard when traced)
+    bases, weights = call["bases"], call["weights"]
     needs = 0
     for b in bases:
         needs |= BASE_NEEDS.get(b, 0)
     block, num_warps = launch_config(num_classes)
     args = (
         logits, target, target if count is None else count, row_loss, grad,
-        num_classes, logits.stride(0), logits.stride(1), target.stride(0), ignore_index,
-        _float_bits(weights[0]), _float_bits(weights[-1]), _float_bits(gamma), _float_bits(q),
+        num_classes, logits.stride(0), logits.stride(1), target.stride(0), call["ignore_index"],
+        _float_bits(weights[0]), _float_bits(weights[-1]), _float_bits(call["gamma"]), _float_bits(call["q"]),
     )
     meta = dict(
         BASE0=bases[0], BASE1=bases[1] if len(bases) == 2 else NO_BASE, NEEDS=needs,
-        OFFICIAL=bool(official_grad) and any(BASE_LOSSES[b] in FOCAL for b in bases),
-        MEAN=reduction == fused.REDUCTION_CODES["mean"], COMPUTE_GRAD=bool(compute_grad),
+        OFFICIAL=call["official_grad"] and any(BASE_LOSSES[b] in FOCAL for b in bases),
+        MEAN=call["reduction"] == fused.REDUCTION_CODES["mean"], COMPUTE_GRAD=call["compute_grad"],
         F64=logits.dtype == torch.float64, BLOCK=block, ONE_CHUNK=num_classes <= block, num_warps=num_warps,
     )
     return args, meta
@@ -463,26 +485,26 @@ def launch_arguments(
 
 @torch.library.triton_op("apl::triton_loss", mutates_args=())
 def triton_loss(
-    logits: Tensor, target: Tensor, bases: list[int], weights: list[float], gamma: float, q: float,
-    official_grad: bool, ignore_index: int, reduction: int, compute_grad: bool,
+    logits: Tensor, target: Tensor, bases: list[int], coefficients: list[float], options: list[int],
 ) -> tuple[Tensor, Tensor]:
     """The fused op of ``apl_kernels.fused`` (its contract there) computed by Triton kernels.
 
     Strided logits are read in place (row and class strides go to the kernel); the loss
     is float32 (float64 for float64 logits) and the gradient has the logits' dtype.
     """
-    _check(logits, target, bases, weights, gamma, q, reduction)
+    _check_tensors(logits, target)
+    call = decode_call(bases, coefficients, options)
     rows, num_classes = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(rows, dtype=acc, device=logits.device)
-    grad = torch.empty((rows, num_classes) if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    mean = reduction == fused.REDUCTION_CODES["mean"]
-    count = (target != ignore_index).sum() if mean else None  # stays on the device: no sync
-    args, meta = launch_arguments(logits, target, bases, weights, gamma, q, official_grad, ignore_index,
-                                  reduction, compute_grad, row_loss, grad, count)
+    grad = torch.empty((rows, num_classes) if call["compute_grad"] else (0,), dtype=logits.dtype,
+                       device=logits.device)
+    mean = call["reduction"] == fused.REDUCTION_CODES["mean"]
+    count = (target != call["ignore_index"]).sum() if mean else None  # stays on the device: no sync
+    args, meta = launch_arguments(logits, target, call, row_loss, grad, count)
     if rows > 0:
         torch.library.wrap_triton(_apl_loss_kernel)[(rows,)](*args, **meta)
-    if reduction == fused.REDUCTION_CODES["none"]:
+    if call["reduction"] == fused.REDUCTION_CODES["none"]:
         return row_loss, grad
     total = row_loss.sum()
     if mean:

@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/ne.h>
 #include <ATen/ops/clamp_min.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -130,7 +131,7 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
   const Partial<S> whole = row_statistics<kThreads>(part, shared);
   RowSums<S> sums;
   sums.max_z = whole.max;
-  sums.log_s = Math<S>::log(whole.sum_exp);
+  set_sum_exp(sums, whole.sum_exp);
   sums.sum_shifted = whole.shifted;
   // The same for every thread of the row: it leaves together.
   if (!row_defined(sums)) return fill_row(kNaN);
@@ -141,7 +142,7 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
     for (int64_t j = tid; j < K; j += kThreads) {
       const S lp = (static_cast<S>(z[j * col_stride]) - sums.max_z) - sums.log_s;
       const S p = Math<S>::exp(lp);
-      partial.add(needs, p, element_terms<S, S>(needs, p, lp, params), true, j != y);
+      partial.add(needs, p, element_terms<S, S>(needs, p, lp, sums, params), true, j != y);
     }
     sums.off_clamped = row_sum<kThreads>(partial.off_clamped, shared);
     sums.off_masked = row_sum<kThreads>(partial.off_masked, shared);
@@ -155,20 +156,21 @@ __global__ void fused_loss_kernel(const scalar_t* __restrict__ logits, int64_t r
   if (tid == 0) row_loss[row] = g.value;
   if (!grad_row) return;
   // Pass 3: the gradient, divided by the number of counted rows for a mean.
-  const S scale = mean_count ? S(1) / static_cast<S>(*mean_count > 0 ? *mean_count : 1) : S(1);
+  const RowGrad<S> scaled_g =
+      scaled(g, mean_count ? S(1) / static_cast<S>(*mean_count > 0 ? *mean_count : 1) : S(1));
   for (int64_t j = tid; j < K; j += kThreads) {
     const S lp = (static_cast<S>(z[j * col_stride]) - sums.max_z) - sums.log_s;
     const S p = Math<S>::exp(lp);
     const int element_needs = j == y ? needs & ~kNeedOffLabel : needs;
-    S value = element_grad<S, S>(element_needs, p, element_terms<S, S>(element_needs, p, lp, params), g);
-    if (j == y) value += g.at_label;
-    grad_row[j] = static_cast<scalar_t>(value * scale);
+    S value = element_grad<S, S>(element_needs, p, element_terms<S, S>(element_needs, p, lp, sums, params), scaled_g);
+    if (j == y) value += scaled_g.at_label;
+    grad_row[j] = static_cast<scalar_t>(value);
   }
 }
 
 template <typename scalar_t, int kThreads>
-void launch(const at::Tensor& logits, const at::Tensor& target, const LossParams& params, int64_t ignore_index,
-            const int64_t* mean_count, at::Tensor& row_loss, at::Tensor& grad) {
+void launch(const at::Tensor& logits, const at::Tensor& target, const OpCall& call, const int64_t* mean_count,
+            at::Tensor& row_loss, at::Tensor& grad) {
   const int64_t rows = logits.size(0);
   if (rows == 0) return;
   const int rows_per_block = kThreads >= kBlockThreads ? 1 : kBlockThreads / kThreads;
@@ -178,31 +180,33 @@ void launch(const at::Tensor& logits, const at::Tensor& target, const LossParams
   const dim3 blocks(static_cast<unsigned>(num_blocks));
   fused_loss_kernel<scalar_t, kThreads><<<blocks, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
       logits.const_data_ptr<scalar_t>(), rows, logits.size(1), logits.stride(0), logits.stride(1),
-      target.const_data_ptr<int64_t>(), params, ignore_index, mean_count,
+      target.const_data_ptr<int64_t>(), call.params, call.ignore_index, mean_count,
       row_loss.mutable_data_ptr<at::opmath_type<scalar_t>>(), grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& logits, const at::Tensor& target_in,
-                                                   at::IntArrayRef bases, at::ArrayRef<double> weights, double gamma,
-                                                   double q, bool official_grad, int64_t ignore_index,
-                                                   int64_t reduction, bool compute_grad) {
-  check_inputs(logits, target_in, reduction);
-  const LossParams params = make_params(bases, weights, gamma, q, official_grad);
+                                                   at::IntArrayRef bases, at::ArrayRef<double> coefficients,
+                                                   at::IntArrayRef options) {
+  const OpCall call = decode_call(logits, target_in, bases, coefficients, options);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target = target_in.contiguous();
-  auto [row_loss, grad] = empty_outputs(logits, compute_grad);
+  at::Tensor row_loss = at::empty({logits.size(0)}, logits.options().dtype(accumulation_type(logits)));
+  at::Tensor grad = empty_grad(logits, call.compute_grad);
   // The mean's divisor stays on the device: no synchronization.
-  const at::Tensor count = at::ne(target, ignore_index).sum();
-  const int64_t* mean_count = reduction == kMean ? count.const_data_ptr<int64_t>() : nullptr;
+  const at::Tensor count = at::ne(target, call.ignore_index).sum();
+  const int64_t* mean_count = call.reduction == kMean ? count.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cuda", [&] {
     if (logits.size(1) <= kWarpRowMaxClasses) {
-      launch<scalar_t, kWarp>(logits, target, params, ignore_index, mean_count, row_loss, grad);
+      launch<scalar_t, kWarp>(logits, target, call, mean_count, row_loss, grad);
     } else {
-      launch<scalar_t, kRowBlockThreads>(logits, target, params, ignore_index, mean_count, row_loss, grad);
+      launch<scalar_t, kRowBlockThreads>(logits, target, call, mean_count, row_loss, grad);
     }
   });
-  return reduce_rows(row_loss, grad, reduction, count.clamp_min(1));
+  if (call.reduction == kNone) return {row_loss, grad};
+  at::Tensor total = row_loss.sum();
+  if (call.reduction == kMean) total.div_(count.clamp_min(1));  // an all-ignored batch: 0 / 1
+  return {total, grad};
 }
 
 }  // namespace

@@ -1,13 +1,14 @@
 // Host-side pieces of the fused op that the CPU and CUDA implementations share:
-// argument checks, the loss parameters, and the outputs. The op's contract is
-// written out in apl_kernels/fused.py.
+// the schema's arguments decoded and checked, and the outputs. The op's contract
+// is written out in apl_kernels/fused.py.
 
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <c10/util/ArrayRef.h>
+
+#include <cmath>
 
 #include "apl_rowmath.h"
 
@@ -15,28 +16,21 @@ namespace apl {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-inline LossParams make_params(at::IntArrayRef bases, at::ArrayRef<double> weights, double gamma, double q,
-                              bool official_grad) {
-  TORCH_CHECK(!bases.empty() && bases.size() <= kMaxTerms && bases.size() == weights.size(),
-              "apl: a loss has 1 or 2 terms with one weight each; got ", bases.size(), " bases and ",
-              weights.size(), " weights");
-  TORCH_CHECK(q > 0, "apl: q must be > 0, got ", q);
-  TORCH_CHECK(gamma >= 0, "apl: gamma must be >= 0, got ", gamma);
-  LossParams params{};
-  params.num_terms = static_cast<int>(bases.size());
-  for (size_t t = 0; t < bases.size(); ++t) {
-    TORCH_CHECK(bases[t] >= 0 && bases[t] < kNumBases, "apl: unknown base loss index ", bases[t]);
-    params.base[t] = static_cast<int>(bases[t]);
-    params.weight[t] = weights[t];
-  }
-  params.gamma = gamma;
-  params.q = q;
-  params.clamp_min_powered = std::pow(kClampMin, q);
-  params.official_grad = official_grad;
-  return params;
-}
+// What a call computes, decoded from the schema's lists:
+//   bases         the terms' base losses (1 or 2)
+//   coefficients  one weight per term, then gamma, then q
+//   options       ignore_index, reduction code, official_grad (0/1), compute_grad (0/1)
+// (three lists rather than ten arguments: torch.library's autograd wrapper costs
+// microseconds per argument on every call, which is most of a small batch's time).
+struct OpCall {
+  LossParams params;
+  int64_t ignore_index;
+  int64_t reduction;
+  bool compute_grad;
+};
 
-inline void check_inputs(const at::Tensor& logits, const at::Tensor& target, int64_t reduction) {
+inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, at::IntArrayRef bases,
+                          at::ArrayRef<double> coefficients, at::IntArrayRef options) {
   TORCH_CHECK(logits.dim() == 2, "apl: logits must be 2-D (rows, classes); got ", logits.dim(), " dims");
   TORCH_CHECK(logits.size(1) >= 2, "apl: the number of classes must be >= 2; got ", logits.size(1));
   const auto dtype = logits.scalar_type();
@@ -48,30 +42,49 @@ inline void check_inputs(const at::Tensor& logits, const at::Tensor& target, int
   TORCH_CHECK(target.scalar_type() == at::kLong, "apl: target must be int64; got ", target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), "apl: logits are on ", logits.device(), " but target is on ",
               target.device());
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, "apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got ",
-              reduction);
+  TORCH_CHECK(!bases.empty() && bases.size() <= kMaxTerms && coefficients.size() == bases.size() + 2,
+              "apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma and q; got ",
+              bases.size(), " bases and ", coefficients.size(), " coefficients");
+  TORCH_CHECK(options.size() == 4,
+              "apl: options must be [ignore_index, reduction, official_grad, compute_grad]; got ", options.size(),
+              " values");
+  OpCall call{};
+  LossParams& params = call.params;
+  params.num_terms = static_cast<int>(bases.size());
+  for (size_t t = 0; t < bases.size(); ++t) {
+    TORCH_CHECK(bases[t] >= 0 && bases[t] < kNumBases, "apl: unknown base loss index ", bases[t]);
+    TORCH_CHECK(std::isfinite(coefficients[t]), "apl: weights must be finite, got ", coefficients[t]);
+    params.base[t] = static_cast<int>(bases[t]);
+    params.weight[t] = coefficients[t];
+  }
+  params.gamma = coefficients[bases.size()];
+  params.q = coefficients[bases.size() + 1];
+  // q is used in the accumulation type: a double that rounds to 0 in float would divide by 0.
+  const double q_used = dtype == at::kDouble ? params.q : static_cast<double>(static_cast<float>(params.q));
+  TORCH_CHECK(std::isfinite(params.q) && q_used > 0, "apl: q must be finite and > 0 (in float32 for ", dtype,
+              " logits), got ", params.q);
+  TORCH_CHECK(std::isfinite(params.gamma) && params.gamma >= 0, "apl: gamma must be finite and >= 0, got ",
+              params.gamma);
+  params.clamp_min_powered = std::pow(kClampMin, params.q);
+  call.ignore_index = options[0];
+  call.reduction = options[1];
+  TORCH_CHECK(call.reduction >= kNone && call.reduction <= kSum,
+              "apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got ", call.reduction);
+  TORCH_CHECK((options[2] == 0 || options[2] == 1) && (options[3] == 0 || options[3] == 1),
+              "apl: official_grad and compute_grad (options[2], options[3]) must be 0 or 1; got ", options[2], " and ",
+              options[3]);
+  params.official_grad = options[2] == 1;
+  call.compute_grad = options[3] == 1;
+  return call;
 }
 
 inline at::ScalarType accumulation_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Per-row losses (accumulation dtype) and the gradient (logits' dtype, or empty).
-inline std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& logits, bool compute_grad) {
-  auto row_loss = at::empty({logits.size(0)}, logits.options().dtype(accumulation_type(logits)));
-  auto grad = compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
-  return {row_loss, grad};
-}
-
-// The op's outputs: per-row losses, or their sum, or their sum over `divisor` (a
-// number, or a tensor that stays on the device).
-template <typename Divisor>
-inline std::tuple<at::Tensor, at::Tensor> reduce_rows(at::Tensor row_loss, at::Tensor grad, int64_t reduction,
-                                                      const Divisor& divisor) {
-  if (reduction == kNone) return {row_loss, grad};
-  at::Tensor total = row_loss.sum();
-  if (reduction == kMean) total.div_(divisor);
-  return {total, grad};
+// The gradient output: (rows, K) in the logits' dtype, or empty without compute_grad.
+inline at::Tensor empty_grad(const at::Tensor& logits, bool compute_grad) {
+  return compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
 }
 
 }  // namespace apl

@@ -40,7 +40,8 @@
 // Limits the code takes care of: u^(g-1) is infinite at u = 0 (p == 1 in floating
 // point) but multiplies lp ~ -u, so the term is 0 there; p lp is 0 where p = 0
 // (a masked class, lp = -inf). 1 - p is computed as -expm1(lp) where p > 1/2 (no cancellation
-// near p = 1), its derivative -p from p. With a masked class, S and F are infinite
+// near p = 1; only the row's max can be there, so that is one expm1 per row), its
+// derivative -p from p. With a masked class, S and F are infinite
 // and nce/nfl give value 0 and gradient 0, as their limits.
 //
 // Row sums. The first pass(es) give m, s and sum (z - m) (nce's S = sum (z - m)
@@ -104,15 +105,37 @@ template <typename T>
 struct Math {
   static APL_HD T exp(T x) { return std::exp(x); }
   static APL_HD T expm1(T x) { return std::expm1(x); }
-  static APL_HD T pow(T x, T e) { return std::pow(x, e); }
   static APL_HD T sqrt(T x) { return std::sqrt(x); }
   static APL_HD T log(T x) { return std::log(x); }
-  static APL_HD bool any(bool c) { return c; }
   static APL_HD T where(bool c, T a, T b) { return c ? a : b; }
   static APL_HD bool ge(T a, T b) { return a >= b; }
   static APL_HD bool gt(T a, T b) { return a > b; }
   static APL_HD bool both(bool a, bool b) { return a && b; }
 };
+
+// The sums of a row (its statistics, then the sums some losses need).
+template <typename S>
+struct RowSums {
+  S max_z = 0;             // m
+  S log_s = 0;             // log s, s = sum_j exp(z[j] - m)
+  S one_minus_p_max = 0;   // 1 - p at the row's max (see set_sum_exp)
+  S sum_shifted = 0;       // sum_j (z[j] - m)
+  S off_clamped = 0;       // sum_{j != y} p̂[j]          (kNeedOffLabel)
+  S off_masked = 0;        // sum_{j != y} p[j] mask[j]
+  S powered = 0;           // T = sum_j P[j]              (kNeedPowered)
+  S powered_masked = 0;    // sum_j P[j] mask[j]
+  S focal = 0;             // F = sum_j f[j]              (kNeedFocal)
+  S focal_derivative = 0;  // D = sum_j d[j]
+};
+
+// Sets log s and, once per row, 1 - p at the row's max: the only element whose p can
+// exceed 1/2 (any other has exp(z - m) <= 1 <= s - exp(z - m)), where z - m = 0 and
+// so lp = -log s, and 1 - p = -expm1(-log s) without cancellation.
+template <typename S>
+APL_HD void set_sum_exp(RowSums<S>& sums, S s) {
+  sums.log_s = Math<S>::log(s);
+  sums.one_minus_p_max = -Math<S>::expm1(-sums.log_s);
+}
 
 // ----------------------------------------------------------------- elements
 // V is float, double, or (CPU) a vector of them; S its scalar type.
@@ -139,15 +162,12 @@ APL_HD V powered_p(V p, V lp, const LossParams& params) {
   return M::where(M::ge(p, V(S(kClampMin))), M::exp(V(S(params.q)) * lp), V(S(params.clamp_min_powered)));
 }
 
-// u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there: at most one
-// element of a row is above), else as -expm1(lp).
+// u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there), else it is the
+// row's max and u is its precomputed -expm1(lp) (set_sum_exp).
 template <typename V, typename S>
-APL_HD V one_minus_p(V p, V lp) {
+APL_HD V one_minus_p(V p, S one_minus_p_max) {
   using M = Math<V>;
-  const V above_half = M::gt(p, V(S(0.5)));
-  const V simple = V(S(1)) - p;
-  if (!M::any(above_half)) return simple;
-  return M::where(above_half, V(S(0)) - M::expm1(lp), simple);
+  return M::where(M::gt(p, V(S(0.5))), V(one_minus_p_max), V(S(1)) - p);
 }
 
 // u^gamma for u in [0, 1]: exact forms for the common gammas, else exp(gamma log u)
@@ -173,10 +193,10 @@ struct Focal {
 };
 
 template <typename V, typename S>
-APL_HD Focal<V> focal_term(V p, V lp, S gamma, bool official_grad) {
+APL_HD Focal<V> focal_term(V p, V lp, S one_minus_p_max, S gamma, bool official_grad) {
   using M = Math<V>;
   const V zero(S(0));
-  const V u = one_minus_p<V, S>(p, lp);
+  const V u = one_minus_p<V, S>(p, one_minus_p_max);
   const V u_gamma = power<V, S>(u, gamma);
   Focal<V> f{zero - u_gamma * lp, zero - u_gamma};
   if (!official_grad) {
@@ -197,7 +217,7 @@ struct ElementTerms {
 };
 
 template <typename V, typename S>
-APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const LossParams& params) {
+APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const RowSums<S>& sums, const LossParams& params) {
   const V zero(S(0));
   ElementTerms<V> terms{zero, zero, zero, zero};
   if (needs & kNeedPowered) {
@@ -205,7 +225,7 @@ APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const LossParams& par
     terms.powered_masked = Math<V>::where(Math<V>::ge(p, V(S(kClampMin))), terms.powered, zero);
   }
   if (needs & kNeedFocal) {
-    const Focal<V> f = focal_term<V, S>(p, lp, S(params.gamma), params.official_grad);
+    const Focal<V> f = focal_term<V, S>(p, lp, sums.one_minus_p_max, S(params.gamma), params.official_grad);
     terms.focal_value = f.value;
     terms.focal_derivative = f.derivative;
   }
@@ -214,18 +234,6 @@ APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const LossParams& par
 
 // ----------------------------------------------------------------- rows
 
-template <typename S>
-struct RowSums {
-  S max_z = 0;             // m
-  S log_s = 0;             // log sum_j exp(z[j] - m)
-  S sum_shifted = 0;       // sum_j (z[j] - m)
-  S off_clamped = 0;       // sum_{j != y} p̂[j]          (kNeedOffLabel)
-  S off_masked = 0;        // sum_{j != y} p[j] mask[j]
-  S powered = 0;           // T = sum_j P[j]              (kNeedPowered)
-  S powered_masked = 0;    // sum_j P[j] mask[j]
-  S focal = 0;             // F = sum_j f[j]              (kNeedFocal)
-  S focal_derivative = 0;  // D = sum_j d[j]
-};
 
 // A row's softmax is undefined when a logit is NaN or +inf or every logit is
 // -inf: its loss and gradient are then NaN (as log_softmax's), never a finite
@@ -248,12 +256,25 @@ struct RowGrad {
   S total_h = 0;
 };
 
+// The gradient coefficients times `scale` (a mean's 1 / counted rows), so that the
+// gradient pass writes the gradient of the reduced loss; the value is unchanged.
+template <typename S>
+APL_HD RowGrad<S> scaled(RowGrad<S> g, S scale) {
+  g.at_label *= scale;
+  g.constant *= scale;
+  g.clamped_p *= scale;
+  g.powered *= scale;
+  g.focal *= scale;
+  g.total_h *= scale;
+  return g;
+}
+
 // Value and gradient coefficients of a row, from its sums and its label's logit
 // and probability (as the element passes compute it).
 template <typename S>
 APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z_label, S p_y, int64_t K) {
   const S lp_y = (z_label - sums.max_z) - sums.log_s;
-  const S one_minus_p_y = one_minus_p<S, S>(p_y, lp_y);
+  const S one_minus_p_y = one_minus_p<S, S>(p_y, sums.one_minus_p_max);
   const S mask_y = p_y >= S(kClampMin) ? S(1) : S(0);
   const S gamma = S(params.gamma), q = S(params.q);
   const S k_minus_1 = S(K - 1);
@@ -267,7 +288,7 @@ APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z
         g.total_h += -w;
         break;
       case kFL: {
-        const Focal<S> f = focal_term<S, S>(p_y, lp_y, gamma, params.official_grad);
+        const Focal<S> f = focal_term<S, S>(p_y, lp_y, sums.one_minus_p_max, gamma, params.official_grad);
         g.value += w * f.value;
         g.at_label += w * f.derivative;
         g.total_h += w * f.derivative;
@@ -307,7 +328,7 @@ APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z
         break;
       }
       case kNFL: {
-        const Focal<S> f = focal_term<S, S>(p_y, lp_y, gamma, params.official_grad);
+        const Focal<S> f = focal_term<S, S>(p_y, lp_y, sums.one_minus_p_max, gamma, params.official_grad);
         const S inv = S(1) / sums.focal;
         const S through_sum = -f.value * inv * inv;  // coefficient of d[j]
         g.value += w * f.value * inv;

@@ -15,7 +15,10 @@ BASE_SEED = int(os.environ.get("APL_TEST_SEED", random.SystemRandom().randrange(
 
 
 def pytest_report_header(config):
-    return f"apl-kernels test seed: APL_TEST_SEED={BASE_SEED}"
+    return [
+        f"apl-kernels test seed: APL_TEST_SEED={BASE_SEED}",
+        f"torch CPU capability (the C++ kernels' vector width): {torch.backends.cpu.get_cpu_capability()}",
+    ]
 
 
 @pytest.fixture

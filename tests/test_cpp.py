@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import apl_kernels as ak
-from apl_kernels import cpp_backend
+from apl_kernels import cpp_backend, fused
 from formulas import loss_and_grad
 from cases import (
     LOSS_CASES,
@@ -230,40 +235,52 @@ def test_out_of_range_target_raises_before_reading(seed):
             F.nce_rce(z, y, backend="cpp")
         # The op checks them itself: the same error for direct callers.
         with pytest.raises(ValueError, match=rf"target {bad} at flat position 1 is outside \[0, 10\)"):
-            torch.ops.apl.fused_loss(z, y, [5, 4], [1.0, 1.0], 0.5, 0.7, False, -100, 1, True)
+            torch.ops.apl.fused_loss(z, y, [5, 4], [1.0, 1.0, 0.5, 0.7], [-100, 1, 0, 1])
 
 
 def test_op_rejects_bad_arguments():
     z, y = torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     op = torch.ops.apl.fused_loss
-    with pytest.raises(RuntimeError, match="2-D"):
-        op(z[0], y, [0], [1.0], 0.5, 0.7, False, -100, 1, True)
-    with pytest.raises(RuntimeError, match="int64"):
-        op(z, y.int(), [0], [1.0], 0.5, 0.7, False, -100, 1, True)
-    with pytest.raises(RuntimeError, match="unknown base loss index 42"):
-        op(z, y, [42], [1.0], 0.5, 0.7, False, -100, 1, True)
-    with pytest.raises(RuntimeError, match="1 or 2 terms"):
-        op(z, y, [0, 1, 2], [1.0, 1.0, 1.0], 0.5, 0.7, False, -100, 1, True)
-    with pytest.raises(RuntimeError, match="q must be > 0"):
-        op(z, y, [2], [1.0], 0.5, 0.0, False, -100, 1, True)
-    with pytest.raises(RuntimeError, match="reduction code"):
-        op(z, y, [0], [1.0], 0.5, 0.7, False, -100, 7, True)
-    with pytest.raises(RuntimeError, match="float16, bfloat16, float32 or float64"):
-        op(z.int(), y, [0], [1.0], 0.5, 0.7, False, -100, 1, True)
+    ce, coefficients, options = [0], [1.0, 0.5, 0.7], [-100, 1, 0, 1]  # weight, gamma, q; ignore, mean, flags
+    op(z, y, ce, coefficients, options)
+    cases = [
+        ((z[0], y, ce, coefficients, options), "2-D"),
+        ((z, y.int(), ce, coefficients, options), "int64"),
+        ((z.int(), y, ce, coefficients, options), "float16, bfloat16, float32 or float64"),
+        ((z, y, [42], coefficients, options), "unknown base loss index 42"),
+        ((z, y, [0, 1, 2], [1.0, 1.0, 1.0, 0.5, 0.7], options), "1 or 2 terms"),
+        ((z, y, ce, [1.0, 0.5], options), "one weight per term, then gamma and q"),
+        ((z, y, [2], [1.0, 0.5, 0.0], options), "q must be finite and > 0"),
+        ((z, y, [2], [1.0, 0.5, float("inf")], options), "q must be finite and > 0"),
+        ((z, y, [2], [1.0, 0.5, 1e-300], options), "in float32 for Float logits"),
+        ((z, y, ce, [1.0, -0.5, 0.7], options), "gamma must be finite and >= 0"),
+        ((z, y, ce, [1.0, float("nan"), 0.7], options), "gamma must be finite and >= 0"),
+        ((z, y, ce, [float("inf"), 0.5, 0.7], options), "weights must be finite"),
+        ((z, y, ce, coefficients, [-100, 7, 0, 1]), "reduction code"),
+        ((z, y, ce, coefficients, [-100, 1, 0]), "options must be"),
+        ((z, y, ce, coefficients, [-100, 1, 2, 1]), "must be 0 or 1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
 
 
 def sample_inputs():
     """Arguments for opcheck: dtypes, reductions, strides, both gradient modes and ignore_index."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for reduction in (0, 1, 2):
+        nfl_rce = ak.NFLRCE(1.0, 0.5, official_grad=dtype == torch.float32).spec
+        for reduction in ("none", "mean", "sum"):
             z = torch.randn(6, 11, generator=g).to(dtype)
             y = torch.randint(0, 11, (6,), generator=g)
             y[2] = -100
-            yield (z.requires_grad_(), y, [6, 4], [1.0, 0.5], 0.5, 0.7, dtype == torch.float32, -100, reduction, True)
+            yield (z.requires_grad_(), y, *fused.op_arguments(nfl_rce, reduction, -100, True))
     z = torch.randn(11, 12, generator=g).t()[:, :9]
-    yield (z.requires_grad_(), torch.randint(0, 9, (12,), generator=g), [7], [2.0], 0.5, 0.1, False, -100, 1, True)
-    yield (torch.randn(5, 4, generator=g), torch.randint(0, 4, (5,), generator=g), [5, 3], [1.0, 1.0], 0.5, 0.7, False, -100, 1, False)
+    ngce = ak.NGCE(2.0, q=0.1).spec
+    yield (z.requires_grad_(), torch.randint(0, 9, (12,), generator=g), *fused.op_arguments(ngce, "mean", -100, True))
+    nce_mae = ak.NCEMAE().spec
+    yield (torch.randn(5, 4, generator=g), torch.randint(0, 4, (5,), generator=g),
+           *fused.op_arguments(nce_mae, "mean", -100, False))
 
 
 @pytest.mark.parametrize("args", list(sample_inputs()))
@@ -293,3 +310,33 @@ def test_torch_compile_fullgraph_matches_eager(seed):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-7)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+def lower_vector_widths() -> list[str]:
+    """ATEN_CPU_CAPABILITY values below the one torch uses here (x86-64: AVX-512 > AVX2 > default)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    order = ["default", "avx2", "avx512"]
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    return order[: order.index(native)] if native in order else []
+
+
+@pytest.mark.parametrize("capability", lower_vector_widths())
+def test_parity_at_lower_vector_widths(capability, tmp_path, seed):
+    """The kernel is compiled for the vector width torch uses on the CPU at hand; users' CPUs
+    differ (and every width has its own partial vectors), so the narrower builds are compiled
+    and held to the reference too, in a subprocess that lowers torch's capability."""
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": capability,
+        "APL_TEST_SEED": str(seed),  # this test's seed: a failure reproduces with the parent's
+        # Inductor's cache does not key its generated C++ by vector width: keep it apart.
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    tests = "test_parity_with_reference or test_masked_and_extreme_logits or test_undefined_rows"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-p", "no:cacheprovider", "-k", tests],
+        env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"vector width): {capability.upper()}" in result.stdout, result.stdout[:2000]

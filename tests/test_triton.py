@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 import apl_kernels as ak
-from apl_kernels import triton_backend
-from apl_kernels.catalogue import BASE_INDEX, FOCAL, make_spec
+from apl_kernels import fused, triton_backend
+from apl_kernels.catalogue import FOCAL, make_spec
 from cases import LOSS_CASES, LOSS_IDS, random_logits, random_target
 from formulas import loss_and_grad
 
@@ -339,9 +339,10 @@ def test_op_reads_strided_logits_in_place():
     # The op itself takes the strides: a transposed input reaches the kernel as it is.
     z = torch.randn(16, 4, device=DEVICE).t()
     spec = make_spec("nce+rce")
-    op_args = ([BASE_INDEX[b] for b, _ in spec.terms], [w for _, w in spec.terms], 0.5, 0.7, False, -100, 0, True)
+    op_args = fused.op_arguments(spec, "none", -100, True)
     y = torch.randint(0, 16, (4,), device=DEVICE)
-    args, _ = triton_backend.launch_arguments(z, y, *op_args, torch.empty(4), torch.empty(4, 16), None)
+    call = triton_backend.decode_call(*op_args)
+    args, _ = triton_backend.launch_arguments(z, y, call, torch.empty(4), torch.empty(4, 16), None)
     assert args[0] is z and (args[6], args[7]) == (1, 4)
     loss, grad = torch.ops.apl.triton_loss(z, y, *op_args)
     want_loss, want_grad = torch.ops.apl.triton_loss(z.contiguous(), y, *op_args)
@@ -389,8 +390,7 @@ def test_forward_without_grad_matches():
     with_grad, _ = run(z, y, "nfl+rce", {}, "triton")
     torch.testing.assert_close(plain, with_grad, rtol=1e-6, atol=0)
     spec = make_spec("nfl+rce")
-    loss, grad = torch.ops.apl.triton_loss(z, y, [BASE_INDEX["nfl"], BASE_INDEX["rce"]], [1.0, 1.0],
-                                           spec.gamma, spec.q, False, -100, 0, False)
+    loss, grad = torch.ops.apl.triton_loss(z, y, *fused.op_arguments(spec, "none", -100, False))
     assert grad.numel() == 0
     torch.testing.assert_close(loss, plain, rtol=1e-6, atol=0)
 
@@ -452,12 +452,12 @@ def test_out_of_range_target_gives_nan_row(bad_label):
     # nothing outside the row is read.
     z = torch.randn(4, 6, device=DEVICE)
     y = torch.tensor([1, bad_label, 5, -100], device=DEVICE)
-    op_args = ([BASE_INDEX["nce"], BASE_INDEX["rce"]], [1.0, 1.0], 0.5, 0.7, False, -100)
-    values, grads = torch.ops.apl.triton_loss(z, y, *op_args, 0, True)
+    spec = make_spec("nce+rce")
+    values, grads = torch.ops.apl.triton_loss(z, y, *fused.op_arguments(spec, "none", -100, True))
     assert torch.isnan(values[1]) and torch.isnan(grads[1]).all()
     assert torch.isfinite(values[[0, 2]]).all() and torch.isfinite(grads[[0, 2, 3]]).all()
     assert values[3] == 0 and torch.all(grads[3] == 0)
-    mean, mean_grads = torch.ops.apl.triton_loss(z, y, *op_args, 1, True)
+    mean, mean_grads = torch.ops.apl.triton_loss(z, y, *fused.op_arguments(spec, "mean", -100, True))
     assert torch.isnan(mean) and torch.isnan(mean_grads[1]).all()
     if CUDA:
         assert torch.isnan(F.nce_rce(z, y, reduction="none", backend="triton")[1])
@@ -473,7 +473,7 @@ def test_op_rejects_bad_arguments():
     op = torch.ops.apl.triton_loss
     z = torch.randn(4, 5, device=DEVICE)
     y = torch.zeros(4, dtype=torch.long, device=DEVICE)
-    good = ([0], [1.0], 0.5, 0.7, False, -100, 1, True)
+    good = ([0], [1.0, 0.5, 0.7], [-100, 1, 0, 1])  # ce; weight, gamma, q; ignore_index, mean, flags
     op(z, y, *good)
     cases = [
         ((z[0], y), good, "shape \\(R, K\\)"),
@@ -481,10 +481,15 @@ def test_op_rejects_bad_arguments():
         ((z[:, :1], y), good, "classes must be >= 2"),
         ((z, y.int()), good, "int64"),
         ((z, y[:3]), good, "shape \\(4,\\)"),
-        ((z, y), ([0, 1, 2], [1.0, 1.0, 1.0]) + good[2:], "1 or 2 bases"),
-        ((z, y), ([10], [1.0]) + good[2:], "base indices"),
-        ((z, y), good[:6] + (3, True), "reduction code"),
-        ((z, y), good[:2] + (-1.0,) + good[3:], "gamma >= 0"),
+        ((z, y), ([0, 1, 2], [1.0, 1.0, 1.0, 0.5, 0.7], good[2]), "1 or 2 bases"),
+        ((z, y), ([0], [1.0, 0.5], good[2]), "one weight per base, then gamma"),
+        ((z, y), ([10], good[1], good[2]), "base indices"),
+        ((z, y), (good[0], good[1], [-100, 3, 0, 1]), "reduction code"),
+        ((z, y), (good[0], good[1], [-100, 1, 0]), "options must be"),
+        ((z, y), (good[0], [1.0, -1.0, 0.7], good[2]), "gamma >= 0"),
+        ((z, y), (good[0], [1.0, 0.5, float("inf")], good[2]), "gamma >= 0 and q > 0"),
+        ((z, y), (good[0], [float("nan"), 0.5, 0.7], good[2]), "weights must be finite"),
+        ((z, y), (good[0], good[1], [-100, 1, 0, 2]), "must be 0 or 1"),
     ]
     for tensors, args, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
@@ -533,8 +538,8 @@ COMPILE_SCRIPT = """
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from apl_kernels import triton_backend as tb
-from apl_kernels.catalogue import BASE_INDEX, make_spec
+from apl_kernels import fused, triton_backend as tb
+from apl_kernels.catalogue import make_spec
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
          torch.int64: "i64"}
 for name, params, dtype, k, reduction, compute_grad in json.loads(sys.argv[1]):
@@ -542,10 +547,9 @@ for name, params, dtype, k, reduction, compute_grad in json.loads(sys.argv[1]):
     logits = torch.empty(2, k, dtype=getattr(torch, dtype))
     target = torch.zeros(2, dtype=torch.long)
     acc = torch.float64 if dtype == "float64" else torch.float32
-    args, meta = tb.launch_arguments(
-        logits, target, [BASE_INDEX[b] for b, _ in spec.terms], [w for _, w in spec.terms], spec.gamma,
-        spec.q, spec.official_grad, -100, reduction, compute_grad, torch.empty(2, dtype=acc),
-        torch.empty_like(logits), torch.zeros((), dtype=torch.long))
+    call = tb.decode_call(*fused.op_arguments(spec, ("none", "mean", "sum")[reduction], -100, compute_grad))
+    args, meta = tb.launch_arguments(logits, target, call, torch.empty(2, dtype=acc), torch.empty_like(logits),
+                                     torch.zeros((), dtype=torch.long))
     num_warps = meta.pop("num_warps")
     names = tb._apl_loss_kernel.arg_names
     unspecialized = set(tb._apl_loss_kernel.do_not_specialize)
@@ -574,7 +578,7 @@ with FakeTensorMode():
     z = torch.empty(64, 1000, device="cuda", dtype=torch.bfloat16)
     y = torch.zeros(64, dtype=torch.long, device="cuda")
     for reduction, shape in ((0, (64,)), (1, ())):
-        loss, grad = torch.ops.apl.triton_loss(z, y, [6, 4], [1.0, 1.0], 0.5, 0.7, True, -100, reduction, True)
+        loss, grad = torch.ops.apl.triton_loss(z, y, [6, 4], [1.0, 1.0, 0.5, 0.7], [-100, reduction, 1, 1])
         assert loss.shape == shape and loss.dtype == torch.float32, (loss.shape, loss.dtype)
         assert grad.shape == z.shape and grad.dtype == z.dtype and grad.device.type == "cuda"
 print("fake ok")
