@@ -234,7 +234,6 @@ APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const RowSums<S>& sum
 
 // ----------------------------------------------------------------- rows
 
-
 // A row's softmax is undefined when a logit is NaN or +inf or every logit is
 // -inf: its loss and gradient are then NaN (as log_softmax's), never a finite
 // number that a clamp made of NaN probabilities.
