@@ -1,7 +1,7 @@
 """Compile the C++/CUDA extension ahead of time: ``python -m apl_kernels.build``.
 
 The libraries are built against the torch this Python imports and cached (see
-apl_kernels.cpp_backend); later imports load them without compiling. Useful
+apl_kernels.backends.cpp); later imports load them without compiling. Useful
 before a SLURM array starts, in a container image, or to see compiler errors.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from .backends import BackendUnavailable
-from .cpp_backend import cuda_unavailable_reason, ensure_loaded
+from .backends.cpp import cuda_unavailable_reason, ensure_loaded
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from apl_kernels import data as datasets
-from apl_kernels.models import CNN8
 from apl_kernels.nn import get_loss
-from apl_kernels.train import SETTINGS
+from apl_kernels.reproduce import datasets
+from apl_kernels.reproduce.models import CNN8
+from apl_kernels.reproduce.settings import SETTINGS
 
 IMAGES = 10_240
 BATCH = 128

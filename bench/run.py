@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from apl_kernels.train import atomic_write
+    from apl_kernels.files import atomic_write
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.json:

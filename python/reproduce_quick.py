@@ -4,16 +4,16 @@ symmetric label noise, a few epochs on CPU (seconds). The whole grid is
 
 import torch
 
-from apl_kernels import data, reproduce, train
+from apl_kernels.reproduce import datasets, settings, train
 
 
 def main() -> None:
     torch.set_num_threads(1)  # the small digits network runs best on one thread (see the quick preset)
-    digits = data.load("digits", device="cpu")  # bundled with scikit-learn: no download
+    digits = datasets.load("digits", device="cpu")  # bundled with scikit-learn: no download
     loss = "nce+rce"
     config = train.RunConfig(
         dataset="digits", loss=loss, noise="sym", rate=0.4, seed=1, epochs=5,
-        loss_params=reproduce.loss_params(loss, "sym", digits.num_classes),  # the paper's: alpha = beta = 1
+        loss_params=settings.loss_params(loss, "sym", digits.num_classes),  # the paper's: alpha = beta = 1
     )
     # backend="torch": the PyTorch reference loss, so this example never waits for the C++ backend to
     # compile; backend="auto" (the default) picks the fastest one available.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import apl_kernels as ak
-from apl_kernels import cpp_backend, fused
+from apl_kernels.backends import cpp as cpp_backend, fused
 from formulas import loss_and_grad
 from cases import (
     LOSS_CASES,

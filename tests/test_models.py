@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from apl_kernels import models
+from apl_kernels.reproduce import models
 
 
 def conv_bn(cin: int, cout: int) -> int:

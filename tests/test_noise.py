@@ -1,9 +1,9 @@
-"""Label noise: realized rates and per-class counts exactly as ../shared/spec/reproduction.md says."""
+"""Label noise: realized rates and per-class counts exactly as docs/reproduction.md says."""
 
 import numpy as np
 import pytest
 
-from apl_kernels import noise
+from apl_kernels.reproduce import noise
 
 
 def balanced_labels(num_classes: int, per_class: int, rng: np.random.Generator) -> np.ndarray:

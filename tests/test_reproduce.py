@@ -20,8 +20,7 @@ import pytest
 import torch
 
 import apl_kernels
-from apl_kernels import data as datasets
-from apl_kernels import reproduce, train
+from apl_kernels.reproduce import cli, cost, datasets, grid, report, settings, train
 from apl_kernels.catalogue import make_spec
 
 TRAIN_PER_BATCH, TEST_IMAGES = 16, 20  # 5 x 16 training images
@@ -86,7 +85,7 @@ def one_torch_thread():
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:
-    code = reproduce.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -205,17 +204,17 @@ def test_paper_preset_has_every_paper_row_of_the_catalogue():
     issue_rows = ["ce", "fl", "gce", "sce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce", "nce+rce",
                   "nce+mae", "nfl+rce", "nfl+mae", "ngce+rce", "ngce+mae", "gce+rce", "gce+mae",
                   "gce+nce", "mae+rce", "nfl+nce", "ngce+nce"]
-    preset = reproduce.PRESETS["paper"]
+    preset = settings.PRESETS["paper"]
     assert list(preset.losses) == issue_rows
-    assert reproduce.parse_noise(preset.noise) == [("sym", r) for r in (0.0, 0.2, 0.4, 0.6, 0.8)] + [
+    assert cli.parse_noise(preset.noise) == [("sym", r) for r in (0.0, 0.2, 0.4, 0.6, 0.8)] + [
         ("asym", r) for r in (0.1, 0.2, 0.3, 0.4)]
-    assert len(reproduce.parse_seeds(preset.seeds)) == 3
-    runs = reproduce.build_grid("cifar10", preset.losses, reproduce.parse_noise(preset.noise), [1, 2, 3], 120)
+    assert len(cli.parse_seeds(preset.seeds)) == 3
+    runs = grid.build_grid("cifar10", preset.losses, cli.parse_noise(preset.noise), [1, 2, 3], 120)
     assert len({run.run_id for run in runs}) == len(runs) == 23 * 9 * 3
 
 
 def test_paper_loss_parameters_are_the_spec_ones():
-    params = reproduce.loss_params
+    params = settings.loss_params
     assert params("nce+rce", "sym", 10) == {"alpha": 1.0, "beta": 1.0}
     assert params("nfl+mae", "asym", 10) == {"gamma": 0.5, "official_grad": True, "alpha": 1.0, "beta": 1.0}
     assert params("fl", "sym", 10) == {"gamma": 0.5, "official_grad": True}
@@ -228,15 +227,15 @@ def test_paper_loss_parameters_are_the_spec_ones():
     assert params("nrce", "sym", 10)["scale"] == pytest.approx(9.2103404 * 81 / 4)
     # NMAE alone at the published code's 1 / (2 (K-1)): half the exact normalization
     assert params("nmae", "sym", 10) == {"scale": 0.5}
-    for loss in reproduce.PRESETS["paper"].losses:  # every one is accepted by the catalogue
+    for loss in settings.PRESETS["paper"].losses:  # every one is accepted by the catalogue
         make_spec(loss, **params(loss, "sym", 10))
 
 
 def test_shards_cover_the_grid_exactly_once():
-    runs = reproduce.build_grid("cifar10", ["ce", "nce", "nce+rce"], reproduce.parse_noise("sym:0.0,0.4 asym:0.2"),
+    runs = grid.build_grid("cifar10", ["ce", "nce", "nce+rce"], cli.parse_noise("sym:0.0,0.4 asym:0.2"),
                                 [1, 2], 2)
     for count in (1, 2, 3, 5, 7):
-        shards = [reproduce.shard(runs, i, count) for i in range(count)]
+        shards = [grid.shard(runs, i, count) for i in range(count)]
         ids = [run.run_id for part in shards for run in part]
         assert sorted(ids) == sorted(run.run_id for run in runs)
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -269,17 +268,17 @@ def test_interrupted_run_resumes_from_its_checkpoint_with_the_same_result(tmp_pa
 
 
 def test_a_run_whose_loss_becomes_nan_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setitem(train.SETTINGS, "digits", dataclasses.replace(train.SETTINGS["digits"], lr=1e35))
+    monkeypatch.setitem(settings.SETTINGS, "digits", dataclasses.replace(settings.SETTINGS["digits"], lr=1e35))
     runs = [train.RunConfig("digits", loss, "sym", 0.0, 1, 2) for loss in ("ce", "mae")]
     options = train.Options(backend="torch", progress=False)
-    trained = reproduce.run_grid(runs, tmp_path, options)
+    trained = grid.run_grid(runs, tmp_path, options)
     assert trained == runs
     for run in runs:
-        text = reproduce.result_path(tmp_path, run).read_text()
+        text = grid.result_path(tmp_path, run).read_text()
         record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
         assert record["status"] == "diverged" and record["final_test_acc"] is None
         assert record["history"]["train_loss"][record["diverged_at_epoch"] - 1] is None
-    reproduce.write_report(tmp_path)
+    report.write_report(tmp_path)
     assert "diverged" in (tmp_path / "results.md").read_text()
 
 
@@ -298,8 +297,8 @@ def test_on_digits_at_40_percent_symmetric_noise_nce_and_nce_rce_beat_ce_by_10_p
     options = train.Options(backend="torch", progress=False)
     accuracy = {}
     for loss in ("ce", "nce", "nce+rce"):
-        config = train.RunConfig("digits", loss, "sym", 0.4, seed, train.SETTINGS["digits"].epochs,
-                                 reproduce.loss_params(loss, "sym", 10))
+        config = train.RunConfig("digits", loss, "sym", 0.4, seed, settings.SETTINGS["digits"].epochs,
+                                 settings.loss_params(loss, "sym", 10))
         accuracy[loss] = train.train_run(config, data, options)["final_test_acc"]
     assert accuracy["nce"] >= accuracy["ce"] + 10, accuracy
     assert accuracy["nce+rce"] >= accuracy["ce"] + 10, accuracy
@@ -320,8 +319,8 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
         cifar10_root, tmp_path, capsys):
     out = tmp_path / "grid"
     common = [*GRID, "--data-dir", cifar10_root, "--out", out]
-    grid = reproduce.build_grid("cifar10", ["ce", "nce+rce"], reproduce.parse_noise("sym:0.4 asym:0.2"), [1], 2)
-    shard_ids = [{f"{run.run_id}.json" for run in reproduce.shard(grid, i, 2)} for i in range(2)]
+    runs = grid.build_grid("cifar10", ["ce", "nce+rce"], cli.parse_noise("sym:0.4 asym:0.2"), [1], 2)
+    shard_ids = [{f"{run.run_id}.json" for run in grid.shard(runs, i, 2)} for i in range(2)]
 
     # 1. Shard 0/2 in a separate process, interrupted (Ctrl-C) once its first run is written.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -352,7 +351,7 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
     code, stdout, _ = run_main([*common, "--shard", "1/2"], capsys)
     assert code == 0 and trained_count(stdout) == len(shard_ids[1])
     final = json_files(out)
-    assert set(final) == shard_ids[0] | shard_ids[1] == {f"{run.run_id}.json" for run in grid}
+    assert set(final) == shard_ids[0] | shard_ids[1] == {f"{run.run_id}.json" for run in runs}
     assert all(final[name] == content for name, content in second.items())
 
     # 4. The whole grid again: nothing left to train.
@@ -367,10 +366,10 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
         assert all(len(record["history"][m]) == 2 for m in train.METRICS)
         assert np.allclose(np.sum(record["noise"]["transition"], axis=1), 1.0)
         assert record["wall_time_s"] > 0 and record["best_epoch"] in (1, 2)
-    paper = {(r["noise"], r["rate"], r["loss"]): r["mean"] for r in reproduce.paper_results()
+    paper = {(r["noise"], r["rate"], r["loss"]): r["mean"] for r in settings.paper_results()
              if r["dataset"] == "cifar10"}
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == len(grid)
+    assert len(rows) == len(runs)
     for row in rows:
         published = paper[row["noise"], float(row["rate"]), row["loss"]]
         assert float(row["paper_mean"]) == published
@@ -406,11 +405,11 @@ def test_dry_run_lists_the_runs_and_estimates_their_cost(tmp_path, capsys):
 
 
 def test_forward_macs_of_cnn8():
-    from apl_kernels.models import CNN8
+    from apl_kernels.reproduce.models import CNN8
 
     convs = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 196, 8), (196, 196, 8)]
     expected = sum(cin * 9 * cout * side * side for cin, cout, side in convs) + 3136 * 256 + 256 * 10
-    assert reproduce.forward_macs(CNN8(), (3, 32, 32)) == expected
+    assert cost.forward_macs(CNN8(), (3, 32, 32)) == expected
 
 
 @pytest.mark.parametrize("argv,message", [

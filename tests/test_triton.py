@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 import apl_kernels as ak
-from apl_kernels import fused, triton_backend
+from apl_kernels import backends
+from apl_kernels.backends import fused, triton as triton_backend
 from apl_kernels.catalogue import FOCAL, make_spec
 from cases import LOSS_CASES, LOSS_IDS, random_logits, random_target
 from formulas import loss_and_grad
@@ -538,7 +539,7 @@ COMPILE_SCRIPT = """
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from apl_kernels import fused, triton_backend as tb
+from apl_kernels.backends import fused, triton as tb
 from apl_kernels.catalogue import make_spec
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
          torch.int64: "i64"}

@@ -25,8 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import fused
-from .backends import BackendUnavailable
+from . import BackendUnavailable, fused
 
 OP = "apl::fused_loss"
 HEADERS = ("apl_rowmath.h", "apl_op.h")
@@ -38,8 +37,9 @@ _loaded: dict[str, Path] = {}
 
 def source_dir() -> Path:
     """The C++/CUDA sources: inside the installed package, or csrc/ of a source checkout."""
-    installed = Path(__file__).resolve().parent / "csrc"
-    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "csrc"
+    return installed if installed.is_dir() else package.parent / "csrc"
 
 
 # at::vec widths by the capability torch itself uses on this CPU (which ATEN_CPU_CAPABILITY

@@ -1,4 +1,4 @@
-"""Label noise of the APL paper's experiments (``../shared/spec/reproduction.md``, "Label noise").
+"""Label noise of the APL paper's experiments (docs/reproduction.md, "Label noise").
 
 Every function takes the clean training labels (a 1-D integer numpy array), the noise rate and a
 seeded ``numpy.random.Generator``, never changes its input, and returns :class:`NoisyLabels`:

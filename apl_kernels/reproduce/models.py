@@ -1,6 +1,6 @@
 """The networks of the APL paper's experiments, with the published initialization.
 
-* :class:`CNN8` (CIFAR-10) and :class:`CNN4` (MNIST), as ``../shared/spec/reproduction.md`` lists them;
+* :class:`CNN8` (CIFAR-10) and :class:`CNN4` (MNIST), as docs/reproduction.md lists them;
 * :func:`resnet34` (CIFAR-100): ResNet-34 with the CIFAR stem (3x3 stride-1 first convolution,
   no max-pool);
 * :class:`DigitsCNN`: a small CNN for scikit-learn's 8x8 ``digits`` (the quick preset).

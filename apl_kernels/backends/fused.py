@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .catalogue import LossSpec
-from .reference import accumulation_dtype
+from ..catalogue import LossSpec
+from ..reference import accumulation_dtype
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 # Positions in the op's `options` list.

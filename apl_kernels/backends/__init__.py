@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import reference
+from .. import reference
 
 
 class BackendUnavailable(RuntimeError):
@@ -64,23 +64,23 @@ def register(name: str, device_types: tuple[str, ...] | Callable[[], tuple[str, 
 
 
 def _load_cpp() -> Callable:
-    from . import cpp_backend
+    from . import cpp
 
-    return cpp_backend.load("cpu")
+    return cpp.load("cpu")
 
 
 def _load_cuda() -> Callable:
-    from . import cpp_backend
+    from . import cpp
 
-    return cpp_backend.load("cuda")
+    return cpp.load("cuda")
 
 
 def _load_triton() -> Callable:
     try:
-        from . import triton_backend
+        from . import triton as triton_kernels
     except ImportError as err:
         raise BackendUnavailable(f"triton cannot be imported ({err})") from None
-    return triton_backend.load()
+    return triton_kernels.load()
 
 
 def _triton_device_types() -> tuple[str, ...]:

@@ -10,49 +10,24 @@ of the same run exists, continues from it, so an interrupted run loses at most o
 from __future__ import annotations
 
 import math
-import os
 import platform
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data as datasets
+from ..files import atomic_write
+from ..nn import get_loss
+from . import datasets
 from .models import build_model
-from .nn import get_loss
 from .noise import make_noisy_labels
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A dataset's published training settings (``../shared/spec/reproduction.md``, "Settings")."""
-
-    model: str
-    epochs: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    lr_min: float  # the cosine schedule's final learning rate
-    batch_size: int = 128
-    grad_clip: float = 5.0  # max L2 norm of all gradients (clip_grad_norm_)
-
-
-SETTINGS = {
-    "cifar10": Settings("cnn8", epochs=120, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_min=0.0),
-    "mnist": Settings("cnn4", epochs=50, lr=0.01, momentum=0.9, weight_decay=1e-3, lr_min=1e-3),
-    "cifar100": Settings("resnet34", epochs=200, lr=0.1, momentum=0.9, weight_decay=1e-5, lr_min=0.0),
-    # Not in the paper: the offline quick preset's. CIFAR-10's settings but for the learning rate,
-    # 0.05 so that a small CNN fits 1,437 images in 50 epochs (600 steps): cross entropy then fits
-    # the noisy labels, as CNN8 does on CIFAR-10 in 120 epochs.
-    "digits": Settings("digits_cnn", epochs=50, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_min=0.0),
-}
+from .settings import SETTINGS
 
 EVAL_BATCH = 1024
 METRICS = ("lr", "train_loss", "train_acc_noisy", "train_acc_clean", "test_loss", "test_acc")
@@ -108,20 +83,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it to ``path``: readers
-    and interrupted writers never leave or see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, criterion_sum,

@@ -26,10 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import fused
-from .backends import BackendUnavailable
-from .catalogue import BASE_LOSSES, FOCAL
-from .reference import CLAMP_MIN, RCE_A
+from ..catalogue import BASE_LOSSES, FOCAL
+from ..reference import CLAMP_MIN, RCE_A
+from . import BackendUnavailable, fused
 
 # Base losses in the order of catalogue.BASE_LOSSES: the constexpr enum of the kernels.
 CE, FL, GCE, MAE, RCE, NCE, NFL, NGCE, NMAE, NRCE = range(10)
