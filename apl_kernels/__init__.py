@@ -1,22 +1,30 @@
-"""apl-kernels: the normalized and Active Passive losses of Ma et al. (ICML 2020).
+"""apl-kernels: robust losses for noisy labels, fused.
+
+The normalized and Active Passive losses of Ma et al. (ICML 2020), the Active Negative Loss
+(Ye et al., NeurIPS 2023) and the asymmetric losses (Zhou et al., ICML 2021), as drop-in
+replacements for ``nn.CrossEntropyLoss``::
 
     import apl_kernels as ak
     criterion = ak.NCEMAE(alpha=1.0, beta=1.0)   # where you wrote nn.CrossEntropyLoss()
     loss = criterion(logits, target)
+
+The contract every backend follows is docs/losses.md.
 """
 
 from . import functional
 from .backends import available_backends
 from .catalogue import available_losses
 from .nn import (
-    APLLoss, CE, FL, GCE, GCEMAE, GCENCE, GCERCE, MAE, MAERCE, NCE, NCEMAE, NCERCE, NFL, NFLMAE,
-    NFLNCE, NFLRCE, NGCE, NGCEMAE, NGCENCE, NGCERCE, NMAE, NRCE, RCE, SCE, Loss, get_loss,
+    AEL, AGCE, ANLCE, ANLFL, AUL, CE, FL, GCE, GCEMAE, GCENCE, GCERCE, MAE, MAERCE, NCE, NCEAEL, NCEAGCE, NCEAUL,
+    NCEMAE, NCERCE, NFL, NFLMAE, NFLNCE, NFLRCE, NGCE, NGCEMAE, NGCENCE, NGCERCE, NMAE, NNCE, NNFL, NRCE, RCE, SCE,
+    APLLoss, Loss, get_loss,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "APLLoss", "CE", "FL", "GCE", "GCEMAE", "GCENCE", "GCERCE", "MAE", "MAERCE", "NCE", "NCEMAE",
-    "NCERCE", "NFL", "NFLMAE", "NFLNCE", "NFLRCE", "NGCE", "NGCEMAE", "NGCENCE", "NGCERCE", "NMAE",
-    "NRCE", "RCE", "SCE", "Loss", "available_backends", "available_losses", "functional", "get_loss",
+    "AEL", "AGCE", "ANLCE", "ANLFL", "AUL", "CE", "FL", "GCE", "GCEMAE", "GCENCE", "GCERCE", "MAE", "MAERCE", "NCE",
+    "NCEAEL", "NCEAGCE", "NCEAUL", "NCEMAE", "NCERCE", "NFL", "NFLMAE", "NFLNCE", "NFLRCE", "NGCE", "NGCEMAE",
+    "NGCENCE", "NGCERCE", "NMAE", "NNCE", "NNFL", "NRCE", "RCE", "SCE", "APLLoss", "Loss", "available_backends",
+    "available_losses", "functional", "get_loss",
 ]

@@ -1,8 +1,9 @@
 """Compile the C++/CUDA extension ahead of time: ``python -m apl_kernels.build``.
 
 The libraries are built against the torch this Python imports and cached (see
-apl_kernels.backends.cpp); later imports load them without compiling. Useful
-before a SLURM array starts, in a container image, or to see compiler errors.
+apl_kernels.backends.cpp); later imports verify them and load them without
+compiling, and rebuild one that is damaged. Useful before a SLURM array starts,
+in a container image, or to see compiler errors; ``--force`` rebuilds anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-cuda", action="store_true",
                         help="fail unless the CUDA library is built too (used by CI)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild from scratch even when the cache holds a verified library")
     args = parser.parse_args(argv)
     variants = ["cpu"]
     reason = None if args.require_cuda else cuda_unavailable_reason()
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append("cuda")
     for variant in variants:
         try:
-            path = ensure_loaded(variant, verbose=args.verbose)
+            path = ensure_loaded(variant, verbose=args.verbose, force=args.force)
         except BackendUnavailable as err:
             print(f"apl_kernels.build: {variant}: {err}", file=sys.stderr)
             return 1

@@ -1,41 +1,106 @@
-"""The loss catalogue: names, parameters and their validation.
+"""The loss catalogue: the base losses, the names built from them, their parameters and limits.
 
-Every loss of the library is a weighted sum of at most two *base losses*
-(``ce, fl, gce, mae, rce, nce, nfl, ngce, nmae, nrce``). A :class:`LossSpec`
-says which, with what weights, and with which ``gamma``/``q``; every backend
-computes exactly a ``LossSpec`` (see ``../shared/spec/losses.md``):
+Every loss of the library is a weighted sum of at most two *base losses* (:data:`BASES`, the one
+list that the reference, the C++/CUDA header and the Triton kernels follow). A :class:`LossSpec`
+says which, with what weights, and with which parameters; every backend computes exactly a
+``LossSpec``. The contract (formulas, gradients, call semantics) is docs/losses.md:
 
 * a single loss ``"nce"`` with ``scale=s`` is ``s * nce``;
 * ``"sce"`` is ``alpha * ce + beta * rce``;
 * a pair ``"nce+mae"`` is ``alpha * nce + beta * mae``.
+
+Parameters are validated here, once, for every backend, with limits that float32 arithmetic can
+honour (see :data:`LIMITS`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
-# The order is the kernels' enum order (csrc/apl_rowmath.h, apl_kernels/triton_backend.py).
-BASE_LOSSES = ("ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce")
-BASE_INDEX = {name: i for i, name in enumerate(BASE_LOSSES)}
 
-# Parameters of the base losses beyond their weight, and their defaults.
-MEMBER_PARAMS = {"fl": ("gamma",), "nfl": ("gamma",), "gce": ("q",), "ngce": ("q",)}
-PARAM_DEFAULTS = {"gamma": 0.5, "q": 0.7}
-FOCAL = frozenset({"fl", "nfl"})
+@dataclass(frozen=True)
+class Base:
+    """A base loss: its name, its module's name, its formula, and its own parameters' defaults."""
+
+    name: str
+    module: str
+    formula: str  # the per-label value, in the notation of docs/losses.md
+    defaults: dict = field(default_factory=dict)  # its parameters beyond the weight
+    official_grad: bool = False  # has focal factors that official_grad may hold constant
+
+
+# The kernels' enum order: csrc/apl_rowmath.h's `Base` and the Triton kernel's constants follow
+# this tuple (tests/test_catalogue.py checks the header against it).
+BASES = (
+    Base("ce", "CE", "-lp[y]"),
+    Base("fl", "FL", "-(1 - p[y])^γ · lp[y]", {"gamma": 0.5}, official_grad=True),
+    Base("gce", "GCE", "(1 - p̂[y]^q) / q", {"q": 0.7}),
+    Base("mae", "MAE", "1 - p[y]"),
+    Base("rce", "RCE", "A · Σ_{j≠y} p̂[j]"),
+    Base("nce", "NCE", "lp[y] / Σ_j lp[j]"),
+    Base("nfl", "NFL", "f[y] / Σ_j f[j],  f[j] = -(1 - p[j])^γ · lp[j]", {"gamma": 0.5}, official_grad=True),
+    Base("ngce", "NGCE", "(1 - p̂[y]^q) / (K - Σ_j p̂[j]^q)", {"q": 0.7}),
+    Base("nmae", "NMAE", "(1 - p[y]) / (K - 1)"),
+    Base("nrce", "NRCE", "Σ_{j≠y} p̂[j] / (K - 1)"),
+    Base("nnce", "NNCE", "1 - s[y] / Σ_k s[k],  s[k] = -ln m + max(lp[k], ln m)", {"min_prob": 1e-7}),
+    Base("nnfl", "NNFL", "1 - (B - f̂[y]) / (K·B - Σ_k f̂[k]),  f̂ = f at max(lp, ln m),  B = -(1 - m)^γ ln m",
+         {"gamma": 0.5, "min_prob": 1e-7}, official_grad=True),
+    Base("agce", "AGCE", "((a + 1)^q - (a + p[y])^q) / q", {"a": 1.0, "q": 2.0}),
+    Base("aul", "AUL", "((a - p[y])^q - (a - 1)^q) / q", {"a": 1.5, "q": 0.9}),
+    Base("ael", "AEL", "exp(-p[y] / a)", {"a": 3.0}),
+)
+BASE = {base.name: base for base in BASES}
+BASE_LOSSES = tuple(base.name for base in BASES)
+BASE_INDEX = {name: i for i, name in enumerate(BASE_LOSSES)}
+FOCAL = frozenset(base.name for base in BASES if base.official_grad)
+# Every loss parameter the kernels take, in the order of the fused ops' coefficient list.
+PARAMETERS = ("gamma", "q", "a", "min_prob")
 
 ACTIVE = ("ce", "fl", "gce", "nce", "nfl", "ngce")
 PASSIVE = ("mae", "rce", "nmae", "nrce")
-EXTRA_PAIRS = ("gce+nce", "mae+rce", "nfl+nce", "ngce+nce")
+# Active Negative Loss (Ye et al., NeurIPS 2023) and the asymmetric losses (Zhou et al., ICML 2021)
+# as their papers pair them: ANL-CE = nce+nnce, ANL-FL = nfl+nnfl.
+LATER_PAIRS = ("nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl")
+EXTRA_PAIRS = ("gce+nce", "mae+rce", "nfl+nce", "ngce+nce") + LATER_PAIRS
 PAIRS = tuple(f"{a}+{p}" for a in ACTIVE for p in PASSIVE) + EXTRA_PAIRS
 SINGLES = BASE_LOSSES + ("sce",)
 
-# The pairs of the paper, in the order of its tables (the modules named after them).
-PAPER_PAIRS = (
-    "nce+mae", "nce+rce", "nfl+mae", "nfl+rce", "ngce+mae", "ngce+rce",
-    "gce+mae", "gce+rce", "gce+nce", "mae+rce", "nfl+nce", "ngce+nce",
-)
+# The pairs with modules of their own (alpha and beta first): the APL paper's, in the order of its
+# tables, then the later families'.
+NAMED_PAIRS = {
+    "nce+mae": "NCEMAE", "nce+rce": "NCERCE", "nfl+mae": "NFLMAE", "nfl+rce": "NFLRCE",
+    "ngce+mae": "NGCEMAE", "ngce+rce": "NGCERCE", "gce+mae": "GCEMAE", "gce+rce": "GCERCE",
+    "gce+nce": "GCENCE", "mae+rce": "MAERCE", "nfl+nce": "NFLNCE", "ngce+nce": "NGCENCE",
+    "nce+agce": "NCEAGCE", "nce+aul": "NCEAUL", "nce+ael": "NCEAEL", "nce+nnce": "ANLCE", "nfl+nnfl": "ANLFL",
+}
+PAPER_PAIRS = tuple(NAMED_PAIRS)[:12]
+SCE_DEFAULTS = {"alpha": 0.1, "beta": 1.0}
+SCE_FORMULA = "α · ce + β · rce"
+
+# What float32 arithmetic can honour (docs/losses.md, "Parameters"). A weight times a loss must
+# stay finite in float32 for any loss up to ~3e8 (logits of 1e4 give CE ~ 2e4); gamma above 100
+# makes every focal factor of a two-class row underflow float32 ((1/2)^gamma < 1e-38 from
+# gamma ~ 126 on), so NFL would divide 0 by 0; q and a keep (a + 1)^q finite (see check_params);
+# min_prob must be a normal float32 below 1.
+MAX_WEIGHT = 1e30
+LIMITS = {
+    "gamma": (0.0, 100.0),
+    "q": (1e-30, 100.0),
+    "a": (1e-30, 1e30),
+    "min_prob": (1e-30, 1.0 - 2.0**-24),
+}
+PARAMETER_TEXT = {
+    "scale": "the loss is multiplied by it",
+    "alpha": "weight of the first (active) term",
+    "beta": "weight of the second (passive) term",
+    "gamma": "focal exponent γ of (1 - p)^γ",
+    "q": "exponent q",
+    "a": "offset a",
+    "min_prob": "probability floor m of the clamp",
+    "official_grad": "True: the published code's gradient, every focal factor (1 - p)^γ held constant",
+}
 
 
 def available_losses() -> list[str]:
@@ -43,18 +108,26 @@ def available_losses() -> list[str]:
     return list(SINGLES + PAIRS)
 
 
+def members(name: str) -> tuple[str, ...]:
+    """The base losses of catalogue loss ``name`` (a canonical name)."""
+    return ("ce", "rce") if name == "sce" else tuple(name.split("+"))
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """What a backend computes: ``sum(weight * base(z, y) for base, weight in terms)``."""
+    """What a backend computes: ``sum(weight * base(z, y) for base, weight in terms)``, with the
+    members' parameters ``params`` (a value for each of :data:`PARAMETERS`)."""
 
     name: str
     terms: tuple[tuple[str, float], ...]
-    gamma: float = PARAM_DEFAULTS["gamma"]
-    q: float = PARAM_DEFAULTS["q"]
+    params: tuple[tuple[str, float], ...]  # every name of PARAMETERS with its value
     official_grad: bool = False
-    params: tuple[tuple[str, object], ...] = ()  # every accepted parameter's value, for repr
+    accepted: tuple[tuple[str, object], ...] = ()  # every accepted parameter's value, for repr
 
-    # Cached: the fused backends pass both to their op on every call.
+    def param(self, name: str) -> float:
+        return dict(self.params)[name]
+
+    # Cached: the fused backends pass these to their op on every call.
     @cached_property
     def base_indices(self) -> tuple[int, ...]:
         """The terms' base losses as the kernels' enum values."""
@@ -64,44 +137,68 @@ class LossSpec:
     def weights(self) -> tuple[float, ...]:
         return tuple(float(weight) for _, weight in self.terms)
 
+    @cached_property
+    def param_values(self) -> tuple[float, ...]:
+        """The values of :data:`PARAMETERS`, in that order."""
+        return tuple(float(value) for _, value in self.params)
+
 
 def canonical_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a loss name must be a string, got {type(name).__name__}")
     key = name.strip().lower().replace(" ", "")
     if key not in SINGLES and key not in PAIRS:
-        raise ValueError(
-            f"unknown loss {name!r}; available: {', '.join(available_losses())}"
-        )
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(available_losses())}")
     return key
 
 
 def accepted_params(name: str) -> dict[str, object]:
-    """The parameters loss ``name`` accepts, with their defaults."""
+    """The parameters loss ``name`` accepts, in their positional order, with their defaults."""
     name = canonical_name(name)
     if name == "sce":
-        return {"alpha": 0.1, "beta": 1.0}
-    members = name.split("+")
-    params: dict[str, object] = {"scale": 1.0} if len(members) == 1 else {"alpha": 1.0, "beta": 1.0}
-    for member in members:
-        for p in MEMBER_PARAMS.get(member, ()):
-            params[p] = PARAM_DEFAULTS[p]
-    if any(m in FOCAL for m in members):
+        return dict(SCE_DEFAULTS)
+    parts = members(name)
+    params: dict[str, object] = {"scale": 1.0} if len(parts) == 1 else {"alpha": 1.0, "beta": 1.0}
+    for member in parts:
+        for param, default in BASE[member].defaults.items():
+            params.setdefault(param, default)
+    if any(BASE[m].official_grad for m in parts):
         params["official_grad"] = False
     return params
 
 
-def _check_number(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
+def check_number(name: str, value: object, low: float = -math.inf, high: float = math.inf,
+                 *, open_low: bool = False) -> float:
+    """``value`` as a float in [low, high] (or (low, high] with ``open_low``), or a clear error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value < low or (open_low and value == low) or value > high:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be in {interval}, got {value:g}")
     return value
+
+
+def check_params(base_names: tuple[str, ...], values: dict[str, object]) -> dict[str, float]:
+    """Checked values of the members' parameters (every name of :data:`PARAMETERS`)."""
+    checked: dict[str, float] = {}
+    for param in PARAMETERS:
+        value = values.get(param)
+        if value is None:  # not a parameter of these members: the first default that exists
+            value = next(b.defaults[param] for b in BASES if param in b.defaults)
+            checked[param] = float(value)
+            continue
+        low, high = LIMITS[param]
+        checked[param] = check_number(param, value, low, high)
+    if "aul" in base_names and checked["a"] <= 1:
+        raise ValueError(f"a must be > 1 for aul (its value has (a - 1)^q), got {checked['a']:g}")
+    # (a + 1)^q (agce) and a^q (aul) must be finite in float32: q ln(a + 1) <= 88.
+    if {"agce", "aul"} & set(base_names) and checked["q"] * math.log1p(checked["a"]) > 88.0:
+        raise ValueError(f"(a + 1)^q overflows float32 for a = {checked['a']:g}, q = {checked['q']:g}: "
+                         f"need q · ln(a + 1) <= 88")
+    return checked
 
 
 def make_spec(name: str, **params: object) -> LossSpec:
@@ -111,29 +208,31 @@ def make_spec(name: str, **params: object) -> LossSpec:
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise TypeError(
-            f"loss {name!r} got unexpected parameter(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(accepted)}"
+            f"loss {name!r} got unexpected parameter(s) {', '.join(unknown)}; it accepts: {', '.join(accepted)}"
         )
     values = {**accepted, **params}
-    resolved = tuple(values.items())
-    official = values.pop("official_grad", False)
+    official = values.get("official_grad", False)
     if not isinstance(official, bool):
         raise TypeError(f"official_grad must be a bool, got {official!r}")
-    gamma = _check_number("gamma", values.get("gamma", PARAM_DEFAULTS["gamma"]), nonnegative=True)
-    q = _check_number("q", values.get("q", PARAM_DEFAULTS["q"]), positive=True)
-    if name == "sce":
-        members = ("ce", "rce")
+    parts = members(name)
+    if len(parts) == 1:
+        weights = (check_number("scale", values["scale"], -MAX_WEIGHT, MAX_WEIGHT),)
     else:
-        members = tuple(name.split("+"))
-    if len(members) == 1:
-        weights = (_check_number("scale", values["scale"]),)
-    else:
-        weights = (_check_number("alpha", values["alpha"]), _check_number("beta", values["beta"]))
+        weights = tuple(check_number(w, values[w], -MAX_WEIGHT, MAX_WEIGHT) for w in ("alpha", "beta"))
+    member_params = check_params(parts, {p: values.get(p) for p in PARAMETERS if p in accepted})
     return LossSpec(
         name=name,
-        terms=tuple(zip(members, weights)),
-        gamma=gamma,
-        q=q,
+        terms=tuple(zip(parts, weights)),
+        params=tuple(member_params.items()),
         official_grad=official,
-        params=resolved,
+        accepted=tuple(values.items()),
     )
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (labels are int64), got {ignore_index}")
+    return ignore_index
+

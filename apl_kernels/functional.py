@@ -1,9 +1,10 @@
 """Functional forms: ``apl_kernels.functional.nce_mae(logits, target, alpha, beta)``.
 
-Every function takes ``(input, target, *params, reduction="mean",
-ignore_index=-100, backend="auto", **params)`` like
-``torch.nn.functional.cross_entropy``: input ``(N, K)`` or ``(N, K, d1, ...)``,
-integer target ``(N)`` or ``(N, d1, ...)``.
+Every loss of the catalogue has a function named after it (``+`` written ``_``) with
+``torch.nn.functional.cross_entropy``'s options: ``(input, target, *params, weight=None,
+reduction="mean", ignore_index=-100, label_smoothing=0.0, backend="auto")``; ``apl_loss`` takes
+any loss by name. The functions are made from the catalogue (their signatures and docstrings
+too); functional.pyi spells them out for editors and type checkers (tests check it matches).
 """
 
 from __future__ import annotations
@@ -14,87 +15,85 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .catalogue import LossSpec, accepted_params, available_losses, canonical_name, make_spec
+from .catalogue import (
+    BASE, NAMED_PAIRS, PARAMETER_TEXT, SCE_FORMULA, LossSpec, accepted_params, available_losses, canonical_name,
+    make_spec, members,
+)
+from .options import DEFAULTS, CallOptions, check_inputs, check_target_range
+from .reference import accumulation_dtype
 
-REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OPTION_TEXT = f"""\
+    weight: class weights (K,), as ``nn.CrossEntropyLoss``'s: a row's loss is scaled by the weight
+        of its label (of each label, for probability targets), and ``mean`` divides by the sum of
+        the weights of the counted rows. Default: None
+    reduction: ``'mean'`` (over the rows not ignored), ``'sum'`` or ``'none'``. Default: {DEFAULTS.reduction!r}
+    ignore_index: a target value whose rows give 0 and count nowhere (index targets only).
+        Default: {DEFAULTS.ignore_index}
+    label_smoothing: ε in [0, 1]: the target becomes ``(1 - ε) · target + ε / K``. Default: {DEFAULTS.label_smoothing}
+    backend: ``'auto'`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, or the CUDA
+        C++ kernel without Triton, else the reference), ``'torch'`` (the PyTorch reference),
+        ``'cpp'``, ``'cuda'`` or ``'triton'``. Default: {DEFAULTS.backend!r}
+"""
 
-
-def check_options(reduction: str, ignore_index: int) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-
-
-def check_inputs(input: Tensor, target: Tensor) -> None:
-    """Shape, dtype and device checks every backend relies on (no data is read)."""
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(
-            f"input and target must be tensors, got {type(input).__name__} and {type(target).__name__}"
-        )
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"input (logits) must be float16, bfloat16, float32 or float64; got {input.dtype}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices; got {target.dtype}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"input must have shape (N, K) or (N, K, d1, ...); got shape {tuple(input.shape)}"
-        )
-    if input.shape[1] < 2:
-        raise ValueError(f"the number of classes K = input.shape[1] must be >= 2; got {input.shape[1]}")
-    expected = (input.shape[0],) + tuple(input.shape[2:])
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
-            f"expected {expected}"
-        )
-    if input.device != target.device:
-        raise ValueError(f"input is on {input.device} but target is on {target.device}")
+SHAPES_TEXT = """\
+Shapes:
+    input: logits (N, K) or (N, K, d1, ...), float16, bfloat16, float32 or float64.
+    target: class indices (N) or (N, d1, ...) in [0, K) or ``ignore_index`` (any integer dtype), or
+        class probabilities of the input's shape (floating; rows need not sum to 1).
+    output: a scalar for ``'mean'`` and ``'sum'``; (N) or (N, d1, ...) for ``'none'``. In the input's
+        dtype (float32 for half inputs under ``torch.autocast``, as ``F.cross_entropy``).
+"""
 
 
-def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise if a label outside [0, K) is not ``ignore_index`` (reads the labels: a sync on GPUs)."""
-    if torch.compiler.is_compiling():
-        return  # compiled code bounds-checks its own gather
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        position = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"target {int(target[position])} at flat position {position} is outside [0, {num_classes}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
+def formula(name: str) -> str:
+    """The value of loss ``name`` (a canonical name), in the notation of docs/losses.md."""
+    name = canonical_name(name)
+    if name == "sce":
+        return f"{SCE_FORMULA}, ce = {BASE['ce'].formula}, rce = {BASE['rce'].formula}"
+    parts = members(name)
+    if len(parts) == 1:
+        return f"scale · {BASE[name].formula}"
+    return f"α · {parts[0]} + β · {parts[1]}, " + ", ".join(f"{m} = {BASE[m].formula}" for m in parts)
 
 
-def compute(
-    spec: LossSpec,
-    input: Tensor,
-    target: Tensor,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    backend: str = "auto",
-) -> Tensor:
+def describe(name: str, heading: str, example: str) -> str:
+    """The docstring of a public form of loss ``name``: formula, parameters, options, shapes, example."""
+    params = "\n".join(f"    {p}: {PARAMETER_TEXT[p]}. Default: {d!r}" for p, d in accepted_params(name).items())
+    return (f"{heading}\n\nOne row's loss (label y; notation of docs/losses.md): {formula(name)}.\n"
+            f"Class probabilities as targets give the expectation over labels.\n\nArgs:\n{params}\n"
+            f"{OPTION_TEXT}\n{SHAPES_TEXT}\nExample::\n\n{example}\n")
+
+
+def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None = None,
+            options: CallOptions = DEFAULTS) -> Tensor:
     """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes."""
-    check_options(reduction, ignore_index)
-    check_inputs(input, target)
-    chosen = backends.resolve(backend, input.device.type)
+    check_inputs(input, target, weight)
+    chosen = backends.resolve(options.backend, input.device.type)
     num_classes = input.shape[1]
     spatial = input.dim() > 2
-    # (N, K, d1, ...) -> rows of K classes. 2-D input passes as it is, whatever its strides.
-    logits = input.movedim(1, -1).reshape(-1, num_classes) if spatial else input
-    labels = (target.reshape(-1) if spatial else target).long()
-    # Labels are checked here for the reference (a synchronization on GPUs) and wherever it is
-    # free (CPU tensors); the C++ CPU kernel checks them itself, raising the same ValueError.
-    # Fused GPU kernels give a row with such a label a NaN loss instead (README).
-    if chosen.name == "torch" or (labels.device.type == "cpu" and chosen.name != "cpp"):
-        check_target_range(labels, num_classes, ignore_index)
-    loss = chosen.load()(logits, labels, spec, reduction, ignore_index)
-    return loss.reshape(target.shape) if spatial and reduction == "none" else loss
+    probabilities = target.is_floating_point()
+
+    def rows(x: Tensor) -> Tensor:  # (N, K, d1, ...) -> (N d1 ..., K); 2-D passes as it is
+        return x.movedim(1, -1).reshape(-1, num_classes) if spatial else x
+
+    logits = rows(input)
+    labels = rows(target) if probabilities else (target.reshape(-1) if spatial else target).long()
+    # Labels are checked here wherever that is free (CPU tensors) or asked for (the reference on a
+    # GPU synchronizes for it), unless the backend checks them itself. Fused GPU kernels give a row
+    # with such a label a NaN loss instead (README).
+    if not probabilities and not chosen.checks_labels and labels.device.type != "meta" and (
+            chosen.name == "torch" or labels.device.type == "cpu") and not torch.compiler.is_compiling():
+        check_target_range(labels, num_classes, options.ignore_index)
+    loss = chosen.load()(logits, labels, weight, spec, options)
+    # The loss is returned in the input's dtype, or in float32 under autocast as F.cross_entropy's.
+    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
+    dtype = accumulation_dtype(input.dtype) if autocast else input.dtype
+    loss = loss.to(dtype)
+    return loss.reshape(target.shape[:1] + target.shape[2:] if probabilities else target.shape) \
+        if spatial and options.reduction == "none" else loss
 
 
-def _bind(name: str, args: tuple, kwargs: dict) -> dict:
+def bind(name: str, args: tuple, kwargs: dict) -> dict:
     """Positional parameters in the order of :func:`accepted_params`, merged with keywords."""
     order = list(accepted_params(name))
     if len(args) > len(order):
@@ -106,50 +105,59 @@ def _bind(name: str, args: tuple, kwargs: dict) -> dict:
     return {**params, **kwargs}
 
 
-def apl_loss(
-    input: Tensor,
-    target: Tensor,
-    name: str,
-    *,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    backend: str = "auto",
-    **params,
-) -> Tensor:
-    """Any catalogue loss by name: ``apl_loss(logits, target, "nce+mae", alpha=1.0, beta=1.0)``."""
-    return compute(make_spec(name, **params), input, target, reduction, ignore_index, backend)
+def apl_loss(input: Tensor, target: Tensor, name: str, *, weight: Tensor | None = None,
+             reduction: str = DEFAULTS.reduction, ignore_index: int = DEFAULTS.ignore_index,
+             label_smoothing: float = DEFAULTS.label_smoothing, backend: str = DEFAULTS.backend,
+             **params) -> Tensor:
+    """Any catalogue loss by name: ``apl_loss(logits, target, "nce+mae", alpha=1.0, beta=1.0)``.
+
+    ``name`` is a name of ``apl_kernels.available_losses()``; ``params`` its parameters; the
+    options are those of every loss (see ``help(apl_kernels.functional.nce_mae)``).
+    """
+    options = CallOptions(reduction, ignore_index, label_smoothing, backend)
+    return compute(make_spec(name, **params), input, target, weight, options)
+
+
+OPTION_PARAMETERS = [
+    inspect.Parameter("weight", inspect.Parameter.KEYWORD_ONLY, default=None),
+    *(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=getattr(DEFAULTS, option))
+      for option in ("reduction", "ignore_index", "label_smoothing", "backend")),
+]
 
 
 def signature_of(name: str, leading: list[inspect.Parameter]) -> inspect.Signature:
     """The signature of a public form of loss ``name``: ``leading``, its parameters, the options."""
-    kw = inspect.Parameter.KEYWORD_ONLY
-    params = [
-        inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
-        for p, d in accepted_params(name).items()
-    ]
-    options = [
-        inspect.Parameter("reduction", kw, default="mean"),
-        inspect.Parameter("ignore_index", kw, default=-100),
-        inspect.Parameter("backend", kw, default="auto"),
-    ]
-    return inspect.Signature(leading + params + options)
+    params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+              for p, d in accepted_params(name).items()]
+    return inspect.Signature(leading + params + OPTION_PARAMETERS)
 
 
 def function_name(name: str) -> str:
     return canonical_name(name).replace("+", "_")
 
 
+def title(name: str) -> str:
+    """A one-line name of the loss: its module's class name, or 'the ... pair'."""
+    module = BASE[name].module if name in BASE else NAMED_PAIRS.get(name, "SCE" if name == "sce" else None)
+    return f"The {module} loss" if module else f"The Active Passive pair {name}"
+
+
 def _make_function(name: str):
-    def loss_function(input, target, *args, reduction="mean", ignore_index=-100, backend="auto", **kwargs):
-        spec = make_spec(name, **_bind(name, args, kwargs))
-        return compute(spec, input, target, reduction, ignore_index, backend)
+    def loss_function(input, target, *args, weight=None, reduction=DEFAULTS.reduction,
+                      ignore_index=DEFAULTS.ignore_index, label_smoothing=DEFAULTS.label_smoothing,
+                      backend=DEFAULTS.backend, **kwargs):
+        spec = make_spec(name, **bind(name, args, kwargs))
+        return compute(spec, input, target, weight, CallOptions(reduction, ignore_index, label_smoothing, backend))
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     loss_function.__name__ = loss_function.__qualname__ = function_name(name)
+    loss_function.__module__ = __name__
     loss_function.__signature__ = signature_of(
         name, [inspect.Parameter("input", positional), inspect.Parameter("target", positional)]
     )
-    loss_function.__doc__ = f"The {name!r} loss (formulas in the README's loss table); see apl_kernels.functional."
+    example = (f"    >>> import torch, apl_kernels.functional as AF\n"
+               f"    >>> AF.{function_name(name)}(torch.randn(8, 10), torch.randint(0, 10, (8,)))")
+    loss_function.__doc__ = describe(name, f"{title(name)} of logits against targets.", example)
     return loss_function
 
 
@@ -157,3 +165,26 @@ for _name in available_losses():
     globals()[function_name(_name)] = _make_function(_name)
 
 __all__ = ["apl_loss", "compute"] + [function_name(n) for n in available_losses()]
+
+
+def stub() -> str:
+    """The text of functional.pyi: every generated function's signature, for editors."""
+    lines = ['"""Generated by `python -m apl_kernels.functional` from the catalogue; tests check it matches."""',
+             "", "from torch import Tensor", "",
+             "def compute(spec, input: Tensor, target: Tensor, weight: Tensor | None = ..., options=...) -> Tensor: ...",
+             "def apl_loss(input: Tensor, target: Tensor, name: str, *, weight: Tensor | None = ..., "
+             "reduction: str = ..., ignore_index: int = ..., label_smoothing: float = ..., backend: str = ..., "
+             "**params: float | bool) -> Tensor: ..."]
+    for name in available_losses():
+        params = ", ".join(f"{p}: {type(d).__name__} = {d!r}" for p, d in accepted_params(name).items())
+        lines.append(f"def {function_name(name)}(input: Tensor, target: Tensor, {params}, *, weight: Tensor | None = None, "
+                     f"reduction: str = {DEFAULTS.reduction!r}, ignore_index: int = {DEFAULTS.ignore_index}, "
+                     f"label_smoothing: float = {DEFAULTS.label_smoothing}, backend: str = {DEFAULTS.backend!r}) "
+                     f"-> Tensor: ...")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    Path(__file__).with_suffix(".pyi").write_text(stub())

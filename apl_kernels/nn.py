@@ -1,35 +1,55 @@
-"""Loss modules in the spirit of ``torch.nn``: ``apl_kernels.NCEMAE(alpha, beta)``."""
+"""Loss modules in the spirit of ``torch.nn``: ``apl_kernels.NCEMAE(alpha, beta)``.
+
+Each module takes its loss's parameters first (``scale`` for a single loss, ``alpha, beta`` for
+a pair), then ``nn.CrossEntropyLoss``'s options as keywords; ``weight`` is a buffer, so it moves
+with ``module.to(device)``. Docstrings and signatures come from the catalogue.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from . import backends
-from .catalogue import PAPER_PAIRS, SINGLES, LossSpec, canonical_name, make_spec
-from .functional import _bind, check_options, compute, signature_of
+from .catalogue import BASE, NAMED_PAIRS, SINGLES, LossSpec, canonical_name, make_spec
+from .functional import bind, compute, describe, signature_of, title
+from .options import DEFAULTS, CallOptions, check_weight
 
 
 class Loss(nn.Module):
-    """A catalogue loss by name: ``Loss("nce+mae", alpha=1.0, beta=1.0)``."""
+    """A catalogue loss by name: ``Loss("nce+mae", alpha=1.0, beta=1.0)``.
 
-    def __init__(self, name: str, *args, reduction: str = "mean", ignore_index: int = -100,
-                 backend: str = "auto", **params) -> None:
+    ``name`` is any name of ``apl_kernels.available_losses()``; positional and keyword
+    parameters are the loss's (see ``help(apl_kernels.get_loss(name))``), followed by the options
+    of ``nn.CrossEntropyLoss`` as keywords: ``weight``, ``reduction``, ``ignore_index``,
+    ``label_smoothing``, and ``backend``.
+    """
+
+    def __init__(self, name: str, *args, weight: Tensor | None = None, reduction: str = DEFAULTS.reduction,
+                 ignore_index: int = DEFAULTS.ignore_index, label_smoothing: float = DEFAULTS.label_smoothing,
+                 backend: str = DEFAULTS.backend, **params) -> None:
         super().__init__()
-        check_options(reduction, ignore_index)
+        self.options = CallOptions(reduction, ignore_index, label_smoothing, backend)
         backends.check_name(backend)
+        check_weight(weight)
         name = canonical_name(name)
-        self.spec: LossSpec = make_spec(name, **_bind(name, args, params))
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.backend = backend
+        self.spec: LossSpec = make_spec(name, **bind(name, args, params))
+        self.register_buffer("weight", weight)
+
+    # The options as attributes, as nn.CrossEntropyLoss has them.
+    reduction = property(lambda self: self.options.reduction)
+    ignore_index = property(lambda self: self.options.ignore_index)
+    label_smoothing = property(lambda self: self.options.label_smoothing)
+    backend = property(lambda self: self.options.backend)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return compute(self.spec, input, target, self.reduction, self.ignore_index, self.backend)
+        return compute(self.spec, input, target, self.weight, self.options)
 
     def extra_repr(self) -> str:
-        parts = [f"{k}={v!r}" for k, v in self.spec.params]
-        defaults = {"reduction": "mean", "ignore_index": -100, "backend": "auto"}
-        parts += [f"{k}={getattr(self, k)!r}" for k, d in defaults.items() if getattr(self, k) != d]
+        parts = [f"{k}={v!r}" for k, v in self.spec.accepted]
+        parts += [f"{k}={getattr(self, k)!r}" for k in ("reduction", "ignore_index", "label_smoothing", "backend")
+                  if getattr(self, k) != getattr(DEFAULTS, k)]
+        if self.weight is not None:
+            parts.append(f"weight=<{tuple(self.weight.shape)[0]} class weights>")
         return ", ".join(parts)
 
 
@@ -38,156 +58,82 @@ class _NamedLoss(Loss):
 
     loss_name: str
 
-    def __init__(self, *args, reduction: str = "mean", ignore_index: int = -100,
-                 backend: str = "auto", **params) -> None:
-        super().__init__(self.loss_name, *args, reduction=reduction, ignore_index=ignore_index,
-                         backend=backend, **params)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(self.loss_name, *args, **kwargs)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = signature_of(cls.loss_name, [])  # for help() and IDEs
+        # For help() and editors: the loss's own signature and documentation.
+        cls.__signature__ = signature_of(cls.loss_name, [])
+        example = (f"    >>> import torch, apl_kernels as ak\n    >>> criterion = ak.{cls.__name__}()\n"
+                   f"    >>> loss = criterion(torch.randn(8, 10), torch.randint(0, 10, (8,)))")
+        cls.__doc__ = describe(cls.loss_name, f"{title(cls.loss_name)}, as a module: where you wrote "
+                               f"``nn.CrossEntropyLoss()``.", example)
 
 
 class APLLoss(Loss):
     """An Active Passive Loss ``alpha * active + beta * passive`` from any catalogue pair.
 
-    ``APLLoss("nce", "rce", alpha=1.0, beta=1.0)`` equals ``NCERCE(1.0, 1.0)``;
-    member parameters (``gamma``, ``q``, ``official_grad``) go as keywords.
+    ``APLLoss("nce", "rce", alpha=1.0, beta=1.0)`` equals ``NCERCE(1.0, 1.0)``; member parameters
+    (``gamma``, ``q``, ``a``, ``min_prob``, ``official_grad``) and the options (``weight``,
+    ``reduction``, ``ignore_index``, ``label_smoothing``, ``backend``) go as keywords.
     """
 
-    def __init__(self, active: str, passive: str, alpha: float = 1.0, beta: float = 1.0, *,
-                 reduction: str = "mean", ignore_index: int = -100, backend: str = "auto",
-                 **params) -> None:
-        super().__init__(f"{active}+{passive}", alpha=alpha, beta=beta, reduction=reduction,
-                         ignore_index=ignore_index, backend=backend, **params)
+    def __init__(self, active: str, passive: str, alpha: float = 1.0, beta: float = 1.0, **kwargs) -> None:
+        super().__init__(f"{active}+{passive}", alpha=alpha, beta=beta, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.spec.name!r}, " + super().extra_repr()
 
 
-# Singles. Each takes ``scale`` (and ``gamma``/``q``) first, then the keyword options.
-class CE(_NamedLoss):
-    """Cross entropy ``-log p[y]``, times ``scale``."""
-    loss_name = "ce"
+# Singles: each takes `scale` (and its own parameters) first.
+class CE(_NamedLoss): loss_name = "ce"
+class FL(_NamedLoss): loss_name = "fl"
+class GCE(_NamedLoss): loss_name = "gce"
+class SCE(_NamedLoss): loss_name = "sce"  # alpha * CE + beta * RCE (alpha 0.1, beta 1)
+class MAE(_NamedLoss): loss_name = "mae"
+class RCE(_NamedLoss): loss_name = "rce"
+class NCE(_NamedLoss): loss_name = "nce"
+class NFL(_NamedLoss): loss_name = "nfl"
+class NGCE(_NamedLoss): loss_name = "ngce"
+class NMAE(_NamedLoss): loss_name = "nmae"
+class NRCE(_NamedLoss): loss_name = "nrce"
+class NNCE(_NamedLoss): loss_name = "nnce"
+class NNFL(_NamedLoss): loss_name = "nnfl"
+class AGCE(_NamedLoss): loss_name = "agce"
+class AUL(_NamedLoss): loss_name = "aul"
+class AEL(_NamedLoss): loss_name = "ael"
 
 
-class FL(_NamedLoss):
-    """Focal loss ``-(1 - p[y])^gamma log p[y]``; ``official_grad`` as the published code."""
-    loss_name = "fl"
-
-
-class GCE(_NamedLoss):
-    """Generalized cross entropy ``(1 - p̂[y]^q) / q``."""
-    loss_name = "gce"
-
-
-class SCE(_NamedLoss):
-    """Symmetric cross entropy ``alpha * CE + beta * RCE`` (alpha 0.1, beta 1)."""
-    loss_name = "sce"
-
-
-class MAE(_NamedLoss):
-    """Mean absolute error ``1 - p[y]``."""
-    loss_name = "mae"
-
-
-class RCE(_NamedLoss):
-    """Reverse cross entropy ``A * sum_{j != y} p̂[j]``, ``A = -ln 1e-4``."""
-    loss_name = "rce"
-
-
-class NCE(_NamedLoss):
-    """Normalized cross entropy ``log p[y] / sum_j log p[j]``."""
-    loss_name = "nce"
-
-
-class NFL(_NamedLoss):
-    """Normalized focal loss ``f[y] / sum_j f[j]``, ``f[j] = -(1 - p[j])^gamma log p[j]``."""
-    loss_name = "nfl"
-
-
-class NGCE(_NamedLoss):
-    """Normalized GCE ``(1 - p̂[y]^q) / (K - sum_j p̂[j]^q)``."""
-    loss_name = "ngce"
-
-
-class NMAE(_NamedLoss):
-    """Normalized MAE ``(1 - p[y]) / (K - 1)`` (the exact normalization)."""
-    loss_name = "nmae"
-
-
-class NRCE(_NamedLoss):
-    """Normalized RCE ``sum_{j != y} p̂[j] / (K - 1)`` (the exact normalization)."""
-    loss_name = "nrce"
-
-
-# The paper's Active Passive pairs: ``alpha * active + beta * passive``, alpha and beta first.
-class NCEMAE(_NamedLoss):
-    """``alpha * NCE + beta * MAE``."""
-    loss_name = "nce+mae"
-
-
-class NCERCE(_NamedLoss):
-    """``alpha * NCE + beta * RCE``."""
-    loss_name = "nce+rce"
-
-
-class NFLMAE(_NamedLoss):
-    """``alpha * NFL + beta * MAE``."""
-    loss_name = "nfl+mae"
-
-
-class NFLRCE(_NamedLoss):
-    """``alpha * NFL + beta * RCE``."""
-    loss_name = "nfl+rce"
-
-
-class NGCEMAE(_NamedLoss):
-    """``alpha * NGCE + beta * MAE``."""
-    loss_name = "ngce+mae"
-
-
-class NGCERCE(_NamedLoss):
-    """``alpha * NGCE + beta * RCE``."""
-    loss_name = "ngce+rce"
-
-
-class GCEMAE(_NamedLoss):
-    """``alpha * GCE + beta * MAE``."""
-    loss_name = "gce+mae"
-
-
-class GCERCE(_NamedLoss):
-    """``alpha * GCE + beta * RCE``."""
-    loss_name = "gce+rce"
-
-
-class GCENCE(_NamedLoss):
-    """``alpha * GCE + beta * NCE``."""
-    loss_name = "gce+nce"
-
-
-class MAERCE(_NamedLoss):
-    """``alpha * MAE + beta * RCE``."""
-    loss_name = "mae+rce"
-
-
-class NFLNCE(_NamedLoss):
-    """``alpha * NFL + beta * NCE``."""
-    loss_name = "nfl+nce"
-
-
-class NGCENCE(_NamedLoss):
-    """``alpha * NGCE + beta * NCE``."""
-    loss_name = "ngce+nce"
+# The named pairs: alpha * first + beta * second, alpha and beta first.
+class NCEMAE(_NamedLoss): loss_name = "nce+mae"
+class NCERCE(_NamedLoss): loss_name = "nce+rce"
+class NFLMAE(_NamedLoss): loss_name = "nfl+mae"
+class NFLRCE(_NamedLoss): loss_name = "nfl+rce"
+class NGCEMAE(_NamedLoss): loss_name = "ngce+mae"
+class NGCERCE(_NamedLoss): loss_name = "ngce+rce"
+class GCEMAE(_NamedLoss): loss_name = "gce+mae"
+class GCERCE(_NamedLoss): loss_name = "gce+rce"
+class GCENCE(_NamedLoss): loss_name = "gce+nce"
+class MAERCE(_NamedLoss): loss_name = "mae+rce"
+class NFLNCE(_NamedLoss): loss_name = "nfl+nce"
+class NGCENCE(_NamedLoss): loss_name = "ngce+nce"
+class NCEAGCE(_NamedLoss): loss_name = "nce+agce"
+class NCEAUL(_NamedLoss): loss_name = "nce+aul"
+class NCEAEL(_NamedLoss): loss_name = "nce+ael"
+class ANLCE(_NamedLoss): loss_name = "nce+nnce"  # Active Negative Loss with NCE
+class ANLFL(_NamedLoss): loss_name = "nfl+nnfl"  # Active Negative Loss with NFL
 
 
 NAMED_MODULES = {cls.loss_name: cls for cls in _NamedLoss.__subclasses__()}
-assert set(NAMED_MODULES) == set(SINGLES) | set(PAPER_PAIRS)
+# One class per single loss and named pair, named as the catalogue says.
+assert {name: cls.__name__ for name, cls in NAMED_MODULES.items()} == (
+    {**{b: BASE[b].module for b in SINGLES if b in BASE}, "sce": "SCE", **NAMED_PAIRS})
 
 
 def get_loss(name: str, **params) -> Loss:
-    """The module of loss ``name`` (a name of :func:`available_losses`), e.g. ``get_loss("nce+mae")``."""
+    """The module of loss ``name`` (a name of :func:`available_losses`), e.g. ``get_loss("nce+mae")``;
+    ``params`` are its parameters and options as keywords."""
     name = canonical_name(name)
     cls = NAMED_MODULES.get(name)
     if cls is not None:

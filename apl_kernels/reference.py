@@ -1,9 +1,14 @@
 """The plain PyTorch reference: it defines what every fused backend computes.
 
-Values are the formulas of ``../shared/spec/losses.md``; gradients come from
-autograd (``official_grad`` detaches the focal modulating factors, as the
-published code does). Everything is computed in float32 (float64 for float64
-inputs) and the loss is returned in the input dtype.
+Values are the formulas of docs/losses.md; gradients come from autograd (``official_grad``
+detaches the focal modulating factors, as the published code does). Everything is computed in
+float32 (float64 for float64 inputs).
+
+Every loss is defined per label; a row's target is a distribution of coefficients ``c`` over the
+K labels (:func:`target_coefficients`: a one-hot label times its class weight, smoothed, or a
+row of probability targets) and the row's loss is the expectation ``sum_y c[y] L(z, y)``. Each
+base function below computes that expectation directly from per-element terms and row sums, in
+the form the fused kernels use (docs/losses.md, "Targets as distributions").
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .catalogue import LossSpec
+from .options import CallOptions
 
 CLAMP_MIN = 1e-7  # p̂ = clamp(p, CLAMP_MIN, 1), as the published code clamps
 RCE_A = -math.log(1e-4)  # RCE's -log(clamp(one_hot, 1e-4, 1)) off the label
@@ -24,15 +30,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _OneMinusExp(torch.autograd.Function):
-    """``1 - exp(lp)`` (= 1 - p) without cancellation when p is close to 1.
+    """``1 - exp(x)`` for x <= 0 (= 1 - p for x = lp) without cancellation when p is close to 1.
 
-    Its derivative ``-exp(lp)`` is computed from ``lp``: torch's expm1 takes it
-    from the result (``result + 1``), which is 0 once p < 1e-16 in float64.
+    Its derivative ``-exp(x)`` is computed from ``x``: torch's expm1 takes it from the result
+    (``result + 1``), which is 0 once p < 1e-16 in float64.
     """
 
     @staticmethod
-    def forward(lp: Tensor) -> Tensor:
-        return -torch.expm1(lp)
+    def forward(x: Tensor) -> Tensor:
+        return -torch.expm1(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -40,123 +46,185 @@ class _OneMinusExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (lp,) = ctx.saved_tensors
-        return -grad * lp.exp()
+        (x,) = ctx.saved_tensors
+        return -grad * x.exp()
 
 
-def _one_minus_p(lp: Tensor) -> Tensor:
-    return _OneMinusExp.apply(lp)
+def _focal(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
+    """The focal term ``f = -(1 - exp(lp))^gamma lp`` of every element.
 
-
-def _focal_factor(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
-    """(1 - p)^gamma, with or without its derivative.
-
-    d/du u^gamma = gamma u^(gamma-1) is infinite at u = 0 (p == 1 in floating
-    point) for gamma < 1, while the loss's derivative has the finite limit 0
-    there (u^(gamma-1) multiplies lp ~ -u). So at u = 0 the factor is a
-    constant; elsewhere u is clamped away from 0 only so that the unused
-    branch of the ``where`` stays finite in the backward pass.
+    d/du u^gamma = gamma u^(gamma-1) is infinite at u = 0 (p == 1 in floating point) for gamma < 1,
+    while f's derivative has the finite limit 0 there (u^(gamma-1) multiplies lp ~ -u): at u = 0
+    the factor is held constant; elsewhere u is clamped away from 0 only so that the unused branch
+    of the ``where`` stays finite in backward. At a masked class (lp = -inf, p = 0) the factor's
+    derivative is 0, but autograd would form 0 * inf there: the factor's gradient goes through a
+    finite copy of lp (same value, same derivative everywhere else).
     """
-    u = _one_minus_p(lp)
+    u = _OneMinusExp.apply(lp)
     if official_grad:
-        return u.detach().pow(gamma)
-    return torch.where(u > 0, u.clamp_min(torch.finfo(u.dtype).tiny).pow(gamma), u.detach().pow(gamma))
-
-
-def _gather(x: Tensor, y: Tensor) -> Tensor:
-    return x.gather(1, y[:, None])[:, 0]
-
-
-def _base_ce(lp, p, y, spec):
-    return -_gather(lp, y)
-
-
-def _base_fl(lp, p, y, spec):
-    lp_y = _gather(lp, y)
-    return -_focal_factor(lp_y, spec.gamma, spec.official_grad) * lp_y
-
-
-def _base_gce(lp, p, y, spec):
-    return (1 - _gather(p, y).clamp(CLAMP_MIN, 1).pow(spec.q)) / spec.q
-
-
-def _base_mae(lp, p, y, spec):
-    return _one_minus_p(_gather(lp, y))
-
-
-def _sum_off_label(x: Tensor, y: Tensor) -> Tensor:
-    off_label = torch.ones_like(x, dtype=torch.bool).scatter_(1, y[:, None], False)
-    return (x * off_label).sum(1)
-
-
-def _base_rce(lp, p, y, spec):
-    return RCE_A * _sum_off_label(p.clamp(CLAMP_MIN, 1), y)
-
-
-def _base_nce(lp, p, y, spec):
-    return _gather(lp, y) / lp.sum(1)
-
-
-def _base_nfl(lp, p, y, spec):
-    factor = _focal_factor(lp, spec.gamma, spec.official_grad)
-    # f = -(1-p)^gamma lp. At a masked class (lp = -inf, p = 0) the factor's
-    # derivative is 0, but autograd would form 0 * inf there: route the
-    # factor's gradient through a finite copy of lp (same value, same
-    # derivative everywhere else).
+        factor = u.detach().pow(gamma)
+    else:
+        factor = torch.where(u > 0, u.clamp_min(torch.finfo(u.dtype).tiny).pow(gamma), u.detach().pow(gamma))
     lp_finite = torch.where(torch.isfinite(lp), lp, 0).detach()
-    f = -(factor.detach() * lp + (factor - factor.detach()) * lp_finite)
-    return _gather(f, y) / f.sum(1)
+    return -(factor.detach() * lp + (factor - factor.detach()) * lp_finite)
 
 
-def _base_ngce(lp, p, y, spec):
-    powered = p.clamp(CLAMP_MIN, 1).pow(spec.q)
-    return (1 - _gather(powered, y)) / (p.shape[1] - powered.sum(1))
+def _expect(c: Tensor, x: Tensor) -> Tensor:
+    """``sum_j c[j] x[j]`` per row, where a label of coefficient 0 adds 0 even if x is infinite there."""
+    return (c * torch.where(c != 0, x, 0)).sum(1)
 
 
-def _base_nmae(lp, p, y, spec):
-    return _base_mae(lp, p, y, spec) / (p.shape[1] - 1)
+class Row:
+    """One batch of rows: the softmax's terms and the target coefficients every base loss reads."""
+
+    def __init__(self, z: Tensor, c: Tensor, spec: LossSpec) -> None:
+        self.lp = torch.log_softmax(z, dim=1)
+        self.p = torch.softmax(z, dim=1)
+        self.c = c
+        self.total_c = c.sum(1)  # C = sum_j c[j]
+        self.K = z.shape[1]
+        self.spec = spec
+
+    def clamped(self) -> Tensor:
+        return self.p.clamp(CLAMP_MIN, 1)
+
+    def focal(self, lp: Tensor) -> Tensor:
+        return _focal(lp, self.spec.param("gamma"), self.spec.official_grad)
+
+    def clamped_lp(self) -> Tensor:
+        """max(lp, ln m): ln clamp(p, m, 1) without rounding p (clamp_min passes the gradient at m)."""
+        return self.lp.clamp_min(math.log(self.spec.param("min_prob")))
 
 
-def _base_nrce(lp, p, y, spec):
-    return _sum_off_label(p.clamp(CLAMP_MIN, 1), y) / (p.shape[1] - 1)
+def _ce(r: Row) -> Tensor:
+    return -_expect(r.c, r.lp)
+
+
+def _fl(r: Row) -> Tensor:
+    return _expect(r.c, r.focal(r.lp))
+
+
+def _gce(r: Row) -> Tensor:
+    q = r.spec.param("q")
+    return _expect(r.c, 1 - r.clamped().pow(q)) / q
+
+
+def _mae(r: Row) -> Tensor:
+    return _expect(r.c, _OneMinusExp.apply(r.lp))
+
+
+def _rce(r: Row) -> Tensor:
+    # sum_y c[y] A sum_{j != y} p̂[j] = A sum_j (C - c[j]) p̂[j]: for a one-hot row C - c[y] is
+    # exactly 0, so the label's own p̂ ~ 1 is never added and subtracted.
+    return RCE_A * ((r.total_c[:, None] - r.c) * r.clamped()).sum(1)
+
+
+def _nce(r: Row) -> Tensor:
+    return _expect(r.c, r.lp) / r.lp.sum(1)
+
+
+def _nfl(r: Row) -> Tensor:
+    f = r.focal(r.lp)
+    return _expect(r.c, f) / f.sum(1)
+
+
+def _ngce(r: Row) -> Tensor:
+    powered = r.clamped().pow(r.spec.param("q"))
+    return _expect(r.c, 1 - powered) / (r.K - powered.sum(1))
+
+
+def _nmae(r: Row) -> Tensor:
+    return _mae(r) / (r.K - 1)
+
+
+def _nrce(r: Row) -> Tensor:
+    return _rce(r) / (RCE_A * (r.K - 1))
+
+
+def _nnce(r: Row) -> Tensor:
+    s = -math.log(r.spec.param("min_prob")) + r.clamped_lp()
+    return r.total_c - _expect(r.c, s) / s.sum(1)
+
+
+def _nnfl(r: Row) -> Tensor:
+    m, gamma = r.spec.param("min_prob"), r.spec.param("gamma")
+    g = -(1 - m) ** gamma * math.log(m) - r.focal(r.clamped_lp())  # B - f̂
+    return r.total_c - _expect(r.c, g) / g.sum(1)
+
+
+def _agce(r: Row) -> Tensor:
+    a, q = r.spec.param("a"), r.spec.param("q")
+    return _expect(r.c, ((a + 1) ** q - (a + r.p).pow(q)) / q)
+
+
+def _aul(r: Row) -> Tensor:
+    a, q = r.spec.param("a"), r.spec.param("q")
+    return _expect(r.c, ((a - r.p).pow(q) - (a - 1) ** q) / q)
+
+
+def _ael(r: Row) -> Tensor:
+    return _expect(r.c, torch.exp(-r.p / r.spec.param("a")))
 
 
 BASE_FUNCTIONS = {
-    "ce": _base_ce, "fl": _base_fl, "gce": _base_gce, "mae": _base_mae, "rce": _base_rce,
-    "nce": _base_nce, "nfl": _base_nfl, "ngce": _base_ngce, "nmae": _base_nmae, "nrce": _base_nrce,
+    "ce": _ce, "fl": _fl, "gce": _gce, "mae": _mae, "rce": _rce, "nce": _nce, "nfl": _nfl, "ngce": _ngce,
+    "nmae": _nmae, "nrce": _nrce, "nnce": _nnce, "nnfl": _nnfl, "agce": _agce, "aul": _aul, "ael": _ael,
 }
 
 
-def loss_rows(logits: Tensor, target: Tensor, spec: LossSpec) -> Tensor:
-    """Per-row loss of ``(R, K)`` logits and ``(R,)`` labels in [0, K), in the accumulation dtype."""
-    z = logits.to(accumulation_dtype(logits.dtype))
-    lp = torch.log_softmax(z, dim=1)
-    p = torch.softmax(z, dim=1)
-    total = None
-    for base, weight in spec.terms:
-        term = weight * BASE_FUNCTIONS[base](lp, p, target, spec)
-        total = term if total is None else total + term
-    return total
+def target_coefficients(target: Tensor, num_classes: int, weight: Tensor | None, label_smoothing: float,
+                        ignore_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each row's coefficients ``c`` (R, K) over the labels, and its weight in a ``mean``.
+
+    Index targets (R,): ``c = (1 - eps) w[y] onehot(y) + eps / K w`` (w = 1 without class
+    weights), and a mean divides by ``sum w[y]`` over the rows not ignored; an ignored row has
+    ``c = 0``. Probability targets (R, K): ``c = w ((1 - eps) t + eps / K)``, and a mean divides by
+    the number of rows. Both are ``F.cross_entropy``'s rules.
+    """
+    w = None if weight is None else weight.to(dtype)
+    if target.is_floating_point():
+        c = target.to(dtype)
+        if label_smoothing:
+            c = (1 - label_smoothing) * c + label_smoothing / num_classes
+        if w is not None:
+            c = c * w
+        return c, torch.ones(target.shape[0], dtype=dtype, device=target.device)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    row_weight = valid.to(dtype) if w is None else torch.where(valid, w[safe], 0)
+    c = torch.zeros(target.shape[0], num_classes, dtype=dtype, device=target.device)
+    c.scatter_(1, safe[:, None], ((1 - label_smoothing) * row_weight)[:, None])
+    if label_smoothing:
+        spread = label_smoothing / num_classes * (torch.ones(num_classes, dtype=dtype, device=target.device)
+                                                  if w is None else w)
+        c = c + valid[:, None] * spread
+    return c, row_weight
 
 
-def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` to per-row losses; ignored rows count as 0 and not in the mean."""
+def reduce_rows(rows: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
+    """Apply ``reduction`` to per-row losses; a ``mean`` divides by the sum of the rows' weights
+    (0 when every row is ignored: the mean is then 0 with zero gradient, not NaN)."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
-    # An all-ignored batch gives 0 / 1 = 0 with zero gradient, not NaN.
-    return total / valid.sum().clamp_min(1)
+    divisor = row_weight.sum()
+    return total / torch.where(divisor != 0, divisor, 1)
 
 
-def reference_loss(logits: Tensor, target: Tensor, spec: LossSpec, reduction: str, ignore_index: int) -> Tensor:
-    """The torch backend: ``(R, K)`` logits, ``(R,)`` int64 labels (validated by the caller)."""
-    valid = target != ignore_index
-    # Ignored rows see zero logits and label 0, so that neither their value
+def reference_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
+                   options: CallOptions) -> Tensor:
+    """The torch backend on rows: ``(R, K)`` logits, ``(R,)`` int64 labels or ``(R, K)`` probabilities
+    (validated by the caller); the loss in the accumulation dtype."""
+    acc = accumulation_dtype(logits.dtype)
+    c, row_weight = target_coefficients(target, logits.shape[1], weight, options.label_smoothing,
+                                        options.ignore_index, acc)
+    # Rows without any coefficient (ignored ones) see zero logits, so that neither their value
     # nor their gradient can be NaN; their loss is then set to 0.
-    safe_logits = torch.where(valid[:, None], logits, 0)
-    safe_target = torch.where(valid, target, 0)
-    rows = loss_rows(safe_logits, safe_target, spec)
-    rows = torch.where(valid, rows, 0)
-    return reduce_rows(rows, valid, reduction).to(logits.dtype)
+    counted = (c != 0).any(1)
+    z = torch.where(counted[:, None], logits.to(acc), 0)
+    row = Row(z, c, spec)
+    rows = sum(weight * BASE_FUNCTIONS[base](row) for base, weight in spec.terms)
+    rows = torch.where(counted, rows, 0)
+    return reduce_rows(rows, row_weight, options.reduction)

@@ -1,15 +1,17 @@
-// The fused losses on CPU, and the op's schema.
+// The fused losses on CPU, and the ops' schemas.
 //
 // Rows are cut into blocks whose length depends on K only; blocks run in parallel
-// (at::parallel_for) and each adds up its rows' losses, so a reduced loss is the
-// same whatever the number of threads. Each row is read from memory once: pass 1
-// takes its max (converting the row to the accumulation type first if it is
-// strided or of a half type), pass 2 stores e = exp(z - max) in a scratch row and
-// sums it and z - max, pass 3 (only rce/nrce, ngce, nfl) gathers the sums of
-// apl_rowmath.h and keeps the element terms, pass 4 writes the gradient. Passes
-// 2-4 work on the row in L1 cache, in at::vec vectors: the element math of
-// apl_rowmath.h is written once as templates and instantiated here on vectors
-// (through the Math specialization below), on scalars by the CUDA kernel.
+// (at::parallel_for) and each adds up its rows' losses, so a reduced loss is the same whatever the
+// number of threads. Each row is read from memory once: pass 1 takes its max (converting the row to
+// the accumulation type first if it is strided or of a half type), pass 2 stores e = exp(z - max) in
+// a scratch row and sums it and z - max, pass 3 (only when a term needs sums over the row, see
+// term_needs_pass) gathers the terms' sums of apl_rowmath.h and keeps their V' per element, pass 4
+// writes the gradient. Passes 2-4 work on the row in L1 cache, in at::vec vectors: the element math
+// of apl_rowmath.h is written once as templates and instantiated here on vectors (through the Math
+// specialization below), on scalars by the CUDA kernels.
+//
+// The CPU computes the gradient in forward (GRAD_IN_FORWARD): it is bound by its exponentials, and
+// a backward that recomputed them would double its cost.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,18 +32,16 @@ namespace apl {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// exp(x) of float vectors for x <= 0, the only exponentials the kernel takes
-// (z - max, q lp, gamma log u), in about half the instructions of Sleef's exp and
-// as accurate (1.04 ulp at most with FMA, 1.3 in the portable build): x = n ln2 + r
-// with n = round(x / ln2), |r| <= ln2 / 2 (ln2 in two parts, so r is exact),
-// exp(r) by a degree-6 polynomial (relative error 2e-8, fitted to exp on that
-// interval; exp(0) = 1 exactly), and 2^n applied as 2^(n+1) added to the exponent
-// field, then a multiplication by 1/2 (which rounds a subnormal result correctly).
-// Below -87.6 (results under 1e-38, smaller than the smallest normal float) the
-// result is 0, as it is for -inf and for NaN, which no defined row reaches (see
-// row_defined). The integer arithmetic works on x clamped to [-88, 0], so that it
-// never overflows: a positive x (only ever in the discarded padding lanes of a
-// row's last vector) is read as 0.
+// exp(x) of float vectors for x <= 0, the only exponentials the kernel takes but those of exp_any
+// (z - max, q lp, gamma log u, -p / a), in about half the instructions of Sleef's exp and as accurate
+// (1.04 ulp at most with FMA, 1.3 in the portable build): x = n ln2 + r with n = round(x / ln2),
+// |r| <= ln2 / 2 (ln2 in two parts, so r is exact), exp(r) by a degree-6 polynomial (relative error
+// 2e-8, fitted to exp on that interval; exp(0) = 1 exactly), and 2^n applied as 2^(n+1) added to the
+// exponent field, then a multiplication by 1/2 (which rounds a subnormal result correctly). Below
+// -87.6 (results under 1e-38, smaller than the smallest normal float) the result is 0, as it is for
+// -inf and for NaN, which no defined row reaches (see RowStats::defined). The integer arithmetic
+// works on x clamped to [-88, 0], so that it never overflows: a positive x (only ever in the
+// discarded padding lanes of a row's last vector) is read as 0.
 inline Vec<float> exp_nonpositive(const Vec<float>& x) {
   using V = Vec<float>;
   constexpr float kLog2e = 1.44269504088896341f;
@@ -60,8 +60,8 @@ inline Vec<float> exp_nonpositive(const Vec<float>& x) {
   poly = at::vec::fmadd(poly, r, V(0.4999999403953552f));
   poly = at::vec::fmadd(poly, r, V(1.0f));
   poly = at::vec::fmadd(poly, r, V(1.0f));
-  // n + 1 sits in the low bits of `rounded`: shifted into the exponent field and
-  // added to poly's bits (poly is in [0.7, 1.5)), it multiplies poly by 2^(n+1).
+  // n + 1 sits in the low bits of `rounded`: shifted into the exponent field and added to poly's
+  // bits (poly is in [0.7, 1.5)), it multiplies poly by 2^(n+1).
   const Vec<int32_t> exponent = at::vec::cast<int32_t>(rounded) << Vec<int32_t>(23);
   const V result = at::vec::cast<float>(at::vec::cast<int32_t>(poly) + exponent) * V(0.5f);
   return result & (x >= V(kSmallest));  // a comparison gives all-ones lanes where true
@@ -80,21 +80,25 @@ struct Math<Vec<T>> {
       return x.exp();
     }
   }
+  static V exp_any(const V& x) { return x.exp(); }
   static V sqrt(const V& x) { return x.sqrt(); }
   static V log(const V& x) { return x.log(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V where(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static V where(AllLanes, const V& a, const V&) { return a; }
   static V ge(const V& a, const V& b) { return a >= b; }
   static V gt(const V& a, const V& b) { return a > b; }
+  static V ne(const V& a, const V& b) { return a != b; }
   static V both(const V& a, const V& b) { return a & b; }
+  static V both(AllLanes, const V& b) { return b; }
 };
 
 namespace {
 
-// Sums of many terms are taken in blocks: a block's sum is folded into the total
-// every kBlockVectors vectors, so rounding grows with the block length plus the
-// number of blocks instead of with K (a vocabulary-sized row in float32 loses
-// ~1e-4 otherwise). ATen's reductions cascade for the same reason.
+// Sums of many terms are taken in blocks: a block's sum is folded into the total every kBlockVectors
+// vectors, so rounding grows with the block length plus the number of blocks instead of with K (a
+// vocabulary-sized row in float32 loses ~1e-4 otherwise). ATen's reductions cascade for the same
+// reason.
 constexpr int kBlockVectors = 64;
 
 template <typename T>
@@ -135,47 +139,40 @@ Vec<acc_t> load(const acc_t* p, int64_t count) {
   return count >= Vec<acc_t>::size() ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, count);
 }
 
-// Calls f(std::integral_constant<int, needs>{}): the passes that depend on which
-// sums a loss needs are compiled once per combination, without the others' code.
-template <typename F>
-auto with_needs(int needs, F&& f) {
-  switch (needs) {
-    case 0: return f(std::integral_constant<int, 0>{});
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    default: return f(std::integral_constant<int, 7>{});
+// A term's sums over a row (TermSums of apl_rowmath.h) as vectors, in blocks.
+template <typename acc_t>
+struct VectorSums {
+  using V = Vec<acc_t>;
+  BlockedSum<V> weighted, weighted_derivative, plain, plain_derivative;
+  TermSums<acc_t> result() const {
+    return {horizontal_sum(weighted.result()), horizontal_sum(weighted_derivative.result()),
+            horizontal_sum(plain.result()), horizontal_sum(plain_derivative.result())};
   }
-}
+};
 
-// The passes over one row of K contiguous acc_t, with scratch rows of whole
-// vectors: a copy of the row (for callers that must convert it), e = exp(z - max),
-// and the element terms the gradient pass needs.
+// The passes over one row of K contiguous acc_t, with scratch rows of whole vectors: a copy of the
+// row (for callers that must convert it), e = exp(z - max), the coefficients c of a dense row, and
+// each term's V'.
 template <typename acc_t>
 class RowKernel {
  public:
   using V = Vec<acc_t>;
   static constexpr int64_t kLanes = V::size();
 
-  RowKernel(int64_t K, const LossParams& params, acc_t grad_scale)
-      : K_(K),
-        params_(params),
-        needs_(row_needs(params)),
-        grad_scale_(grad_scale),
-        padded_((K + kLanes - 1) / kLanes * kLanes),
-        scratch_(4 * padded_) {}
+  RowKernel(int64_t K, const LossParams& params, bool dense, acc_t grad_scale)
+      : K_(K), params_(params), dense_(dense), grad_scale_(grad_scale),
+        padded_((K + kLanes - 1) / kLanes * kLanes), scratch_((3 + kMaxTerms) * padded_, acc_t(0)) {}
 
-  // Where a caller may convert a row to acc_t, and where the gradient may be
-  // written (over e: each vector is read before it is written).
+  // Where a caller may convert a row to acc_t; where a dense row's coefficients go (zero past K);
+  // and where the gradient may be written (over e: each vector is read before it is written).
   acc_t* input_row() { return scratch_.data(); }
+  acc_t* coefficient_row() { return scratch_.data() + 2 * padded_; }
   acc_t* gradient_row() { return e(); }
 
-  // The loss of row z with label y in [0, K); its gradient (times grad_scale) goes
-  // to grad unless that is null.
-  acc_t operator()(const acc_t* z, int64_t y, acc_t* grad) {
+  // The loss of row z and its gradient (times grad_scale) into grad unless that is null. One-hot
+  // rows: label y in [0, K) with coefficient label_c (= C). Dense rows: coefficient_row() holds c,
+  // total_c its sum, y is unused.
+  acc_t operator()(const acc_t* z, int64_t y, acc_t label_c, acc_t total_c, acc_t* grad) {
     const int64_t K = K_, full = K / kLanes * kLanes, tail = K - full;
     const V zero(acc_t(0)), minus_inf(-std::numeric_limits<acc_t>::infinity());
     acc_t* e = this->e();
@@ -183,10 +180,10 @@ class RowKernel {
     V max_v = minus_inf;
     for (int64_t i = 0; i < full; i += kLanes) max_v = at::vec::maximum(max_v, V::loadu(z + i));
     if (tail) max_v = at::vec::maximum(max_v, V::blendv(minus_inf, V::loadu(z + full, tail), lanes_below<acc_t>(tail)));
-    RowSums<acc_t> sums;
-    sums.max_z = horizontal_max(max_v);
+    RowStats<acc_t> row;
+    row.max_z = horizontal_max(max_v);
     // Pass 2: e = exp(z - max), s = sum e, and sum (z - max); e is 0 past K.
-    const V max_vec(sums.max_z);
+    const V max_vec(row.max_z);
     BlockedSum<V> s_v, shifted_v;
     for (int64_t i = 0; i < full; i += kLanes) {
       const V shifted = V::loadu(z + i) - max_vec;
@@ -204,143 +201,275 @@ class RowKernel {
       shifted_v.add(shifted);
     }
     const acc_t s = horizontal_sum(s_v.result());
-    set_sum_exp(sums, s);
-    sums.sum_shifted = horizontal_sum(shifted_v.result());
-    if (!row_defined(sums)) {
+    row.set_sum_exp(s);
+    row.sum_shifted = horizontal_sum(shifted_v.result());
+    if (!row.defined()) {
       constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
       if (grad) std::fill(grad, grad + K, kNaN);
       return kNaN;
     }
-    return with_needs(needs_, [&](auto needs) { return finish<decltype(needs)::value>(z, y, grad, sums, s); });
+    const acc_t inv_s = acc_t(1) / s;
+    return dense_ ? finish<true>(z, y, label_c, total_c, grad, row, inv_s)
+                  : finish<false>(z, y, label_c, total_c, grad, row, inv_s);
   }
 
  private:
   acc_t* e() { return scratch_.data() + padded_; }
-  acc_t* powered_masked() { return scratch_.data() + 2 * padded_; }
-  acc_t* focal_derivative() { return scratch_.data() + 3 * padded_; }
+  acc_t* derivative_row(int t) { return scratch_.data() + (3 + t) * padded_; }
 
-  // Pass 3 (the sums kNeeds asks for) and pass 4 (the gradient) of a defined row.
-  template <int kNeeds>
-  acc_t finish(const acc_t* z, int64_t y, acc_t* grad, RowSums<acc_t>& sums, acc_t s) {
+  // Pass 3 for term t, whose base kBase is known at compile time (so that element() is one case
+  // of its switch): its sums over the row, and its V' per element into derivative_row(t) when
+  // `store` (the gradient pass reads them).
+  template <bool kDense, int kBase>
+  TermSums<acc_t> term_pass(int t, const acc_t* z, int64_t y, acc_t total_c, const RowStats<acc_t>& row, acc_t inv_s,
+                            bool store) {
     const int64_t K = K_;
-    const V zero(acc_t(0)), max_vec(sums.max_z), log_s_v(sums.log_s);
-    const acc_t inv_s = acc_t(1) / s;
-    const V inv_s_v(inv_s);
+    constexpr int kFamily = family_of(kBase);
+    const V zero(acc_t(0)), max_vec(row.max_z), log_s_v(row.log_s), inv_s_v(inv_s), total_c_v(total_c);
+    const V lane_index = V::arange(acc_t(0), acc_t(1));
     const acc_t* e = this->e();
-    acc_t* powered_masked = this->powered_masked();
-    acc_t* focal_derivative = this->focal_derivative();
-    if constexpr (kNeeds != 0) {
-      // Pass 3. Only the vector holding the label and a partial last vector need masks.
-      const V lane_index = V::arange(acc_t(0), acc_t(1));
-      ElementSums<V, acc_t> total, block;
-      int blocked = 0;
-      for (int64_t i = 0; i < K; i += kLanes) {
-        const int64_t count = std::min(kLanes, K - i);
-        const V p = V::loadu(e + i) * inv_s_v;
-        const ElementTerms<V> terms =
-            element_terms<V, acc_t>(kNeeds, p, (load(z + i, count) - max_vec) - log_s_v, sums, params_);
-        if (count == kLanes && (y < i || y >= i + kLanes)) {
-          block.add(kNeeds, p, terms, AllLanes{}, AllLanes{});
-        } else {
-          const V counted = lanes_below<acc_t>(count);
-          block.add(kNeeds, p, terms, counted, counted & (lane_index != V(acc_t(y - i))));
-        }
-        if (++blocked == kBlockVectors) {
-          total.merge(block);
-          block = ElementSums<V, acc_t>();
-          blocked = 0;
-        }
-        if (grad && (kNeeds & kNeedPowered)) terms.powered_masked.store(powered_masked + i);
-        if (grad && (kNeeds & kNeedFocal)) terms.focal_derivative.store(focal_derivative + i);
+    const acc_t* c = coefficient_row();
+    acc_t* derivatives = derivative_row(t);
+    VectorSums<acc_t> sum;
+    // `counted`: lanes that are elements of the row; `off_label`: (one-hot rows) those that are not
+    // the label. Masks only for the vector holding the label and a partial last vector.
+    auto accumulate = [&](int64_t i, int64_t count, auto counted, auto off_label) {
+      const V p = V::loadu(e + i) * inv_s_v;
+      const Element<V> el = element<V, acc_t>(kBase, p, (load(z + i, count) - max_vec) - log_s_v, row, params_, K);
+      if (store) el.derivative.store(derivatives + i);
+      if constexpr (kDense) {
+        const V w = Math<V>::where(counted, omega<V, acc_t>(kBase, V::loadu(c + i), total_c), zero);
+        // A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
+        sum.weighted.add(Math<V>::where(w != zero, w * el.value, zero));
+        sum.weighted_derivative.add(w * el.derivative);
+      } else if constexpr (kFamily == kReverse) {
+        sum.weighted.add(Math<V>::where(off_label, total_c_v * el.value, zero));
+        sum.weighted_derivative.add(Math<V>::where(off_label, total_c_v * el.derivative, zero));
       }
-      total.merge(block);
-      sums.off_clamped = horizontal_sum(total.off_clamped);
-      sums.off_masked = horizontal_sum(total.off_masked);
-      sums.powered = horizontal_sum(total.powered);
-      sums.powered_masked = horizontal_sum(total.powered_masked);
-      sums.focal = horizontal_sum(total.focal);
-      sums.focal_derivative = horizontal_sum(total.focal_derivative);
-    }
-    const acc_t p_label = e[y] * inv_s;
-    const RowGrad<acc_t> g = scaled(row_grad<acc_t>(params_, sums, z[y], p_label, K), grad_scale_);
-    if (!grad) return g.value;
-    // Pass 4: the gradient.
+      if constexpr (kFamily == kNormalized || kFamily == kNegative) {
+        sum.plain.add(Math<V>::where(counted, el.value, zero));
+        sum.plain_derivative.add(Math<V>::where(counted, el.derivative, zero));
+      }
+    };
     for (int64_t i = 0; i < K; i += kLanes) {
-      const ElementTerms<V> terms{zero, kNeeds & kNeedPowered ? V::loadu(powered_masked + i) : zero, zero,
-                                  kNeeds & kNeedFocal ? V::loadu(focal_derivative + i) : zero};
-      const V value = element_grad<V, acc_t>(kNeeds, V::loadu(e + i) * inv_s_v, terms, g);
-      if (i + kLanes <= K) {
-        value.store(grad + i);
+      const int64_t count = std::min(kLanes, K - i);
+      if (count == kLanes && (kDense || y < i || y >= i + kLanes)) {
+        accumulate(i, count, AllLanes{}, AllLanes{});
       } else {
-        value.store(grad + i, K - i);
+        const V counted = lanes_below<acc_t>(count);
+        accumulate(i, count, counted, counted & (lane_index != V(acc_t(y - i))));
       }
     }
-    const ElementTerms<acc_t> label_terms{0, powered_masked[y], 0, focal_derivative[y]};
-    grad[y] = element_grad<acc_t, acc_t>(kNeeds & ~kNeedOffLabel, p_label, label_terms, g) + g.at_label;
-    return g.value;
+    return sum.result();
+  }
+
+  // Calls f(std::integral_constant<int, base>{}).
+  template <typename F>
+  static auto with_base(int base, F&& f) {
+    switch (base) {
+      case kCE: return f(std::integral_constant<int, kCE>{});
+      case kFL: return f(std::integral_constant<int, kFL>{});
+      case kGCE: return f(std::integral_constant<int, kGCE>{});
+      case kMAE: return f(std::integral_constant<int, kMAE>{});
+      case kRCE: return f(std::integral_constant<int, kRCE>{});
+      case kNCE: return f(std::integral_constant<int, kNCE>{});
+      case kNFL: return f(std::integral_constant<int, kNFL>{});
+      case kNGCE: return f(std::integral_constant<int, kNGCE>{});
+      case kNMAE: return f(std::integral_constant<int, kNMAE>{});
+      case kNRCE: return f(std::integral_constant<int, kNRCE>{});
+      case kNNCE: return f(std::integral_constant<int, kNNCE>{});
+      case kNNFL: return f(std::integral_constant<int, kNNFL>{});
+      case kAGCE: return f(std::integral_constant<int, kAGCE>{});
+      case kAUL: return f(std::integral_constant<int, kAUL>{});
+      default: return f(std::integral_constant<int, kAEL>{});
+    }
+  }
+
+  // Pass 3 for the terms that need it, the coefficients, and pass 4 (the gradient).
+  template <bool kDense>
+  acc_t finish(const acc_t* z, int64_t y, acc_t label_c, acc_t total_c, acc_t* grad, const RowStats<acc_t>& row,
+               acc_t inv_s) {
+    const int64_t K = K_;
+    const int terms = params_.num_terms;
+    TermSums<acc_t> sums[kMaxTerms];
+    bool stored[kMaxTerms] = {false, false};
+    for (int t = 0; t < terms; ++t) {
+      if (!term_needs_pass(params_.base[t], kDense)) continue;
+      stored[t] = grad != nullptr;
+      sums[t] = with_base(params_.base[t], [&](auto base) {
+        return term_pass<kDense, decltype(base)::value>(t, z, y, total_c, row, inv_s, stored[t]);
+      });
+    }
+    // One-hot rows: the sums of omega = c, which is label_c at the label and 0 elsewhere.
+    const acc_t* e = this->e();
+    Element<acc_t> at_label[kMaxTerms];
+    acc_t p_label = 0;
+    if constexpr (!kDense) {
+      p_label = e[y] * inv_s;
+      const acc_t lp_label = (z[y] - row.max_z) - row.log_s;
+      for (int t = 0; t < terms; ++t) {
+        at_label[t] = element<acc_t, acc_t>(params_.base[t], p_label, lp_label, row, params_, K);
+        if (family_of(params_.base[t]) != kReverse) {
+          sums[t].weighted = label_c == acc_t(0) ? acc_t(0) : label_c * at_label[t].value;
+          sums[t].weighted_derivative = label_c * at_label[t].derivative;
+        }
+      }
+    }
+    RowCoefs<acc_t> k = row_coefs<acc_t>(params_, sums, row, total_c, K);
+    if (!grad) return k.value;
+    k.scale_gradient(grad_scale_);
+    // Pass 4: grad = sum_t (alpha_t + beta_t omega_t) V'_t - p H. Terms without a pass (one-hot
+    // rows) add only nce's alpha (its V' is 1; the local terms' alpha is 0).
+    const V zero(acc_t(0)), inv_s_v(inv_s), h_v(k.total_h);
+    const acc_t* c = coefficient_row();
+    acc_t off_label[kMaxTerms];  // one-hot rows: alpha_t + beta_t omega_t away from the label
+    acc_t constant = 0;
+    for (int t = 0; t < terms; ++t) {
+      off_label[t] = k.alpha[t] + (family_of(params_.base[t]) == kReverse ? k.beta[t] * total_c : acc_t(0));
+      if (!stored[t]) constant += params_.base[t] == kNCE ? off_label[t] : acc_t(0);
+    }
+    const V constant_v(constant);
+    for (int64_t i = 0; i < K; i += kLanes) {
+      const V p = V::loadu(e + i) * inv_s_v;
+      V g = constant_v - p * h_v;
+      for (int t = 0; t < terms; ++t) {
+        if (!stored[t]) continue;
+        if constexpr (kDense) {
+          const V w = omega<V, acc_t>(params_.base[t], V::loadu(c + i), total_c);
+          g = g + (V(k.alpha[t]) + V(k.beta[t]) * w) * V::loadu(derivative_row(t) + i);
+        } else {
+          g = g + V(off_label[t]) * V::loadu(derivative_row(t) + i);
+        }
+      }
+      if (i + kLanes <= K) {
+        g.store(grad + i);
+      } else {
+        g.store(grad + i, K - i);
+      }
+    }
+    if constexpr (!kDense) {
+      acc_t g = -p_label * k.total_h;
+      for (int t = 0; t < terms; ++t) {
+        const bool reverse = family_of(params_.base[t]) == kReverse;
+        g += (k.alpha[t] + (reverse ? acc_t(0) : k.beta[t] * label_c)) * at_label[t].derivative;
+      }
+      grad[y] = g;
+    }
+    return k.value;
   }
 
   int64_t K_;
   LossParams params_;
-  int needs_;
+  bool dense_;
   acc_t grad_scale_;
   int64_t padded_;
   std::vector<acc_t> scratch_;
 };
 
-// Rows per block: about kBlockElements logits. Threads take whole blocks, so blocks
-// are kept small enough to share out evenly even when a batch is small.
+// Rows per block: about kBlockElements logits. Threads take whole blocks, so blocks are kept small
+// enough to share out evenly even when a batch is small.
 constexpr int64_t kBlockElements = 4096;
 
-// Every row's loss (into row_loss unless it is null) and gradient (into grad unless
-// it is empty); returns the sum of the row losses. Rows go in blocks of a length
-// that depends on K only, each block's sum taken in order and the blocks' sums
-// added in order: the same result for any number of threads.
+// Reads row r of a (rows, K) tensor of any strides and floating dtype as contiguous acc_t: in place
+// when it already is, else converted into `buffer`.
+template <typename acc_t>
+struct RowReader {
+  const at::Tensor& tensor;
+  template <typename scalar_t>
+  const acc_t* read(int64_t r, acc_t* buffer) const {
+    const int64_t K = tensor.size(1), col_stride = tensor.stride(1);
+    const scalar_t* row = tensor.const_data_ptr<scalar_t>() + r * tensor.stride(0);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (col_stride == 1) return row;
+    }
+    if (col_stride == 1) {
+      at::vec::convert(row, buffer, K);
+    } else {
+      for (int64_t i = 0; i < K; ++i) buffer[i] = static_cast<acc_t>(row[i * col_stride]);
+    }
+    return buffer;
+  }
+};
+
+// Row r of a tensor of any floating dtype, as contiguous acc_t.
+template <typename acc_t>
+const acc_t* read_any(const RowReader<acc_t>& reader, int64_t r, acc_t* buffer) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, reader.tensor.scalar_type(), "apl_read_row",
+                                         [&] { return reader.template read<scalar_t>(r, buffer); });
+}
+
+// What a call's rows share: the class weights and the label smoothing, as the coefficients c.
+template <typename acc_t>
+struct Coefficients {
+  std::vector<acc_t> weight;  // w (K), 1 without class weights
+  std::vector<acc_t> spread;  // eps / K * w: what smoothing puts on every label
+  acc_t spread_total = 0;
+  acc_t keep = 1;  // 1 - eps
+
+  Coefficients(const c10::optional<at::Tensor>& w, int64_t K, double label_smoothing)
+      : weight(K, acc_t(1)), spread(K), keep(acc_t(1 - label_smoothing)) {
+    if (w.has_value()) {
+      const at::Tensor values = w->to(at::kDouble).contiguous();
+      const double* data = values.const_data_ptr<double>();
+      for (int64_t i = 0; i < K; ++i) weight[i] = static_cast<acc_t>(data[i]);
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      spread[i] = static_cast<acc_t>(label_smoothing / static_cast<double>(K)) * weight[i];
+      spread_total += spread[i];
+    }
+  }
+};
+
+// Every row's loss (into row_loss unless it is null) and gradient (into grad unless it is empty);
+// returns the sum of the row losses. Rows go in blocks of a length that depends on K only, each
+// block's sum taken in order and the blocks' sums added in order: the same result for any number of
+// threads.
 template <typename scalar_t>
-double loss_rows_cpu(const at::Tensor& logits, const int64_t* target, const OpCall& call, double grad_scale,
-                     at::opmath_type<scalar_t>* row_loss, at::Tensor& grad) {
+double loss_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const Coefficients<at::opmath_type<scalar_t>>& co,
+                     const OpCall& call, double grad_scale, at::opmath_type<scalar_t>* row_loss, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t rows = logits.size(0), K = logits.size(1);
-  const int64_t row_stride = logits.stride(0), col_stride = logits.stride(1);
-  const scalar_t* logits_data = logits.const_data_ptr<scalar_t>();
   scalar_t* grad_out = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t* labels = call.probabilities ? nullptr : target.const_data_ptr<int64_t>();
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / K);
   const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
   std::vector<double> block_sums(num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t first_block, int64_t end_block) {
-    RowKernel<acc_t> kernel(K, call.params, static_cast<acc_t>(grad_scale));
+    RowKernel<acc_t> kernel(K, call.params, call.dense, static_cast<acc_t>(grad_scale));
+    const RowReader<acc_t> logits_reader{logits}, target_reader{target};
+    acc_t* c = kernel.coefficient_row();
     for (int64_t b = first_block; b < end_block; ++b) {
       double block_sum = 0;
       for (int64_t r = b * rows_per_block; r < std::min(rows, (b + 1) * rows_per_block); ++r) {
         scalar_t* grad_row = grad_out ? grad_out + r * K : nullptr;
-        const int64_t y = target[r];
+        const int64_t y = labels ? labels[r] : -1;
+        // The row's coefficients: c[y] = label_c for a one-hot row; a dense row's in c.
+        acc_t label_c = 0, total_c = 0, any_c = 0;
+        if (labels && y != call.ignore_index) {
+          label_c = co.keep * co.weight[y];
+          total_c = label_c + co.spread_total;
+          any_c = label_c != acc_t(0) || co.spread_total != acc_t(0) ? acc_t(1) : acc_t(0);
+          if (call.dense) {
+            std::copy(co.spread.begin(), co.spread.end(), c);
+            c[y] += label_c;
+          }
+        } else if (!labels) {
+          const acc_t* t = read_any(target_reader, r, c);
+          for (int64_t i = 0; i < K; ++i) {
+            c[i] = co.keep * co.weight[i] * t[i] + co.spread[i];  // w ((1 - eps) t + eps / K)
+            total_c += c[i];
+            any_c += c[i] != acc_t(0);
+          }
+        }
         acc_t loss = 0;
-        if (y == call.ignore_index) {
+        if (any_c == acc_t(0)) {  // ignored, or no coefficient on any label: 0
           if (grad_row) std::fill(grad_row, grad_row + K, scalar_t(0));
         } else {
-          // The row as contiguous acc_t: in place, or converted.
-          const scalar_t* row = logits_data + r * row_stride;
-          const acc_t* z = kernel.input_row();
-          if constexpr (kSameType) {
-            if (col_stride == 1) z = row;
-          }
-          if (z == kernel.input_row()) {
-            if (col_stride == 1) {
-              at::vec::convert(row, kernel.input_row(), K);
-            } else {
-              for (int64_t i = 0; i < K; ++i) kernel.input_row()[i] = static_cast<acc_t>(row[i * col_stride]);
-            }
-          }
+          const acc_t* z = logits_reader.template read<scalar_t>(r, kernel.input_row());
           acc_t* grad_acc = nullptr;
-          if (grad_row) {
-            if constexpr (kSameType) {
-              grad_acc = grad_row;
-            } else {
-              grad_acc = kernel.gradient_row();
-            }
-          }
-          loss = kernel(z, y, grad_acc);
+          if (grad_row) grad_acc = kSameType ? reinterpret_cast<acc_t*>(grad_row) : kernel.gradient_row();
+          loss = kernel(z, y, label_c, total_c, grad_acc);
           if constexpr (!kSameType) {
             if (grad_row) at::vec::convert(grad_acc, grad_row, K);
           }
@@ -357,30 +486,40 @@ double loss_rows_cpu(const at::Tensor& logits, const int64_t* target, const OpCa
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, const at::Tensor& target_in,
-                                                  at::IntArrayRef bases, at::ArrayRef<double> coefficients,
-                                                  at::IntArrayRef options) {
-  const OpCall call = decode_call(logits, target_in, bases, coefficients, options);
-  const at::Tensor target = target_in.contiguous();
-  const int64_t* labels = target.const_data_ptr<int64_t>();
-  const int64_t K = logits.size(1);
-  // Every label is checked before any logit is read.
-  int64_t counted = 0;
-  for (int64_t r = 0; r < target.size(0); ++r) {
-    const int64_t y = labels[r];
-    if (y == call.ignore_index) continue;
-    TORCH_CHECK_VALUE(y >= 0 && y < K, "target ", y, " at flat position ", r, " is outside [0, ", K,
-                      ") and is not ignore_index (", call.ignore_index, ")");
-    ++counted;
+                                                  const c10::optional<at::Tensor>& weight, at::IntArrayRef bases,
+                                                  at::ArrayRef<double> coefficients, at::IntArrayRef options) {
+  const OpCall call = decode_call(logits, target_in, weight, bases, coefficients, options);
+  TORCH_CHECK(call.grad_mode != kGradInBackward,
+              "apl: the CPU kernel computes the gradient in forward (gradient mode 1), not in backward (2)");
+  const at::Tensor target = call.probabilities ? target_in : target_in.contiguous();
+  const int64_t rows = logits.size(0), K = logits.size(1);
+  // Every label is checked before any logit is read; a mean divides by the summed weight of the
+  // counted rows (the number of rows for probabilities), by 1 when that is 0.
+  double divisor = static_cast<double>(rows);
+  if (!call.probabilities) {
+    const at::Tensor weights = weight.has_value() ? weight->to(at::kDouble).contiguous() : at::Tensor();
+    const double* w = weights.defined() ? weights.const_data_ptr<double>() : nullptr;
+    const int64_t* labels = target.const_data_ptr<int64_t>();
+    divisor = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t y = labels[r];
+      if (y == call.ignore_index) continue;
+      TORCH_CHECK_VALUE(y >= 0 && y < K, "target ", y, " at flat position ", r, " is outside [0, ", K,
+                        ") and is not ignore_index (", call.ignore_index, ")");
+      divisor += w ? w[y] : 1.0;
+    }
   }
-  at::Tensor grad = empty_grad(logits, call.compute_grad);
+  if (divisor == 0) divisor = 1;  // every row ignored (or weighted 0): the mean is 0
+  at::Tensor grad = call.grad_mode == kGradInForward ? at::empty(logits.sizes(), logits.options())
+                                                     : at::empty({0}, logits.options());
   const auto loss_options = logits.options().dtype(accumulation_type(logits));
-  at::Tensor loss = call.reduction == kNone ? at::empty({logits.size(0)}, loss_options) : at::empty({}, loss_options);
-  const double divisor = static_cast<double>(std::max<int64_t>(counted, 1));  // a mean's; 0 / 1 when all ignored
+  at::Tensor loss = call.reduction == kNone ? at::empty({rows}, loss_options) : at::empty({}, loss_options);
   const double grad_scale = call.reduction == kMean ? 1.0 / divisor : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const Coefficients<acc_t> co(weight, K, call.params.label_smoothing);
     acc_t* row_loss = call.reduction == kNone ? loss.mutable_data_ptr<acc_t>() : nullptr;
-    const double total = loss_rows_cpu<scalar_t>(logits, labels, call, grad_scale, row_loss, grad);
+    const double total = loss_rows_cpu<scalar_t>(logits, target, co, call, grad_scale, row_loss, grad);
     if (call.reduction != kNone) {
       *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(call.reduction == kMean ? total / divisor : total);
     }
@@ -391,7 +530,10 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
 }  // namespace
 
 TORCH_LIBRARY(apl, m) {
-  m.def("fused_loss(Tensor logits, Tensor target, int[] bases, float[] coefficients, int[] options) -> (Tensor, Tensor)");
+  m.def("fused_loss(Tensor logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients, "
+        "int[] options) -> (Tensor, Tensor)");
+  m.def("fused_loss_backward(Tensor logits, Tensor target, Tensor? weight, Tensor stats, Tensor grad_loss, "
+        "int[] bases, float[] coefficients, int[] options) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(apl, CPU, m) { m.impl("fused_loss", &fused_loss_cpu); }

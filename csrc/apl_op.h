@@ -1,12 +1,13 @@
-// Host-side pieces of the fused op that the CPU and CUDA implementations share:
-// the schema's arguments decoded and checked, and the outputs. The op's contract
-// is written out in apl_kernels/fused.py.
+// Host-side pieces of the fused ops that the CPU and CUDA implementations share: the schema's
+// arguments decoded and checked, and the outputs. The ops' contract is written out in
+// apl_kernels/backends/fused.py; the math in apl_rowmath.h.
 
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
 
 #include <cmath>
 
@@ -15,66 +16,101 @@
 namespace apl {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+enum GradMode : int64_t { kNoGrad = 0, kGradInForward = 1, kGradInBackward = 2 };
+constexpr int kNumParameters = 4;  // gamma, q, a, min_prob: apl_kernels.catalogue.PARAMETERS
+constexpr int64_t kStats = 8;      // apl_kernels.backends.fused.STATS: see RowRecord
 
 // What a call computes, decoded from the schema's lists:
 //   bases         the terms' base losses (1 or 2)
-//   coefficients  one weight per term, then gamma, then q
-//   options       ignore_index, reduction code, official_grad (0/1), compute_grad (0/1)
-// (three lists rather than ten arguments: torch.library's autograd wrapper costs
-// microseconds per argument on every call, which is most of a small batch's time).
+//   coefficients  one weight per term, then gamma, q, a, min_prob, then label_smoothing
+//   options       ignore_index, reduction code, official_grad (0/1), gradient mode (0/1/2)
+// Bad arguments raise ValueError (TypeError for a wrong dtype), as the Python checks of the Triton
+// op and of the public API do
+// (three lists rather than a dozen arguments: torch.library's autograd wrapper costs microseconds
+// per argument on every call, which is most of a small batch's time).
 struct OpCall {
   LossParams params;
   int64_t ignore_index;
   int64_t reduction;
-  bool compute_grad;
+  int64_t grad_mode;
+  bool probabilities;  // target holds (R, K) class probabilities, not (R,) labels
+  bool dense;          // coefficients on every label: probabilities, or label smoothing
 };
 
-inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, at::IntArrayRef bases,
-                          at::ArrayRef<double> coefficients, at::IntArrayRef options) {
-  TORCH_CHECK(logits.dim() == 2, "apl: logits must be 2-D (rows, classes); got ", logits.dim(), " dims");
-  TORCH_CHECK(logits.size(1) >= 2, "apl: the number of classes must be >= 2; got ", logits.size(1));
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "apl: logits must be float16, bfloat16, float32 or float64; got ", dtype);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
-              "apl: target must be 1-D with one label per row of logits; got shape ", target.sizes(),
-              " for logits of shape ", logits.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "apl: target must be int64; got ", target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "apl: logits are on ", logits.device(), " but target is on ",
-              target.device());
-  TORCH_CHECK(!bases.empty() && bases.size() <= kMaxTerms && coefficients.size() == bases.size() + 2,
-              "apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma and q; got ",
-              bases.size(), " bases and ", coefficients.size(), " coefficients");
-  TORCH_CHECK(options.size() == 4,
-              "apl: options must be [ignore_index, reduction, official_grad, compute_grad]; got ", options.size(),
-              " values");
+inline bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                          at::IntArrayRef bases, at::ArrayRef<double> coefficients, at::IntArrayRef options) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "apl: logits must be 2-D (rows, classes); got ", logits.dim(), " dims");
+  TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl: the number of classes must be >= 2; got ", logits.size(1));
+  TORCH_CHECK_TYPE(is_float(logits.scalar_type()), "apl: logits must be float16, bfloat16, float32 or float64; got ",
+              logits.scalar_type());
   OpCall call{};
+  call.probabilities = target.dim() == 2;
+  if (call.probabilities) {
+    TORCH_CHECK_VALUE(target.sizes() == logits.sizes() && is_float(target.scalar_type()),
+                "apl: probability targets must be floating with the logits' shape ", logits.sizes(), "; got ",
+                target.scalar_type(), " of shape ", target.sizes());
+  } else {
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                "apl: target must be 1-D with one label per row of logits, or 2-D probabilities; got shape ",
+                target.sizes(), " for logits of shape ", logits.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "apl: labels must be int64; got ", target.scalar_type());
+  }
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "apl: logits are on ", logits.device(), " but target is on ",
+              target.device());
+  if (weight.has_value()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == logits.size(1) && is_float(weight->scalar_type()),
+                "apl: weight must be 1-D floating with one weight per class (", logits.size(1), "); got ",
+                weight->scalar_type(), " of shape ", weight->sizes());
+    TORCH_CHECK_VALUE(weight->device() == logits.device(), "apl: weight is on ", weight->device(), " but logits are on ",
+                logits.device());
+  }
+  const size_t terms = bases.size();
+  TORCH_CHECK_VALUE(terms >= 1 && terms <= kMaxTerms && coefficients.size() == terms + kNumParameters + 1,
+              "apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma, q, a, "
+              "min_prob and label_smoothing; got ", terms, " bases and ", coefficients.size(), " coefficients");
+  TORCH_CHECK_VALUE(options.size() == 4,
+              "apl: options must be [ignore_index, reduction, official_grad, grad_mode]; got ", options.size(),
+              " values");
   LossParams& params = call.params;
-  params.num_terms = static_cast<int>(bases.size());
-  for (size_t t = 0; t < bases.size(); ++t) {
-    TORCH_CHECK(bases[t] >= 0 && bases[t] < kNumBases, "apl: unknown base loss index ", bases[t]);
-    TORCH_CHECK(std::isfinite(coefficients[t]), "apl: weights must be finite, got ", coefficients[t]);
+  params.num_terms = static_cast<int>(terms);
+  for (size_t t = 0; t < terms; ++t) {
+    TORCH_CHECK_VALUE(bases[t] >= 0 && bases[t] < kNumBases, "apl: unknown base loss index ", bases[t]);
+    TORCH_CHECK_VALUE(std::isfinite(coefficients[t]), "apl: weights must be finite, got ", coefficients[t]);
     params.base[t] = static_cast<int>(bases[t]);
     params.weight[t] = coefficients[t];
   }
-  params.gamma = coefficients[bases.size()];
-  params.q = coefficients[bases.size() + 1];
-  // q is used in the accumulation type: a double that rounds to 0 in float would divide by 0.
-  const double q_used = dtype == at::kDouble ? params.q : static_cast<double>(static_cast<float>(params.q));
-  TORCH_CHECK(std::isfinite(params.q) && q_used > 0, "apl: q must be finite and > 0 (in float32 for ", dtype,
-              " logits), got ", params.q);
-  TORCH_CHECK(std::isfinite(params.gamma) && params.gamma >= 0, "apl: gamma must be finite and >= 0, got ",
+  params.gamma = coefficients[terms];
+  params.q = coefficients[terms + 1];
+  params.a = coefficients[terms + 2];
+  params.min_prob = coefficients[terms + 3];
+  params.label_smoothing = coefficients[terms + 4];
+  // The public API checks the catalogue's limits (apl_kernels.catalogue.LIMITS); direct callers get
+  // at least values the math is defined for.
+  TORCH_CHECK_VALUE(std::isfinite(params.gamma) && params.gamma >= 0, "apl: gamma must be finite and >= 0, got ",
               params.gamma);
-  params.clamp_min_powered = std::pow(kClampMin, params.q);
+  TORCH_CHECK_VALUE(std::isfinite(params.q) && params.q >= 1e-30, "apl: q must be finite and >= 1e-30, got ", params.q);
+  TORCH_CHECK_VALUE(std::isfinite(params.a) && params.a > 0, "apl: a must be finite and > 0, got ", params.a);
+  TORCH_CHECK_VALUE(params.min_prob > 0 && params.min_prob < 1, "apl: min_prob must be in (0, 1), got ", params.min_prob);
+  TORCH_CHECK_VALUE(params.label_smoothing >= 0 && params.label_smoothing <= 1,
+              "apl: label_smoothing must be in [0, 1], got ", params.label_smoothing);
+  for (size_t t = 0; t < terms; ++t) {
+    TORCH_CHECK_VALUE(params.base[t] != kAUL || params.a > 1, "apl: aul needs a > 1, got ", params.a);
+  }
+  params.derive();
   call.ignore_index = options[0];
   call.reduction = options[1];
-  TORCH_CHECK(call.reduction >= kNone && call.reduction <= kSum,
+  TORCH_CHECK_VALUE(call.reduction >= kNone && call.reduction <= kSum,
               "apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got ", call.reduction);
-  TORCH_CHECK((options[2] == 0 || options[2] == 1) && (options[3] == 0 || options[3] == 1),
-              "apl: official_grad and compute_grad (options[2], options[3]) must be 0 or 1; got ", options[2], " and ",
-              options[3]);
+  TORCH_CHECK_VALUE(options[2] == 0 || options[2] == 1, "apl: official_grad (options[2]) must be 0 or 1; got ", options[2]);
   params.official_grad = options[2] == 1;
-  call.compute_grad = options[3] == 1;
+  call.grad_mode = options[3];
+  TORCH_CHECK_VALUE(call.grad_mode >= kNoGrad && call.grad_mode <= kGradInBackward,
+              "apl: the gradient mode (options[3]) must be 0, 1 or 2; got ", call.grad_mode);
+  call.dense = call.probabilities || params.label_smoothing != 0;
   return call;
 }
 
@@ -82,9 +118,12 @@ inline at::ScalarType accumulation_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The gradient output: (rows, K) in the logits' dtype, or empty without compute_grad.
-inline at::Tensor empty_grad(const at::Tensor& logits, bool compute_grad) {
-  return compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
-}
+// The per-row record that GRAD_IN_BACKWARD saves (kStats values, in this order), and the mean's
+// divisor in the record after the last row.
+template <typename S>
+struct RowRecord {
+  S max_z, log_s, total_c, alpha0, beta0, alpha1, beta1, total_h;
+};
+static_assert(sizeof(RowRecord<float>) == kStats * sizeof(float), "RowRecord holds kStats values");
 
 }  // namespace apl

@@ -1,52 +1,62 @@
-// Per-row math of every loss of the catalogue: the one source of truth that the
-// CPU kernel (apl_cpu.cpp) and the CUDA kernel (apl_cuda.cu) both compile.
+// Per-row math of every loss of the catalogue: the one source of truth that the CPU kernel
+// (apl_cpu.cpp) and the CUDA kernels (apl_cuda.cu) both compile. docs/kernels.md explains the
+// framework; docs/losses.md is the contract.
 //
-// Notation (one row): logits z[0..K), label y, m = max z, s = sum exp(z - m),
-// lp = (z - m) - log s (shifted first: z - (m + log s) loses ~1e-3 at |z| ~ 1e4
-// in float32), p = exp(lp), p̂ = clamp(p, 1e-7, 1),
-// mask[j] = [p[j] >= 1e-7] (torch's clamp passes the gradient at the bound).
+// Notation (one row): logits z[0..K), m = max z, s = sum exp(z - m), lp = (z - m) - log s
+// (shifted first: z - (m + log s) loses ~1e-3 at |z| ~ 1e4 in float32), p = exp(lp),
+// p̂ = clamp(p, 1e-7, 1), mask[j] = [p[j] >= 1e-7] (torch's clamp passes the gradient at the bound).
 //
-// Gradients. With h[j] = dL/dlp[j] (lp taken as free variables and p = exp(lp)),
-// dlp[j]/dz[i] = [i == j] - p[i] gives
+// Targets as distributions. A row's target is a vector of coefficients c over the K labels: a
+// one-hot label times its class weight, a smoothed label, or class probabilities (times weights),
+// and the row's loss is the expectation L(z, c) = sum_y c[y] L(z, y); C = sum_y c[y].
 //
-//     dL/dz[i] = h[i] - p[i] * H,        H = sum_j h[j].
+// Elements. Each base loss b has two per-element terms: V[j] and its derivative V'[j] = dV[j]/dlp[j]
+// (lp taken as free variables, p = exp(lp)). Its expectation has one of four forms, its family:
 //
-// For every loss, h has the shape
+//   local       L(z, y) = V[y]                    L(z, c) = sum c V            h[j] = c[j] V'[j]
+//   reverse     L(z, y) = sum_{j != y} V[j]       L(z, c) = sum (C - c) V      h[j] = (C - c[j]) V'[j]
+//   normalized  L(z, y) = V[y] / D, D = sum V     L(z, c) = N / D, N = sum c V h[j] = (c[j]/D - N/D^2) V'[j]
+//   negative    L(z, y) = 1 - V[y] / D            L(z, c) = C - N / D          h[j] = -(c[j]/D - N/D^2) V'[j]
 //
-//     h[i] = at_label [i == y] + constant + clamped_p * p[i] mask[i]
-//            + powered * P[i] mask[i] + focal * d[i]
+// with h[j] = dL/dlp[j]; since dlp[j]/dz[i] = [i == j] - p[i], the gradient is
 //
-// with per-row coefficients, P[i] = p̂[i]^q and d[i] = d/dlp of the focal term
-// f = -(1 - p)^gamma lp (below). A pair alpha A + beta B adds the weighted
-// coefficients of its members: one pass writes its one gradient. Derivations,
-// with dp̂[j]/dlp[j] = p[j] mask[j] and dP[j]/dlp[j] = q P[j] mask[j]:
+//     dL/dz[i] = h[i] - p[i] H,   H = sum_j h[j],
 //
-//   ce    L = -lp[y]                    h[y] = -1
-//   fl    L = -u^g lp[y], u = 1 - p[y]  h[y] = -u^g + g u^(g-1) p[y] lp[y]   (du/dlp = -p)
-//                                       official_grad: h[y] = -u^g (u^g constant)
-//   gce   L = (1 - P[y]) / q            h[y] = -P[y] mask[y]
-//   mae   L = 1 - p[y]                  h[y] = -p[y]
-//   nmae  L = (1 - p[y]) / (K-1)        h[y] = -p[y] / (K-1)
-//   rce   L = A sum_{j!=y} p̂[j]         h[j] = A p[j] mask[j] for j != y, 0 at y: the
-//                                       label's element is computed without off-label terms
-//   nrce  rce with 1/(K-1) for A
-//   nce   L = lp[y] / S, S = sum lp     h[j] = [j==y]/S - lp[y]/S^2
-//   nfl   L = f[y] / F, F = sum f,      h[j] = [j==y] d[y]/F - f[y] d[j]/F^2
-//         f[j] = -u[j]^g lp[j],         d[j] = df[j]/dlp[j] = -u[j]^g + g u[j]^(g-1) p[j] lp[j]
-//                                       official_grad: d[j] = -u[j]^g
-//   ngce  L = (1 - P[y]) / (K - T),     h[j] = -[j==y] q P[y] mask[y] / (K-T)
-//         T = sum P                            + (1 - P[y]) q P[j] mask[j] / (K-T)^2
+// so every loss is h[i] = sum_t (alpha_t + beta_t omega_t[i]) V'_t[i] over its terms t (at most
+// two), omega = c (C - c for reverse), with per-row coefficients alpha, beta (RowCoefs):
+// local and reverse alpha = 0, beta = w; normalized beta = w / D, alpha = -w N / D^2; negative the
+// opposite signs. A pair alpha A + beta B adds its members' terms: one pass writes its gradient.
 //
-// Limits the code takes care of: u^(g-1) is infinite at u = 0 (p == 1 in floating
-// point) but multiplies lp ~ -u, so the term is 0 there; p lp is 0 where p = 0
-// (a masked class, lp = -inf). 1 - p is computed as -expm1(lp) where p > 1/2 (no cancellation
-// near p = 1; only the row's max can be there, so that is one expm1 per row), its
-// derivative -p from p. With a masked class, S and F are infinite
-// and nce/nfl give value 0 and gradient 0, as their limits.
+//   base   family      V[j]                                V'[j]
+//   ce     local       -lp                                 -1
+//   fl     local       f = -u^g lp, u = 1 - p              d = -u^g + g u^(g-1) p lp     (du/dlp = -p)
+//   gce    local       (1 - P) / q, P = p̂^q                -P mask                        (dP/dlp = q P mask)
+//   mae    local       u                                   -p
+//   nmae   local       u / (K - 1)                         -p / (K - 1)
+//   rce    reverse     A p̂, A = -ln 1e-4                   A p mask
+//   nrce   reverse     p̂ / (K - 1)                         p mask / (K - 1)
+//   nce    normalized  lp                                  1
+//   nfl    normalized  f                                   d
+//   ngce   normalized  1 - P                               -q P mask
+//   nnce   negative    s = -ln m + l̂p, l̂p = max(lp, ln m)  [lp >= ln m]
+//   nnfl   negative    B - f̂, f̂ = f at max(lp, ln m)       -d [lp >= ln m]
+//   agce   local       ((a + 1)^q - (a + p)^q) / q         -(a + p)^(q-1) p
+//   aul    local       ((a - p)^q - (a - 1)^q) / q         -(a - p)^(q-1) p
+//   ael    local       exp(-p / a)                         -exp(-p / a) p / a
 //
-// Row sums. The first pass(es) give m, s and sum (z - m) (nce's S = sum (z - m)
-// - K log s); the other sums need p: they are gathered in one more pass only by
-// the losses that use them (see row_needs). The last pass writes the gradient.
+// official_grad (fl, nfl, nnfl): every focal factor u^g is held constant, d = -u^g.
+// B = -(1 - m)^g ln m is f̂ where the clamp is active, so B - f̂ >= 0; s >= 0 likewise.
+//
+// Limits the code takes care of: u^(g-1) is infinite at u = 0 (p == 1 in floating point) but
+// multiplies lp ~ -u, so the term is 0 there; p lp is 0 where p = 0 (a masked class, lp = -inf).
+// 1 - p is computed as -expm1(lp) where p > 1/2 (no cancellation near p = 1; only the row's max can
+// be there, so that is one expm1 per row), its derivative -p from p. A coefficient c = 0 adds
+// nothing even where V is infinite (ce and nce at a masked class). With a masked class, nce's and
+// nfl's D are infinite: value 0 and gradient 0, their limits.
+//
+// Passes. The first pass(es) give m, s and sum (z - m) (nce's D = sum (z - m) - K log s). The
+// sums of the other terms need p: they are gathered in one more pass, only when a term needs them
+// (term_needs_pass). The last pass writes the gradient.
 
 #pragma once
 
@@ -61,81 +71,96 @@
 
 namespace apl {
 
-// Base losses, in the order of apl_kernels.catalogue.BASE_LOSSES.
-enum Base : int { kCE = 0, kFL, kGCE, kMAE, kRCE, kNCE, kNFL, kNGCE, kNMAE, kNRCE, kNumBases };
+// Base losses, in the order of apl_kernels.catalogue.BASES (tests/test_catalogue.py checks it).
+enum Base : int {
+  kCE = 0, kFL, kGCE, kMAE, kRCE, kNCE, kNFL, kNGCE, kNMAE, kNRCE, kNNCE, kNNFL, kAGCE, kAUL, kAEL, kNumBases
+};
+enum Family : int { kLocal = 0, kReverse, kNormalized, kNegative };
 
-constexpr double kClampMin = 1e-7;                // p̂ = clamp(p, 1e-7, 1)
-constexpr double kRceA = 9.2103403719761836;      // -ln(1e-4)
+constexpr double kClampMin = 1e-7;            // p̂ = clamp(p, 1e-7, 1)
+constexpr double kRceA = 9.2103403719761836;  // -ln(1e-4)
 constexpr int kMaxTerms = 2;
 
-// The loss of a call: sum of weight[t] * base[t], t < num_terms.
+APL_HD constexpr int family_of(int base) {
+  switch (base) {
+    case kRCE:
+    case kNRCE: return kReverse;
+    case kNCE:
+    case kNFL:
+    case kNGCE: return kNormalized;
+    case kNNCE:
+    case kNNFL: return kNegative;
+    default: return kLocal;
+  }
+}
+
+// The loss of a call: sum of weight[t] * base[t], t < num_terms, with the members' parameters.
 struct LossParams {
   int num_terms;
   int base[kMaxTerms];
   double weight[kMaxTerms];
-  double gamma;
-  double q;
-  double clamp_min_powered;  // 1e-7^q
+  double gamma, q, a, min_prob, label_smoothing;
   bool official_grad;
+  // Derived once per call by derive(): 1e-7^q, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q.
+  double clamp_min_powered, log_min_prob, nnfl_b, agce_top, aul_bottom;
+
+  void derive() {
+    clamp_min_powered = std::pow(kClampMin, q);
+    log_min_prob = std::log(min_prob);
+    nnfl_b = -std::pow(1.0 - min_prob, gamma) * log_min_prob;
+    agce_top = std::pow(a + 1.0, q);
+    aul_bottom = a > 1.0 ? std::pow(a - 1.0, q) : 0.0;
+  }
 };
 
-// Which sums beyond m, s and sum (z - m) a row needs: each takes a second pass.
-enum Needs : int { kNeedOffLabel = 1, kNeedPowered = 2, kNeedFocal = 4 };
-
-APL_HD int base_needs(int base) {
-  switch (base) {
-    case kRCE:
-    case kNRCE: return kNeedOffLabel;
-    case kNGCE: return kNeedPowered;
-    case kNFL: return kNeedFocal;
-    default: return 0;
-  }
+// Whether term base b of a row needs a pass over the row's elements for its sums: always with
+// dense coefficients; with a one-hot target, only the families whose sums run over every label
+// (nce's D comes from the first pass).
+APL_HD constexpr bool term_needs_pass(int base, bool dense) {
+  return dense || (family_of(base) != kLocal && base != kNCE);
 }
 
-APL_HD int row_needs(const LossParams& params) {
-  int needs = 0;
-  for (int t = 0; t < params.num_terms; ++t) needs |= base_needs(params.base[t]);
-  return needs;
-}
-
-// Math for the element functions below, on a float or a double (std:: picks the
-// precision, in host and device code alike). The CPU kernel specializes Math
-// for at::vec::Vectorized so that the same templates run on whole vectors.
+// Math for the element functions below, on a float or a double (std:: picks the precision, in host
+// and device code alike). The CPU kernel specializes Math for at::vec::Vectorized so that the same
+// templates run on whole vectors. exp is only ever taken of x <= 0; exp_any of any x.
 template <typename T>
 struct Math {
   static APL_HD T exp(T x) { return std::exp(x); }
+  static APL_HD T exp_any(T x) { return std::exp(x); }
   static APL_HD T expm1(T x) { return std::expm1(x); }
   static APL_HD T sqrt(T x) { return std::sqrt(x); }
   static APL_HD T log(T x) { return std::log(x); }
+  static APL_HD T max(T a, T b) { return a > b ? a : b; }
   static APL_HD T where(bool c, T a, T b) { return c ? a : b; }
   static APL_HD bool ge(T a, T b) { return a >= b; }
   static APL_HD bool gt(T a, T b) { return a > b; }
+  static APL_HD bool ne(T a, T b) { return a != b; }
   static APL_HD bool both(bool a, bool b) { return a && b; }
 };
 
-// The sums of a row (its statistics, then the sums some losses need).
+// A row's statistics from its first pass(es).
 template <typename S>
-struct RowSums {
-  S max_z = 0;             // m
-  S log_s = 0;             // log s, s = sum_j exp(z[j] - m)
-  S one_minus_p_max = 0;   // 1 - p at the row's max (see set_sum_exp)
-  S sum_shifted = 0;       // sum_j (z[j] - m)
-  S off_clamped = 0;       // sum_{j != y} p̂[j]          (kNeedOffLabel)
-  S off_masked = 0;        // sum_{j != y} p[j] mask[j]
-  S powered = 0;           // T = sum_j P[j]              (kNeedPowered)
-  S powered_masked = 0;    // sum_j P[j] mask[j]
-  S focal = 0;             // F = sum_j f[j]              (kNeedFocal)
-  S focal_derivative = 0;  // D = sum_j d[j]
-};
+struct RowStats {
+  S max_z = 0;            // m
+  S log_s = 0;            // log s, s = sum_j exp(z[j] - m)
+  S one_minus_p_max = 0;  // 1 - p at the row's max (see set_sum_exp)
+  S sum_shifted = 0;      // sum_j (z[j] - m)
 
-// Sets log s and, once per row, 1 - p at the row's max: the only element whose p can
-// exceed 1/2 (any other has exp(z - m) <= 1 <= s - exp(z - m)), where z - m = 0 and
-// so lp = -log s, and 1 - p = -expm1(-log s) without cancellation.
-template <typename S>
-APL_HD void set_sum_exp(RowSums<S>& sums, S s) {
-  sums.log_s = Math<S>::log(s);
-  sums.one_minus_p_max = -Math<S>::expm1(-sums.log_s);
-}
+  // Sets log s and, once per row, 1 - p at the row's max: the only element whose p can exceed
+  // 1/2 (any other has exp(z - m) <= 1 <= s - exp(z - m)), where z - m = 0 and so lp = -log s,
+  // and 1 - p = -expm1(-log s) without cancellation.
+  APL_HD void set_sum_exp(S s) {
+    log_s = Math<S>::log(s);
+    one_minus_p_max = -Math<S>::expm1(-log_s);
+  }
+
+  // A row's softmax is undefined when a logit is NaN or +inf or every logit is -inf: its loss
+  // and gradient are then NaN (as log_softmax's), never a number that a clamp made of NaN.
+  APL_HD bool defined() const { return std::isfinite(max_z) && std::isfinite(log_s); }
+
+  // D of nce: sum_j lp[j].
+  APL_HD S lp_sum(int64_t K) const { return sum_shifted - S(K) * log_s; }
+};
 
 // ----------------------------------------------------------------- elements
 // V is float, double, or (CPU) a vector of them; S its scalar type.
@@ -150,8 +175,7 @@ APL_HD V masked_p(V p) {
 // p̂[j]
 template <typename V, typename S>
 APL_HD V clamped_p(V p) {
-  using M = Math<V>;
-  return M::where(M::ge(p, V(S(kClampMin))), p, V(S(kClampMin)));
+  return Math<V>::max(p, V(S(kClampMin)));
 }
 
 // P[j] = p̂[j]^q, as exp(q lp) where the clamp is inactive (one exp, no pow);
@@ -162,8 +186,8 @@ APL_HD V powered_p(V p, V lp, const LossParams& params) {
   return M::where(M::ge(p, V(S(kClampMin))), M::exp(V(S(params.q)) * lp), V(S(params.clamp_min_powered)));
 }
 
-// u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there), else it is the
-// row's max and u is its precomputed -expm1(lp) (set_sum_exp).
+// u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there), else it is the row's max and u is
+// its precomputed -expm1(lp) (RowStats::set_sum_exp).
 template <typename V, typename S>
 APL_HD V one_minus_p(V p, S one_minus_p_max) {
   using M = Math<V>;
@@ -182,228 +206,151 @@ APL_HD V power(V u, S gamma) {
   return M::exp(V(gamma) * M::log(u));
 }
 
-// The focal term f = -u^gamma lp, u = 1 - p, and its derivative
-// d = df/dlp = -u^gamma + gamma u^(gamma-1) p lp (du/dlp = -p). official_grad
-// drops the second term; it is 0 (its limit) where u = 0 or p = 0, and
-// u^(gamma-1) is taken as u^gamma / u.
 template <typename V>
-struct Focal {
-  V value;
-  V derivative;
+struct Element {
+  V value;       // V[j]
+  V derivative;  // V'[j] = dV[j]/dlp[j]
 };
 
+// The focal term f = -u^gamma lp, u = 1 - p, and its derivative d = df/dlp = -u^gamma
+// + gamma u^(gamma-1) p lp (du/dlp = -p). official_grad drops the second term; it is 0 (its
+// limit) where u = 0 or p = 0, and u^(gamma-1) is taken as u^gamma / u.
 template <typename V, typename S>
-APL_HD Focal<V> focal_term(V p, V lp, S one_minus_p_max, S gamma, bool official_grad) {
+APL_HD Element<V> focal_term(V p, V lp, S one_minus_p_max, S gamma, bool official_grad) {
   using M = Math<V>;
   const V zero(S(0));
   const V u = one_minus_p<V, S>(p, one_minus_p_max);
   const V u_gamma = power<V, S>(u, gamma);
-  Focal<V> f{zero - u_gamma * lp, zero - u_gamma};
+  Element<V> f{zero - u_gamma * lp, zero - u_gamma};
   if (!official_grad) {
-    const V defined = M::both(M::gt(u, zero), M::gt(p, zero));
+    const auto defined = M::both(M::gt(u, zero), M::gt(p, zero));
     const V safe_u = M::where(defined, u, V(S(1)));
     f.derivative = f.derivative + M::where(defined, V(gamma) * (u_gamma / safe_u) * p * lp, zero);
   }
   return f;
 }
 
-// An element's terms that `needs` asks for (the others stay 0).
-template <typename V>
-struct ElementTerms {
-  V powered;           // P[j]
-  V powered_masked;    // P[j] mask[j]
-  V focal_value;       // f[j]
-  V focal_derivative;  // d[j]
-};
-
+// V[j] and V'[j] of base `base` at an element with probability p and log-probability lp (the
+// table at the top of this file).
 template <typename V, typename S>
-APL_HD ElementTerms<V> element_terms(int needs, V p, V lp, const RowSums<S>& sums, const LossParams& params) {
-  const V zero(S(0));
-  ElementTerms<V> terms{zero, zero, zero, zero};
-  if (needs & kNeedPowered) {
-    terms.powered = powered_p<V, S>(p, lp, params);
-    terms.powered_masked = Math<V>::where(Math<V>::ge(p, V(S(kClampMin))), terms.powered, zero);
+APL_HD Element<V> element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  using M = Math<V>;
+  const V zero(S(0)), one(S(1));
+  switch (base) {
+    case kCE: return {zero - lp, V(S(-1))};
+    case kFL:
+    case kNFL: return focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
+    case kGCE: {
+      const V powered = powered_p<V, S>(p, lp, params);
+      const V q(S(params.q));
+      return {(one - powered) / q, M::where(M::ge(p, V(S(kClampMin))), zero - powered, zero)};
+    }
+    case kMAE:
+    case kNMAE: {
+      const V norm(base == kMAE ? S(1) : S(1) / S(K - 1));
+      return {norm * one_minus_p<V, S>(p, row.one_minus_p_max), zero - norm * p};
+    }
+    case kRCE:
+    case kNRCE: {
+      const V norm(base == kRCE ? S(kRceA) : S(1) / S(K - 1));
+      return {norm * clamped_p<V, S>(p), norm * masked_p<V, S>(p)};
+    }
+    case kNCE: return {lp, one};
+    case kNGCE: {
+      const V powered = powered_p<V, S>(p, lp, params);
+      return {one - powered, M::where(M::ge(p, V(S(kClampMin))), V(S(-params.q)) * powered, zero)};
+    }
+    case kNNCE: {
+      const V log_m(S(params.log_min_prob));
+      return {M::max(lp, log_m) - log_m, M::where(M::ge(lp, log_m), one, zero)};
+    }
+    case kNNFL: {
+      // f̂ = f(max(p, m)) is B where the clamp is active: V = B - f(p) there, 0 elsewhere (f at the
+      // unclamped p, so that no element but the row's max is ever taken for p > 1/2).
+      const auto active = M::ge(lp, V(S(params.log_min_prob)));
+      const Element<V> f = focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
+      return {M::where(active, V(S(params.nnfl_b)) - f.value, zero), M::where(active, zero - f.derivative, zero)};
+    }
+    case kAGCE:
+    case kAUL: {
+      const V base_value = base == kAGCE ? V(S(params.a)) + p : V(S(params.a)) - p;  // a ± p > 0
+      const V powered = M::exp_any(V(S(params.q)) * M::log(base_value));  // (a ± p)^q
+      const V q(S(params.q));
+      const V slope = powered / base_value * p;  // (a ± p)^(q-1) p
+      if (base == kAGCE) return {(V(S(params.agce_top)) - powered) / q, zero - slope};
+      return {(powered - V(S(params.aul_bottom))) / q, zero - slope};
+    }
+    case kAEL: {
+      const V inv_a(S(1) / S(params.a));
+      const V e = M::exp(zero - p * inv_a);
+      return {e, zero - e * p * inv_a};
+    }
+    default: return {zero, zero};
   }
-  if (needs & kNeedFocal) {
-    const Focal<V> f = focal_term<V, S>(p, lp, sums.one_minus_p_max, S(params.gamma), params.official_grad);
-    terms.focal_value = f.value;
-    terms.focal_derivative = f.derivative;
-  }
-  return terms;
 }
 
 // ----------------------------------------------------------------- rows
 
-// A row's softmax is undefined when a logit is NaN or +inf or every logit is
-// -inf: its loss and gradient are then NaN (as log_softmax's), never a finite
-// number that a clamp made of NaN probabilities.
+// A term's sums over a row: sum omega V, sum omega V', and (normalized, negative) sum V, sum V'.
 template <typename S>
-APL_HD bool row_defined(const RowSums<S>& sums) {
-  return std::isfinite(sums.max_z) && std::isfinite(sums.log_s);
-}
-
-// The gradient of a row: grad[i] = at_label [i == y] + constant
-//   + clamped_p p[i] mask[i] + powered P[i] mask[i] + focal d[i] - p[i] total_h.
-template <typename S>
-struct RowGrad {
-  S value = 0;
-  S at_label = 0;
-  S constant = 0;
-  S clamped_p = 0;
-  S powered = 0;
-  S focal = 0;
-  S total_h = 0;
+struct TermSums {
+  S weighted = 0, weighted_derivative = 0, plain = 0, plain_derivative = 0;
 };
 
-// The gradient coefficients times `scale` (a mean's 1 / counted rows), so that the
-// gradient pass writes the gradient of the reduced loss; the value is unchanged.
+// The gradient of a row: grad[i] = sum_t (alpha_t + beta_t omega_t[i]) V'_t[i] - p[i] H, and its
+// value.
 template <typename S>
-APL_HD RowGrad<S> scaled(RowGrad<S> g, S scale) {
-  g.at_label *= scale;
-  g.constant *= scale;
-  g.clamped_p *= scale;
-  g.powered *= scale;
-  g.focal *= scale;
-  g.total_h *= scale;
-  return g;
-}
+struct RowCoefs {
+  S value = 0;
+  S alpha[kMaxTerms] = {0, 0};
+  S beta[kMaxTerms] = {0, 0};
+  S total_h = 0;  // H
 
-// Value and gradient coefficients of a row, from its sums and its label's logit
-// and probability (as the element passes compute it).
+  // Times `scale` (a mean's 1 / divisor), so that the gradient pass writes the gradient of the
+  // reduced loss; the value is unchanged.
+  APL_HD void scale_gradient(S scale) {
+    for (int t = 0; t < kMaxTerms; ++t) {
+      alpha[t] *= scale;
+      beta[t] *= scale;
+    }
+    total_h *= scale;
+  }
+};
+
+// Value and gradient coefficients of a row from its terms' sums and C = sum c. nce's D and sum V'
+// come from the row's statistics (lp_sum, K) rather than from its sums.
 template <typename S>
-APL_HD RowGrad<S> row_grad(const LossParams& params, const RowSums<S>& sums, S z_label, S p_y, int64_t K) {
-  const S lp_y = (z_label - sums.max_z) - sums.log_s;
-  const S one_minus_p_y = one_minus_p<S, S>(p_y, sums.one_minus_p_max);
-  const S mask_y = p_y >= S(kClampMin) ? S(1) : S(0);
-  const S gamma = S(params.gamma), q = S(params.q);
-  const S k_minus_1 = S(K - 1);
-  RowGrad<S> g;
+APL_HD RowCoefs<S> row_coefs(const LossParams& params, const TermSums<S>* sums, const RowStats<S>& row,
+                             S total_c, int64_t K) {
+  RowCoefs<S> k;
   for (int t = 0; t < params.num_terms; ++t) {
     const S w = S(params.weight[t]);
-    switch (params.base[t]) {
-      case kCE:
-        g.value += w * -lp_y;
-        g.at_label += -w;
-        g.total_h += -w;
-        break;
-      case kFL: {
-        const Focal<S> f = focal_term<S, S>(p_y, lp_y, sums.one_minus_p_max, gamma, params.official_grad);
-        g.value += w * f.value;
-        g.at_label += w * f.derivative;
-        g.total_h += w * f.derivative;
-        break;
-      }
-      case kGCE: {
-        const S powered_y = powered_p<S, S>(p_y, lp_y, params);
-        g.value += w * (S(1) - powered_y) / q;
-        g.at_label += w * -powered_y * mask_y;
-        g.total_h += w * -powered_y * mask_y;
-        break;
-      }
-      case kMAE:
-      case kNMAE: {
-        const S norm = params.base[t] == kMAE ? S(1) : S(1) / k_minus_1;
-        g.value += w * norm * one_minus_p_y;
-        g.at_label += w * norm * -p_y;
-        g.total_h += w * norm * -p_y;
-        break;
-      }
-      case kRCE:
-      case kNRCE: {
-        const S a = params.base[t] == kRCE ? S(kRceA) : S(1) / k_minus_1;
-        g.value += w * a * sums.off_clamped;
-        g.clamped_p += w * a;  // off the label only (element_grad's needs)
-        g.total_h += w * a * sums.off_masked;
-        break;
-      }
-      case kNCE: {
-        const S lp_sum = sums.sum_shifted - S(K) * sums.log_s;
-        const S inv = S(1) / lp_sum;
-        const S through_sum = -lp_y * inv * inv;  // d/dlp[j] of lp[y] / S through S
-        g.value += w * lp_y * inv;
-        g.at_label += w * inv;
-        g.constant += w * through_sum;
-        g.total_h += w * (inv + S(K) * through_sum);
-        break;
-      }
-      case kNFL: {
-        const Focal<S> f = focal_term<S, S>(p_y, lp_y, sums.one_minus_p_max, gamma, params.official_grad);
-        const S inv = S(1) / sums.focal;
-        const S through_sum = -f.value * inv * inv;  // coefficient of d[j]
-        g.value += w * f.value * inv;
-        g.at_label += w * f.derivative * inv;
-        g.focal += w * through_sum;
-        g.total_h += w * (f.derivative * inv + through_sum * sums.focal_derivative);
-        break;
-      }
-      case kNGCE: {
-        const S powered_y = powered_p<S, S>(p_y, lp_y, params);
-        const S numerator = S(1) - powered_y;
-        const S inv = S(1) / (S(K) - sums.powered);
-        const S at_label = -q * powered_y * mask_y * inv;
-        const S through_sum = numerator * q * inv * inv;  // coefficient of P[j] mask[j]
-        g.value += w * numerator * inv;
-        g.at_label += w * at_label;
-        g.powered += w * through_sum;
-        g.total_h += w * (at_label + through_sum * sums.powered_masked);
-        break;
-      }
-      default: break;
+    const TermSums<S>& sum = sums[t];
+    const int family = family_of(params.base[t]);
+    if (family == kLocal || family == kReverse) {
+      k.value += w * sum.weighted;
+      k.beta[t] = w;
+      k.total_h += w * sum.weighted_derivative;
+      continue;
     }
+    const bool nce = params.base[t] == kNCE;
+    const S d = nce ? row.lp_sum(K) : sum.plain;
+    const S plain_derivative = nce ? S(K) : sum.plain_derivative;
+    const S inv = S(1) / d;
+    const S sign = family == kNormalized ? S(1) : S(-1);
+    const S n_over_d = sum.weighted == S(0) ? S(0) : sum.weighted * inv;  // N / D, 0 where N is 0
+    k.value += w * (family == kNormalized ? n_over_d : total_c - n_over_d);
+    k.beta[t] = sign * w * inv;
+    k.alpha[t] = -sign * w * n_over_d * inv;
+    k.total_h += k.beta[t] * sum.weighted_derivative + k.alpha[t] * plain_derivative;
   }
-  return g;
+  return k;
 }
 
-// Accumulates, over the elements of a row, the sums that `needs` asks for. The
-// label's element is left out of the off-label sums rather than subtracted
-// afterwards, which would cancel (p[y] ~ 1 next to a small sum) in float32.
+// omega of term base b at an element of coefficient c: c, or C - c for the reverse family.
 template <typename V, typename S>
-struct ElementSums {
-  V off_clamped, off_masked, powered, powered_masked, focal, focal_derivative;
-  APL_HD ElementSums()
-      : off_clamped(S(0)), off_masked(S(0)), powered(S(0)), powered_masked(S(0)),
-        focal(S(0)), focal_derivative(S(0)) {}
-
-  APL_HD void merge(const ElementSums& other) {
-    off_clamped = off_clamped + other.off_clamped;
-    off_masked = off_masked + other.off_masked;
-    powered = powered + other.powered;
-    powered_masked = powered_masked + other.powered_masked;
-    focal = focal + other.focal;
-    focal_derivative = focal_derivative + other.focal_derivative;
-  }
-
-  // `counted`: lanes that are elements of the row; `off_label`: those that are
-  // not the label (masks for vectors, bools for scalars).
-  template <typename Mask>
-  APL_HD void add(int needs, V p, const ElementTerms<V>& terms, Mask counted, Mask off_label) {
-    using M = Math<V>;
-    const V zero(S(0));
-    if (needs & kNeedOffLabel) {
-      off_clamped = off_clamped + M::where(off_label, clamped_p<V, S>(p), zero);
-      off_masked = off_masked + M::where(off_label, masked_p<V, S>(p), zero);
-    }
-    if (needs & kNeedPowered) {
-      powered = powered + M::where(counted, terms.powered, zero);
-      powered_masked = powered_masked + M::where(counted, terms.powered_masked, zero);
-    }
-    if (needs & kNeedFocal) {
-      focal = focal + M::where(counted, terms.focal_value, zero);
-      focal_derivative = focal_derivative + M::where(counted, terms.focal_derivative, zero);
-    }
-  }
-};
-
-// The gradient of one element (or vector of elements), from p and the element's
-// terms. The label's element is computed with kNeedOffLabel cleared, and adds
-// at_label.
-template <typename V, typename S>
-APL_HD V element_grad(int needs, V p, const ElementTerms<V>& terms, const RowGrad<S>& g) {
-  V grad = V(g.constant) - p * V(g.total_h);
-  if (needs & kNeedOffLabel) grad = grad + V(g.clamped_p) * masked_p<V, S>(p);
-  if (needs & kNeedPowered) grad = grad + V(g.powered) * terms.powered_masked;
-  if (needs & kNeedFocal) grad = grad + V(g.focal) * terms.focal_derivative;
-  return grad;
+APL_HD V omega(int base, V c, S total_c) {
+  return family_of(base) == kReverse ? V(total_c) - c : c;
 }
 
 }  // namespace apl

@@ -70,6 +70,34 @@ def test_resnet34_cifar_stem():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+def resnet50_count(num_classes: int) -> int:
+    """Bottleneck ResNet-50, CIFAR stem: 1x1 (w), 3x3 (w), 1x1 (4w) per block, (3, 4, 6, 3) blocks,
+    1x1 projections where the shape changes, FC from 2048."""
+    total = 3 * 9 * 64 + 2 * 64
+    cin = 64
+    for stage, blocks in enumerate((3, 4, 6, 3)):
+        width = 64 * 2**stage
+        for block in range(blocks):
+            total += cin * width + 2 * width + width * 9 * width + 2 * width + width * 4 * width + 2 * 4 * width
+            if block == 0:  # stride 2 or 64 -> 256 channels
+                total += cin * 4 * width + 2 * 4 * width
+            cin = 4 * width
+    return total + 2048 * num_classes + num_classes
+
+
+def test_resnet50_bottleneck_cifar_stem():
+    model = models.build_model("resnet50", 100)
+    # the usual CIFAR ResNet-50 (23,520,842 parameters with 10 classes)
+    assert count(model) == resnet50_count(100) == 23_520_842 - 2048 * 10 - 10 + 2048 * 100 + 100
+    assert sum(isinstance(m, models.Bottleneck) for m in model.modules()) == 16
+    stem = model.stem[0]
+    assert (stem.kernel_size, stem.stride) == ((3, 3), (1, 1))
+    assert model.fc.in_features == 2048
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_published_initialization(name, seed):
     torch.manual_seed(seed)

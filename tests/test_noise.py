@@ -165,3 +165,19 @@ def test_bad_input_is_refused_with_a_clear_message():
         noise.make_noisy_labels("mnist", "asym-sim", 0.2, labels, 10, 0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
         noise.symmetric(labels, 0.2, 5, np.random.default_rng(0))
+
+
+def test_human_labels_are_taken_as_given_and_measured(seed):
+    rng = np.random.default_rng(seed)
+    clean = balanced_labels(10, 50, rng)
+    noisy = np.where(rng.random(clean.size) < 0.3, rng.integers(0, 10, clean.size), clean)
+    result = noise.make_noisy_labels("cifar10", "human", "worse", clean, 10, seed, {"worse": noisy})
+    assert np.array_equal(result.labels, noisy) and result.rate == pytest.approx(np.mean(noisy != clean))
+    for k in range(10):
+        members = clean == k
+        assert np.allclose(result.transition[k], np.bincount(noisy[members], minlength=10) / members.sum())
+    with pytest.raises(ValueError, match="human label set 'aggre' of cifar10 is not loaded; available: worse"):
+        noise.make_noisy_labels("cifar10", "human", "aggre", clean, 10, seed, {"worse": noisy})
+    with pytest.raises(ValueError, match="499 noisy labels for 500 samples"):
+        noise.given_labels(clean, noisy[:-1], 10)
+    assert noise.cell_name("human", "worse") == "human-worse" and noise.cell_name("sym", 0.4) == "sym0.4"

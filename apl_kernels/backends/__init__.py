@@ -1,9 +1,15 @@
 """Backends: who computes a loss for which device, and how ``"auto"`` chooses.
 
-A backend is a function ``(logits (R, K), target (R,) int64, spec, reduction,
-ignore_index) -> loss`` plus the device types it serves. Fused backends load
-lazily (a C++ extension may compile on first use); one that cannot load says
-why, and ``"auto"`` then falls back to the next candidate.
+A backend is a function ``(logits (R, K), target (R,) int64 or (R, K) probabilities, weight,
+spec, options) -> loss`` plus the device types it serves. Fused backends load lazily (a C++
+extension may compile on first use); one that cannot load says why, and ``"auto"`` then falls
+back to the next candidate.
+
+* ``torch`` (reference.py): the plain PyTorch reference, every device.
+* ``cpp`` (cpp.py, csrc/apl_cpu.cpp): the fused C++ kernel for CPU tensors.
+* ``cuda`` (cpp.py, csrc/apl_cuda.cu): the same row math compiled with nvcc, for CUDA tensors.
+* ``triton`` (triton.py): the fused Triton kernels for CUDA tensors (and CPU tensors under
+  ``TRITON_INTERPRET=1``, which is how they are tested without a GPU).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ class Backend:
     name: str
     device_types: Callable[[], tuple[str, ...]]  # empty: every device type
     loader: Callable[[], Callable]  # returns the loss function or raises BackendUnavailable
+    checks_labels: bool = False  # it raises on out-of-range labels itself (no separate check needed)
     _fn: Callable | None = field(default=None, repr=False)
-    _error: str | None = field(default=None, repr=False)
+    error: str | None = field(default=None, repr=False)  # why it cannot load, once it failed
     _warned: bool = field(default=False, repr=False)
 
     def serves(self, device_type: str) -> bool:
@@ -34,13 +41,13 @@ class Backend:
         return not types or device_type in types
 
     def load(self) -> Callable:
-        if self._fn is None and self._error is None:
+        if self._fn is None and self.error is None:
             try:
                 self._fn = self.loader()
             except BackendUnavailable as err:
-                self._error = str(err)
+                self.error = str(err)
         if self._fn is None:
-            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {self._error}")
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {self.error}")
         return self._fn
 
     def available(self) -> bool:
@@ -53,14 +60,7 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 # "auto" tries these in order for a device type; the reference serves the rest.
-_AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
-
-
-def register(name: str, device_types: tuple[str, ...] | Callable[[], tuple[str, ...]],
-             loader: Callable[[], Callable]) -> None:
-    """Register backend ``name`` for ``device_types`` (or a function giving them when asked)."""
-    types = device_types if callable(device_types) else (lambda: device_types)
-    _REGISTRY[name] = Backend(name, types, loader)
+AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 
 def _load_cpp() -> Callable:
@@ -89,15 +89,13 @@ def _triton_device_types() -> tuple[str, ...]:
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
 
-register("torch", (), lambda: reference.reference_loss)
-register("cpp", ("cpu",), _load_cpp)
-register("cuda", ("cuda",), _load_cuda)
-register("triton", _triton_device_types, _load_triton)
-
-
-def backend_names() -> list[str]:
-    """Every backend this build knows of (available or not)."""
-    return list(_REGISTRY)
+for _backend in (
+    Backend("torch", lambda: (), lambda: reference.reference_loss),
+    Backend("cpp", lambda: ("cpu",), _load_cpp, checks_labels=True),
+    Backend("cuda", lambda: ("cuda",), _load_cuda),
+    Backend("triton", _triton_device_types, _load_triton),
+):
+    _REGISTRY[_backend.name] = _backend
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:
@@ -107,34 +105,30 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 
 def check_name(name: str) -> None:
     """Raise unless ``name`` is ``"auto"`` or a known backend (whether or not it runs here)."""
-    if name != "auto" and name not in _REGISTRY:
+    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
         raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}")
 
 
 def resolve(name: str, device_type: str) -> Backend:
-    """The backend that computes for a tensor on ``device_type``."""
+    """The backend that computes for a tensor on ``device_type`` (raises ValueError saying why
+    a named backend cannot)."""
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device_type, ()):
-            backend = _REGISTRY.get(candidate)
-            if backend is None:
-                continue
+        for candidate in AUTO_ORDER.get(device_type, ()):
+            backend = _REGISTRY[candidate]
             if backend.available():
                 return backend
             if not backend._warned:
                 backend._warned = True
                 warnings.warn(
-                    f"apl_kernels: {backend._error} (backend {candidate!r}); "
-                    f"backend='auto' uses the next candidate",
+                    f"apl_kernels: {backend.error} (backend {candidate!r}); backend='auto' uses the next candidate",
                     RuntimeWarning,
                     stacklevel=3,
                 )
         return _REGISTRY["torch"]
-    backend = _REGISTRY.get(name)
+    backend = _REGISTRY.get(name) if isinstance(name, str) else None
     if backend is None:
-        raise ValueError(
-            f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}; "
-            f"available for {device_type} tensors: {', '.join(available_backends(device_type))}"
-        )
+        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}; "
+                         f"available for {device_type} tensors: {', '.join(available_backends(device_type))}")
     if not backend.serves(device_type):
         raise ValueError(
             f"backend {name!r} does not run on {device_type} tensors (it serves "

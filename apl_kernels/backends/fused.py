@@ -1,28 +1,33 @@
-"""What every fused backend shares: the op's contract, its autograd and its fake.
+"""What every fused backend shares: the ops' contract, their autograd and their fakes.
 
-A fused op reads each row of logits once and returns the reduced loss and
-``d loss / d logits`` for an upstream gradient of 1::
+A fused op reads each row of logits once and returns the reduced loss and what backward needs::
 
-    apl::<op>(Tensor logits, Tensor target, int[] bases, float[] coefficients,
-              int[] options) -> (Tensor loss, Tensor grad)
+    apl::<op>(Tensor logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients,
+              int[] options) -> (Tensor loss, Tensor saved)
+    apl::<op>_backward(Tensor logits, Tensor target, Tensor? weight, Tensor stats, Tensor grad_loss,
+                       int[] bases, float[] coefficients, int[] options) -> Tensor grad
 
-* ``logits`` (R, K) with any strides, float16/bfloat16/float32/float64;
-  ``target`` (R,) int64.
-* ``bases``: the LossSpec's base losses (indices of ``catalogue.BASE_LOSSES``);
-  ``coefficients``: one weight per base, then ``gamma``, then ``q``;
-  ``options``: ``ignore_index``, the reduction's code (0 none, 1 mean, 2 sum),
-  ``official_grad`` and ``compute_grad`` (0 or 1). :func:`op_arguments` makes
-  them. (Three lists rather than ten arguments: torch.library's autograd wrapper
-  spends time per argument on every call, which dominates small batches.)
-* ``loss``: float32 (float64 for float64 logits), shape () for ``mean``/``sum``
-  and (R,) for ``none``; ignored rows count 0.
-* ``grad``: (R, K) contiguous, in the logits' dtype, already divided by the
-  number of non-ignored rows for ``mean``; empty when ``compute_grad`` is 0.
-
-Backward only scales the saved ``grad`` by the upstream gradient: nothing else
-is saved. When the upstream gradient of a reduced loss is exactly 1 (a plain
-``loss.backward()``), eager CPU code returns the saved gradient itself and
-moves no memory at all.
+* ``logits`` (R, K) with any strides, float16/bfloat16/float32/float64; ``target`` (R,) int64
+  class indices or (R, K) floating class probabilities (any strides); ``weight`` None or (K,)
+  floating class weights.
+* ``bases``: the LossSpec's base losses (indices of ``catalogue.BASE_LOSSES``); ``coefficients``:
+  one weight per base, then the values of ``catalogue.PARAMETERS`` (gamma, q, a, min_prob), then
+  ``label_smoothing``; ``options``: ``ignore_index``, the reduction's code (0 none, 1 mean, 2 sum),
+  ``official_grad`` (0 or 1) and the gradient mode (:data:`NO_GRAD`, :data:`GRAD_IN_FORWARD` or
+  :data:`GRAD_IN_BACKWARD`). :func:`op_arguments` makes them. (Three lists rather than a dozen
+  arguments: torch.library's autograd wrapper spends time per argument on every call, which
+  dominates small batches.)
+* ``loss``: float32 (float64 for float64 logits), shape () for ``mean``/``sum`` and (R,) for
+  ``none``; ignored rows count 0; a ``mean`` divides by the summed weight of the counted rows
+  (the number of rows for probability targets), and by 1 when that is 0.
+* ``saved``: empty for ``NO_GRAD``. ``GRAD_IN_FORWARD`` (the CPU kernel, which is bound by its
+  exponentials and must not compute them twice): the (R, K) contiguous gradient for an upstream
+  gradient of 1, in the logits' dtype, already divided by the mean's divisor. ``GRAD_IN_BACKWARD``
+  (the GPU kernels, bound by memory): (R + 1, STATS) accumulation-dtype row statistics — per row
+  max, log-sum-exp, C and the gradient coefficients of docs/kernels.md; the last row holds the
+  mean's divisor — from which ``<op>_backward`` computes the gradient times the upstream
+  gradient (a device scalar, or (R,) with any stride, stride 0 included) in one pass: the
+  logits are read twice and the gradient written once, with no host synchronization.
 """
 
 from __future__ import annotations
@@ -33,81 +38,131 @@ import torch
 from torch import Tensor
 
 from ..catalogue import LossSpec
+from ..options import CallOptions
 from ..reference import accumulation_dtype
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-# Positions in the op's `options` list.
-IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, COMPUTE_GRAD = range(4)
+# Positions in the ops' `options` list.
+IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE = range(4)
+NO_GRAD, GRAD_IN_FORWARD, GRAD_IN_BACKWARD = range(3)
+# Row statistics of GRAD_IN_BACKWARD: max, log s, C, alpha and beta of each term, H (docs/kernels.md).
+STATS = 8
 
 
-def op_arguments(spec: LossSpec, reduction: str, ignore_index: int, compute_grad: bool) -> tuple:
+def op_arguments(spec: LossSpec, options: CallOptions, grad_mode: int) -> tuple:
     """The op's ``bases, coefficients, options`` for ``spec`` and the call's options."""
     return (
         spec.base_indices,
-        spec.weights + (spec.gamma, spec.q),
-        (ignore_index, REDUCTION_CODES[reduction], int(spec.official_grad), int(compute_grad)),
+        spec.weights + spec.param_values + (options.label_smoothing,),
+        (options.ignore_index, REDUCTION_CODES[options.reduction], int(spec.official_grad), grad_mode),
     )
 
 
-def _fake(logits, target, bases, coefficients, options):
+def _fake(logits, target, weight, bases, coefficients, options):
     rows, classes = logits.shape
-    loss = logits.new_empty((rows,) if options[REDUCTION] == 0 else (), dtype=accumulation_dtype(logits.dtype))
-    grad = logits.new_empty((rows, classes) if options[COMPUTE_GRAD] else (0,))
-    return loss, grad
+    acc = accumulation_dtype(logits.dtype)
+    loss = logits.new_empty((rows,) if options[REDUCTION] == 0 else (), dtype=acc)
+    mode = options[GRAD_MODE]
+    if mode == GRAD_IN_FORWARD:
+        saved = logits.new_empty((rows, classes))
+    elif mode == GRAD_IN_BACKWARD:
+        saved = logits.new_empty((rows + 1, STATS), dtype=acc)
+    else:
+        saved = logits.new_empty((0,))
+    return loss, saved
+
+
+def _fake_backward(logits, target, weight, stats, grad_loss, bases, coefficients, options):
+    return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    # The gradient output is a constant for autograd: no (N, K) tensor of zeros is made
-    # for its upstream gradient in backward.
+    logits, target, weight, bases, coefficients, options = inputs
+    # The saved output is a constant for autograd: no tensor of zeros is made for its upstream.
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1])
-    options = inputs[4]
+    ctx.mode = options[GRAD_MODE]
     ctx.reduced = options[REDUCTION] != 0
-    ctx.computed_grad = bool(options[COMPUTE_GRAD])
+    if ctx.mode == GRAD_IN_BACKWARD:
+        ctx.save_for_backward(logits, target, weight, output[1])
+        ctx.arguments = (bases, coefficients, options)
+    else:
+        ctx.save_for_backward(output[1])
 
 
-def _is_exactly_one(upstream: Tensor) -> bool:
-    """True for a real (not fake, not traced) CPU scalar equal to 1; never reads GPU memory."""
+def _traced(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is being traced (fake, functional, a dispatch mode): no value is real."""
     return (
-        type(upstream) is Tensor  # fake and functional tensors are subclasses
-        and torch._C._len_torch_dispatch_stack() == 0  # no tracing mode would bake its value in
-        and upstream.is_cpu
-        and upstream.dim() == 0
-        and not torch.compiler.is_compiling()
-        and upstream.item() == 1.0
+        type(tensor) is not Tensor  # fake and functional tensors are subclasses
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch.compiler.is_compiling()
     )
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Tensor):
+def _released_after_this_backward(upstream: Tensor) -> bool:
+    """Whether the graph's saved tensors are freed once this backward returns (no retain_graph):
+    only then may backward hand out, or overwrite, the gradient it saved."""
+    return not _traced(upstream) and not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def _is_exactly_one(upstream: Tensor) -> bool:
+    """True for a CPU scalar equal to 1 (never reads GPU memory)."""
+    return upstream.is_cpu and upstream.dim() == 0 and upstream.item() == 1.0
+
+
+def _backward(ctx, grad_loss: Tensor | None, _grad_of_saved):
+    if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
+        return None, None, None, None, None, None
     if torch.is_grad_enabled():
         raise RuntimeError(
             "fused apl_kernels backends do not support double backward (create_graph=True); "
             "use backend='torch'"
         )
-    (grad,) = ctx.saved_tensors
-    if not ctx.computed_grad:
-        raise RuntimeError("the fused loss was computed without its gradient (compute_grad=False)")
-    if ctx.reduced:
-        grad_logits = grad if _is_exactly_one(grad_loss) else grad * grad_loss.to(grad.dtype)
-    else:
-        grad_logits = grad * grad_loss.to(grad.dtype)[:, None]
-    return grad_logits, None, None, None, None
+    if ctx.mode == NO_GRAD:
+        raise RuntimeError("the fused loss was computed without its gradient")
+    if ctx.mode == GRAD_IN_BACKWARD:
+        logits, target, weight, stats = ctx.saved_tensors
+        grad = ctx.backward_op(logits, target, weight, stats, grad_loss, *ctx.arguments)
+        return grad, None, None, None, None, None
+    (saved_grad,) = ctx.saved_tensors
+    scale = grad_loss.to(saved_grad.dtype) if ctx.reduced else grad_loss.to(saved_grad.dtype)[:, None]
+    if _released_after_this_backward(grad_loss):
+        # Nothing reads the saved gradient after this: hand it out, scaled in place if need be.
+        # (With retain_graph=True a later backward of this graph reads it: never alias it then.)
+        if ctx.reduced and _is_exactly_one(grad_loss):
+            return saved_grad, None, None, None, None, None
+        return saved_grad.mul_(scale), None, None, None, None, None
+    return saved_grad * scale, None, None, None, None, None
 
 
-def register(qualname: str, fake: bool = True) -> None:
-    """Give fused op ``qualname`` its autograd (and its fake, unless the op brings one)."""
+def _op(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def register(qualname: str, backward_qualname: str | None = None, fake: bool = True) -> None:
+    """Give fused op ``qualname`` its autograd (and fakes, unless the ops bring their own);
+    ``backward_qualname`` is its ``<op>_backward`` if it has one (GRAD_IN_BACKWARD)."""
     if fake:
         torch.library.register_fake(qualname)(_fake)
-    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+        if backward_qualname:
+            torch.library.register_fake(backward_qualname)(_fake_backward)
+
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.backward_op = _op(backward_qualname) if backward_qualname else None
+
+    torch.library.register_autograd(qualname, _backward, setup_context=setup_context)
 
 
-def backend_function(op: Callable) -> Callable:
-    """The backend function ``(logits, target, spec, reduction, ignore_index) -> loss`` of ``op``."""
+def backend_function(op: Callable, grad_mode: int) -> Callable:
+    """The backend function ``(logits, target, weight, spec, options) -> loss`` of ``op``; its
+    gradient is computed in forward or backward as ``grad_mode`` says."""
 
-    def fused_loss(logits: Tensor, target: Tensor, spec: LossSpec, reduction: str, ignore_index: int) -> Tensor:
-        compute_grad = logits.requires_grad and torch.is_grad_enabled()
-        loss, _ = op(logits, target, *op_arguments(spec, reduction, ignore_index, compute_grad))
-        return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)
+    def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
+                   options: CallOptions) -> Tensor:
+        wants_grad = torch.is_grad_enabled() and logits.requires_grad
+        loss, _ = op(logits, target, weight, *op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD))
+        return loss
 
     return fused_loss

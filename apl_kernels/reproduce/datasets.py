@@ -2,7 +2,8 @@
 
 CIFAR-10, CIFAR-100 and MNIST are read from ``data_dir`` in torchvision's on-disk layout
 (``cifar-10-batches-py/``, ``cifar-100-python/``, ``MNIST/raw/``); ``download=True`` fetches them
-through torchvision. ``digits`` is scikit-learn's bundled 8x8 digits, available offline.
+through torchvision. ``digits`` is scikit-learn's bundled 8x8 digits, available offline. The human labels of CIFAR-10N
+and CIFAR-100N are read from the authors' files in ``data_dir`` (:data:`HUMAN_FILES`).
 
 The whole training set is one ``uint8`` tensor ``(N, C, H, W)`` on the training device.
 :class:`BatchAugment` turns a batch of it into the normalized float input of the network with
@@ -12,9 +13,11 @@ no per-image PIL work and no DataLoader worker can starve a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,16 @@ DATASETS = {
     "digits": DatasetInfo("scikit-learn digits", 10, (1, 8, 8), None, None, 1_437, 360),
 }
 
+# The human label files of CIFAR-N (Wei et al., ICLR 2022), as the authors distribute them
+# (https://github.com/UCSC-REAL/cifar-10-100n, folder data/): a torch.save'd dict of label arrays
+# in the order of torchvision's training set, "clean_label" and one key per label set
+# (noise.HUMAN_LABEL_SETS).
+HUMAN_FILES = {"cifar10": "CIFAR-10_human.pt", "cifar100": "CIFAR-100_human.pt"}
+HUMAN_URL = "https://github.com/UCSC-REAL/cifar-10-100n (folder data/)"
+DOCS = "docs/reproduction.md, \"Getting the data\""
+MNIST_FILES = [f"{prefix}-{kind}-idx{dims}-ubyte" for prefix in ("train", "t10k")
+               for kind, dims in (("images", 3), ("labels", 1))]
+
 DIGITS_TEST_FRACTION = 0.2  # digits has no official split: a fixed stratified 80/20 split
 DIGITS_SPLIT_SEED = 0
 
@@ -67,6 +80,7 @@ class Data:
     test_labels: Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    human_labels: dict[str, np.ndarray] = field(default_factory=dict)  # CIFAR-N label sets
 
     @property
     def info(self) -> DatasetInfo:
@@ -102,36 +116,119 @@ CIFAR_LAYOUT = {  # folder, training files, test files, label key
 }
 
 
+def missing(name: str, data_dir: str | Path = "data", human: bool = False) -> str | None:
+    """Why dataset ``name`` (and its CIFAR-N labels if ``human``) cannot be read from ``data_dir``,
+    in one line that says what to do; ``None`` when its files are there."""
+    check_dataset(name)
+    data_dir = Path(data_dir)
+    if name in CIFAR_LAYOUT:
+        folder_name, train_files, test_files, _ = CIFAR_LAYOUT[name]
+        folder = data_dir / folder_name
+        absent = [f for f in train_files + test_files if not (folder / f).is_file()]
+        if absent:
+            return (f"{DATASETS[name].title} not found: {folder} lacks {', '.join(absent)}; pass --data-dir "
+                    f"DIR where DIR/{folder_name}/ is torchvision's extracted archive, or add --download "
+                    f"({DOCS})")
+    elif name == "mnist":
+        raw = data_dir / "MNIST" / "raw"
+        absent = [f for f in MNIST_FILES if not (raw / f).is_file()]
+        if absent:
+            return (f"MNIST not found: {raw} lacks {', '.join(absent)}; pass --data-dir DIR holding "
+                    f"torchvision's MNIST/raw/ files, or add --download ({DOCS})")
+    if human:
+        if name not in HUMAN_FILES:
+            return f"human label noise exists for CIFAR-10 and CIFAR-100 (CIFAR-N), not {DATASETS[name].title}"
+        if not (data_dir / HUMAN_FILES[name]).is_file():
+            return (f"{HUMAN_FILES[name]} not found in {data_dir}: download it from {HUMAN_URL} into "
+                    f"--data-dir (it cannot be downloaded by --download; {DOCS})")
+    return None
+
+
+def _download(name: str, fetch) -> None:
+    """Run torchvision's ``fetch()``; a failed download is one :class:`DatasetNotFound` line."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints a line per failed mirror
+            fetch()
+    except (OSError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1][:160]
+        raise DatasetNotFound(
+            f"could not download {DATASETS[name].title} ({reason}); without network access, fetch it on "
+            f"another machine and pass --data-dir ({DOCS})"
+        ) from None
+
+
 def _load_cifar(name: str, data_dir: Path, download: bool):
     folder_name, train_files, test_files, label_key = CIFAR_LAYOUT[name]
     folder = data_dir / folder_name
-    if download:
+    if download and missing(name, data_dir):
         from torchvision import datasets
 
         dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        dataset_class(str(data_dir), train=True, download=True)  # fetches, verifies, extracts
-    missing = [f for f in train_files + test_files if not (folder / f).is_file()]
-    if missing:
-        raise DatasetNotFound(
-            f"{DATASETS[name].title} not found: {folder} lacks {', '.join(missing)}; pass --data-dir "
-            f"DIR where DIR/{folder_name}/ is torchvision's extracted archive, or add --download"
-        )
+        _download(name, lambda: dataset_class(str(data_dir), train=True, download=True))  # fetch, verify, extract
+    problem = missing(name, data_dir)
+    if problem:
+        raise DatasetNotFound(problem)
     return (*_read_cifar(folder, train_files, label_key), *_read_cifar(folder, test_files, label_key))
 
 
 def _load_mnist(data_dir: Path, download: bool):
     from torchvision import datasets
 
-    try:
-        train = datasets.MNIST(str(data_dir), train=True, download=download)
-        test = datasets.MNIST(str(data_dir), train=False, download=download)
-    except RuntimeError as err:  # torchvision's "Dataset not found"
-        raise DatasetNotFound(
-            f"MNIST not found in {data_dir / 'MNIST' / 'raw'} ({err}); pass --data-dir DIR holding "
-            f"torchvision's MNIST/raw/ files, or add --download"
-        ) from None
+    if download and missing("mnist", data_dir):
+        _download("mnist", lambda: datasets.MNIST(str(data_dir), train=True, download=True))
+    problem = missing("mnist", data_dir)
+    if problem:
+        raise DatasetNotFound(problem)
+    train = datasets.MNIST(str(data_dir), train=True)
+    test = datasets.MNIST(str(data_dir), train=False)
     return (train.data.numpy()[:, None], train.targets.numpy().astype(np.int64),
             test.data.numpy()[:, None], test.targets.numpy().astype(np.int64))
+
+
+def _numpy_globals() -> list:
+    """What a torch.save'd numpy array needs under ``weights_only=True``, under the module names
+    of numpy 1 (the CIFAR-N files) and numpy 2."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    dtype_classes = {type(np.dtype(code)) for code in "bBhHiIlLqQefd?"}  # numpy.dtypes.Int64DType, ...
+    return [np.ndarray, np.dtype, *dtype_classes, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def load_human_labels(name: str, data_dir: str | Path, clean_train_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The CIFAR-N label sets of ``name`` (noise.HUMAN_LABEL_SETS), checked against the training
+    labels: the file's ``clean_label`` must equal them, position by position."""
+    from .noise import HUMAN_LABEL_SETS
+
+    problem = missing(name, data_dir, human=True)
+    if problem:
+        raise DatasetNotFound(problem)
+    path = Path(data_dir) / HUMAN_FILES[name]
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(content, dict):
+            raise ValueError(f"a dict of label arrays was expected, found {type(content).__name__}")
+        labels = {key: np.asarray(content[key]).astype(np.int64).reshape(-1)
+                  for key in ("clean_label", *HUMAN_LABEL_SETS[name].values())}
+    except KeyError as err:
+        raise DatasetNotFound(f"{path} has no key {err}: it is not the CIFAR-N file of {DATASETS[name].title}; "
+                              f"get it from {HUMAN_URL}") from None
+    except Exception as err:  # truncated, not a torch file, not arrays
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DatasetNotFound(f"{path} cannot be read ({reason}); download it again from {HUMAN_URL}") from None
+    clean = labels.pop("clean_label")
+    differ = np.flatnonzero(clean != clean_train_labels) if clean.shape == clean_train_labels.shape else None
+    if differ is None or differ.size:
+        where = (f"{clean.size} labels for {clean_train_labels.size} training images" if differ is None else
+                 f"{differ.size} of {clean.size} labels differ, the first at index {differ[0]}")
+        raise DatasetNotFound(
+            f"{path}: its clean_label does not match the {DATASETS[name].title} training labels ({where}); "
+            f"the file must be in the order of torchvision's training set; get the official file from {HUMAN_URL}"
+        )
+    return {label_set: labels[key] for label_set, key in HUMAN_LABEL_SETS[name].items()}
 
 
 def _load_digits():
@@ -160,8 +257,9 @@ def load_arrays(name: str, data_dir: str | Path = "data", download: bool = False
 
 
 def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path = "data",
-         download: bool = False) -> Data:
-    """Dataset ``name`` as uint8 tensors on ``device``, with the normalization of the spec."""
+         download: bool = False, human: bool = False) -> Data:
+    """Dataset ``name`` as uint8 tensors on ``device``, with the normalization of the spec; with
+    ``human``, also its CIFAR-N human label sets (``Data.human_labels``)."""
     info = check_dataset(name)
     train_x, train_y, test_x, test_y = load_arrays(name, data_dir, download)
     if tuple(train_x.shape[1:]) != info.image_shape or tuple(test_x.shape[1:]) != info.image_shape:
@@ -182,8 +280,9 @@ def load(name: str, device: str | torch.device = "cpu", data_dir: str | Path = "
     def as_tensor(array: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
+    human_labels = load_human_labels(name, data_dir, train_y) if human else {}
     return Data(name, as_tensor(train_x), as_tensor(train_y), as_tensor(test_x), as_tensor(test_y),
-                mean, std)
+                mean, std, human_labels)
 
 
 class BatchAugment:

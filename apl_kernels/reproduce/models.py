@@ -2,7 +2,8 @@
 
 * :class:`CNN8` (CIFAR-10) and :class:`CNN4` (MNIST), as docs/reproduction.md lists them;
 * :func:`resnet34` (CIFAR-100): ResNet-34 with the CIFAR stem (3x3 stride-1 first convolution,
-  no max-pool);
+  no max-pool); :func:`resnet50`, the bottleneck ResNet-50 with the same stem, is the released
+  configs' CIFAR-100 model (``--settings released``);
 * :class:`DigitsCNN`: a small CNN for scikit-learn's 8x8 ``digits`` (the quick preset).
 
 Initialization (:func:`init_published`): every convolution ``kaiming_uniform_(fan_in, relu)``, every
@@ -93,22 +94,27 @@ class DigitsCNN(nn.Sequential):
         init_published(self)
 
 
+def shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 projection with batch norm where the shape changes."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                         nn.BatchNorm2d(out_channels))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    expansion = 1
+
+    def __init__(self, in_channels: int, width: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.shortcut = shortcut(in_channels, width, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -116,23 +122,48 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 (width), 3x3 (width, the stride), 1x1 (4 x width), each with batch norm, and a shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    """A CIFAR ResNet: 3x3 stride-1 stem (no max-pool), four stages of basic blocks, global pool, FC."""
+    """A CIFAR ResNet: 3x3 stride-1 stem (no max-pool), four stages of ``block``, global pool, FC."""
 
     input_shape = (3, 32, 32)
 
-    def __init__(self, blocks_per_stage: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, blocks_per_stage: tuple[int, ...], num_classes: int,
+                 block: type[BasicBlock] | type[Bottleneck] = BasicBlock) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
         )
         stages, in_channels = [], 64
         for index, count in enumerate(blocks_per_stage):
-            out_channels = 64 * 2**index
-            for block in range(count):
-                stride = 2 if index > 0 and block == 0 else 1
-                stages.append(BasicBlock(in_channels, out_channels, stride))
-                in_channels = out_channels
+            width = 64 * 2**index
+            for position in range(count):
+                stride = 2 if index > 0 and position == 0 else 1
+                stages.append(block(in_channels, width, stride))
+                in_channels = width * block.expansion
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
@@ -147,7 +178,12 @@ def resnet34(num_classes: int = 100) -> ResNet:
     return ResNet((3, 4, 6, 3), num_classes)
 
 
-MODELS = {"cnn8": CNN8, "cnn4": CNN4, "resnet34": resnet34, "digits_cnn": DigitsCNN}
+def resnet50(num_classes: int = 100) -> ResNet:
+    """ResNet-50 (3, 4, 6, 3 bottleneck blocks, 2048 features) with the CIFAR stem."""
+    return ResNet((3, 4, 6, 3), num_classes, Bottleneck)
+
+
+MODELS = {"cnn8": CNN8, "cnn4": CNN4, "resnet34": resnet34, "resnet50": resnet50, "digits_cnn": DigitsCNN}
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

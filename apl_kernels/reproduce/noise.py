@@ -10,7 +10,10 @@ class, each row the fractions of that class's samples). Test labels are never pa
 * ``uniform``: the same samples, relabelled uniformly among *all* ``K`` classes (so about
   ``rate * (K - 1) / K`` of the labels end up wrong);
 * ``asym``, per dataset: CIFAR-10 ``sequential`` (the published code's) or ``simultaneous``,
-  MNIST's (also used for ``digits``) and CIFAR-100's.
+  MNIST's (also used for ``digits``) and CIFAR-100's;
+* ``human``: the human annotations of CIFAR-10N / CIFAR-100N (Wei et al., ICLR 2022), one of the
+  label sets of :data:`HUMAN_LABEL_SETS` (its name stands where a rate stands for the others);
+  datasets.py reads them from the authors' files.
 """
 
 from __future__ import annotations
@@ -32,7 +35,21 @@ NOISE_KINDS = {
     "uniform": "uniform: exactly int(rate*N/K) labels per class redrawn among all K classes",
     "asym": "the dataset's asymmetric noise (CIFAR-10: the published sequential flips)",
     "asym-sim": "CIFAR-10 asymmetric noise with every flip drawn from the clean labels",
+    "human": "CIFAR-10N / CIFAR-100N human labels: human:aggre,worse,random1,random2,random3 "
+             "(CIFAR-10) or human:noisy (CIFAR-100)",
 }
+
+# The human label sets of CIFAR-N: name -> key of the authors' label file (datasets.HUMAN_FILES).
+HUMAN_LABEL_SETS = {
+    "cifar10": {"aggre": "aggre_label", "worse": "worse_label", "random1": "random_label1",
+                "random2": "random_label2", "random3": "random_label3"},
+    "cifar100": {"noisy": "noisy_label"},
+}
+
+
+def cell_name(kind: str, rate: float | str) -> str:
+    """A noise cell in file names: ``sym0.4``, ``asym0.2``, ``human-aggre``."""
+    return f"{kind}-{rate}" if kind == "human" else f"{kind}{float(rate)}"
 
 
 @dataclass
@@ -159,11 +176,27 @@ ASYMMETRIC = {
 }
 
 
-def make_noisy_labels(dataset: str, kind: str, rate: float, labels, num_classes: int, seed: int) -> NoisyLabels:
+def given_labels(labels, noisy_labels, num_classes: int) -> NoisyLabels:
+    """Noise that someone else drew (CIFAR-N's human labels): ``noisy_labels`` for ``labels``."""
+    clean = _check(labels, 0.0, num_classes)
+    noisy = _check(noisy_labels, 0.0, num_classes)
+    if noisy.shape != clean.shape:
+        raise ValueError(f"{noisy.size} noisy labels for {clean.size} samples")
+    return _result(clean, noisy, num_classes)
+
+
+def make_noisy_labels(dataset: str, kind: str, rate: float | str, labels, num_classes: int, seed: int,
+                      human_labels: dict | None = None) -> NoisyLabels:
     """Noisy training labels for a grid cell: noise ``kind`` (:data:`NOISE_KINDS`) at ``rate``.
 
-    Deterministic in ``seed``.
+    Deterministic in ``seed``. For ``human`` noise ``rate`` names the label set and
+    ``human_labels`` maps label set names to the noisy labels (``datasets.Data.human_labels``).
     """
+    if kind == "human":
+        if not human_labels or rate not in human_labels:
+            raise ValueError(f"human label set {rate!r} of {dataset} is not loaded; available: "
+                             f"{', '.join(human_labels or {}) or 'none'}")
+        return given_labels(labels, human_labels[rate], num_classes)
     rng = np.random.default_rng(seed)
     if kind == "sym":
         return symmetric(labels, rate, num_classes, rng)

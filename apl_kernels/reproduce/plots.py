@@ -6,7 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets, report
+from . import datasets, report, store
+from .noise import cell_name
+
+
+def save(figure, path: Path) -> None:
+    """Write ``figure`` as a PNG, atomically, with the umask's mode; close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        store.write(path, lambda f: figure.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(figure)
 
 
 def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path]:
@@ -39,10 +50,9 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
                  title=f"{datasets.DATASETS[dataset].title}, {report.cell_label(kind, rate)}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=2)
-        path = plots / f"test_acc_{dataset}_{kind}{float(rate)}.png"
+        path = plots / f"test_acc_{dataset}_{cell_name(kind, rate)}.png"
         figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save(figure, path)
         written.append(path)
 
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -82,7 +92,6 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
         figure.suptitle(f"{datasets.DATASETS[dataset].title}: last-epoch clean test accuracy", fontsize=10)
         figure.tight_layout()
         path = plots / f"grid_{dataset}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save(figure, path)
         written.append(path)
     return written

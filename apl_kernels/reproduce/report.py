@@ -1,30 +1,39 @@
 """The report of a grid: ``results.csv`` and ``results.md`` (mean ± std per cell beside the paper's
-number) and the plots, from the run files."""
+number, and the notes that a reader needs: which settings ran, where parameters come from, the
+published configs' quirks), the plots, and the headline printed at the end of a grid."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..catalogue import available_losses
-from ..files import atomic_write_text
-from . import datasets
+from . import datasets, plots, store
 from .noise import NOISE_KINDS
-from . import plots
-from .settings import NMAE_PUBLISHED_SCALE, PAPER_DATASET, SETTINGS, UsageError, paper_losses, paper_results
+from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, UsageError, dataset_notes,
+                       paper_losses, paper_results, published, training_settings)
 
 
 def load_record(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return store.read_json(path)
 
 
 def load_records(out: Path) -> list[dict]:
-    paths = sorted((out / "runs").glob("*.json"))
-    return [load_record(path) for path in paths]
+    """The run results in ``out/runs``; damaged files are skipped with a warning naming each."""
+    records = []
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        try:
+            record = load_record(path)
+            record["config"]["loss"], record["status"], record["noise"]["realized_rate"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            store.warn(f"skipped {path}: damaged ({reason}); training the grid again retrains its run")
+            continue
+        records.append(record)
+    return records
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -42,6 +51,7 @@ def summarize(records: list[dict]) -> list[dict]:
         mean = float(np.mean(final)) if final else None
         rows.append({
             "dataset": dataset, "noise": noise, "rate": rate, "loss": loss,
+            "variant": group[0]["config"].get("variant", "paper"),
             "epochs": group[0]["config"]["epochs"],
             "seeds": len(final), "diverged": sum(r["status"] == "diverged" for r in group),
             "mean": mean, "std": float(np.std(final)) if final else None,
@@ -53,13 +63,13 @@ def summarize(records: list[dict]) -> list[dict]:
         })
     noise_order = list(NOISE_KINDS)
     loss_order = {name: i for i, name in enumerate(available_losses())}
-    paper_order = {name: i for i, name in enumerate(paper_losses())}
+    paper_order = {name: i for i, name in enumerate(dict.fromkeys(paper_losses() + LATER_LOSSES))}
     rows.sort(key=lambda r: (r["dataset"], noise_order.index(r["noise"]), r["rate"],
-                             paper_order.get(r["loss"], len(paper_order) + loss_order[r["loss"]])))
+                             paper_order.get(r["loss"], len(paper_order) + loss_order.get(r["loss"], 0))))
     return rows
 
 
-CSV_COLUMNS = ("dataset", "noise", "rate", "loss", "epochs", "seeds", "diverged", "mean", "std",
+CSV_COLUMNS = ("dataset", "noise", "rate", "loss", "variant", "epochs", "seeds", "diverged", "mean", "std",
                "best_epoch_mean", "realized_noise", "paper_mean", "paper_std", "diff")
 
 
@@ -77,7 +87,9 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def cell_label(kind: str, rate: float) -> str:
+def cell_label(kind: str, rate: float | str) -> str:
+    if isinstance(rate, str):
+        return f"{kind} {rate}"
     return "clean" if rate == 0.0 else f"{kind} {rate:g}"
 
 
@@ -95,21 +107,38 @@ def _cell_text(row: dict) -> str:
 
 
 def notes(rows: list[dict], records: list[dict]) -> list[str]:
-    """What a reader must know to read the tables."""
-    lines = []
-    datasets_seen = sorted({r["dataset"] for r in rows})
-    for dataset in datasets_seen:
-        published = SETTINGS[dataset].epochs
-        epochs = sorted({r["epochs"] for r in rows if r["dataset"] == dataset})
-        if dataset != PAPER_DATASET:
-            lines.append(f"{dataset}: the loss parameters are the paper's CIFAR-10 ones; paper numbers "
-                         f"are shown only where the paper has this dataset and cell.")
-        if epochs != [published]:
-            lines.append(f"{dataset}: trained {', '.join(map(str, epochs))} epoch(s), the published "
-                         f"setting is {published}: differences from the paper are not like for like.")
+    """What a reader must know to read the tables: which settings ran, where the parameters come
+    from, the published configs' quirks that touch a cell, and how to read the numbers."""
+    lines: list[str] = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        dataset_rows = [r for r in rows if r["dataset"] == dataset]
+        title = datasets.DATASETS[dataset].title
+        for variant in sorted({r["variant"] for r in dataset_rows}):
+            published_epochs = training_settings(dataset, variant).epochs
+            epochs = sorted({r["epochs"] for r in dataset_rows if r["variant"] == variant})
+            which = ("the released configs (--settings released)" if variant == "released" else
+                     "the paper (the pre-release code that produced its numbers)")
+            lines.append(f"{title} is not in the paper: its own training settings and CIFAR-10's loss parameters "
+                         f"of {which}." if dataset == "digits" else
+                         f"{title}: training settings and loss parameters of {which}.")
+            if epochs != [published_epochs]:
+                lines.append(f"{title}: trained {', '.join(map(str, epochs))} epoch(s), the published "
+                             f"setting is {published_epochs}: differences from the paper are not like for like.")
+        for kind in dict.fromkeys(r["noise"] for r in dataset_rows):
+            for variant in {r["variant"] for r in dataset_rows}:
+                lines += dataset_notes(dataset, kind, variant)
+        for row in dataset_rows:
+            lines += published(dataset, row["loss"], row["noise"], row["variant"]).notes
+        if dataset not in (PAPER_DATASET, "digits"):
+            lines.append(f"{title}: paper numbers are shown where the paper has this dataset and cell.")
     losses = {r["loss"] for r in rows}
+    later = [loss for loss in LATER_LOSSES if loss in losses]
+    if later:
+        lines.append(f"{', '.join(later)}: no published numbers are available here (Active Negative Loss, "
+                     "NeurIPS 2023; asymmetric losses, ICML 2021), so their rows show none; ANL trains "
+                     "with weight decay 0 and the L1 penalty delta * sum|theta| of its published configs.")
     if "nrce" in losses:
-        scales = sorted({rec["config"]["loss_params"]["scale"] for rec in records
+        scales = sorted({rec["config"]["loss_params"].get("scale", 1.0) for rec in records
                          if rec["config"]["loss"] == "nrce"})
         lines.append("NRCE alone trains at the published code's effective scale A(K-1)^2/4 with "
                      f"A = -ln(1e-4) (= {', '.join(f'{s:.3f}' for s in scales)}), not at scale 1: the "
@@ -117,15 +146,17 @@ def notes(rows: list[dict], records: list[dict]) -> list[str]:
     if "nmae" in losses:
         lines.append(f"NMAE alone trains at the published code's effective scale {NMAE_PUBLISHED_SCALE} "
                      "(its 1 / (2(K-1)) normalization), not at scale 1.")
-    if "nfl" in losses:
-        lines.append("NFL alone: scale 10 under symmetric noise, 1 under asymmetric (published configs).")
     if any(r["noise"] == "asym" and r["dataset"] == "cifar10" for r in rows):
         lines.append("CIFAR-10 asym is the published sequential flipping (realized cat noise about "
                      "rate*(1-rate)); asym-sim draws every flip from the clean labels.")
+    if any(r["noise"] == "human" for r in rows):
+        lines.append("human: CIFAR-N's human labels (Wei et al., ICLR 2022), trained with the "
+                     "symmetric-noise parameters; the realized noise row is the fraction of labels "
+                     "that differ from the clean ones.")
     lines.append("Accuracy: clean test accuracy (%) at the last epoch, mean ± population std over "
                  "seeds; best_epoch_mean in results.csv is the mean of each run's best epoch "
                  "(selected on the test set, so optimistic).")
-    return lines
+    return list(dict.fromkeys(lines))
 
 
 def results_markdown(rows: list[dict], records: list[dict]) -> str:
@@ -137,7 +168,7 @@ def results_markdown(rows: list[dict], records: list[dict]) -> str:
             kind_rows = [r for r in dataset_rows if r["noise"] == kind]
             if not kind_rows:
                 continue
-            rates = sorted({r["rate"] for r in kind_rows})
+            rates = sorted({r["rate"] for r in kind_rows})  # numbers, or human label set names
             losses = list(dict.fromkeys(r["loss"] for r in kind_rows))
             by_cell = {(r["loss"], r["rate"]): r for r in kind_rows}
             seeds = max(r["seeds"] for r in kind_rows)
@@ -161,6 +192,58 @@ def write_report(out: str | Path) -> list[Path]:
     if not records:
         raise UsageError(f"no run results in {out / 'runs'}; train a grid first (--out {out})")
     rows = summarize(records)
-    atomic_write_text(out / "results.csv", results_csv(rows))
-    atomic_write_text(out / "results.md", results_markdown(rows, records))
+    store.write_text(out / "results.csv", results_csv(rows))
+    store.write_text(out / "results.md", results_markdown(rows, records))
     return [out / "results.csv", out / "results.md", *plots.write_plots(rows, records, out / "plots")]
+
+
+HEADLINE_WIDTH = 100  # noise kinds share a table while it stays this narrow
+
+
+def headline(rows: list[dict]) -> str:
+    """The grid's result in a few tables: last-epoch clean test accuracy per loss and noise cell,
+    the best and the worst loss of each cell, and ours minus the paper where it has the cell."""
+    if not rows:
+        return "no finished runs"
+    dataset = datasets.DATASETS[rows[0]["dataset"]].title
+    seeds = max(r["seeds"] + r["diverged"] for r in rows)
+    with_paper = any(r["paper_mean"] is not None for r in rows)
+    lines = [f"Clean test accuracy (%) at the last epoch, {dataset}, {plural(seeds, 'seed')}"
+             + (" (mean); in brackets ours minus the paper's number:" if with_paper else
+                (" (mean):" if seeds > 1 else ":"))]
+    losses = list(dict.fromkeys(r["loss"] for r in rows))
+    by_cell = {(r["loss"], r["noise"], r["rate"]): r for r in rows}
+    columns = list(dict.fromkeys((r["noise"], r["rate"]) for r in rows))
+
+    def text(row: dict | None) -> str:
+        if row is None:
+            return ""
+        if row["mean"] is None:
+            return "diverged"
+        diff = f" ({row['diff']:+.2f})" if row["diff"] is not None else ""
+        return f"{row['mean']:.2f}{diff}"
+
+    def extreme(column, pick) -> str:
+        scored = [(by_cell[loss, *column]["mean"], loss) for loss in losses
+                  if (loss, *column) in by_cell and by_cell[loss, *column]["mean"] is not None]
+        return pick(scored)[1] if scored else ""
+
+    table_rows = [[loss] + [text(by_cell.get((loss, *col))) for col in columns] for loss in losses]
+    table_rows += [["best"] + [extreme(col, max) for col in columns],
+                   ["worst"] + [extreme(col, min) for col in columns]]
+    header = ["loss"] + [cell_label(*col) for col in columns]
+    widths = [max(len(row[i]) for row in table_rows + [header]) for i in range(len(header))]
+    groups: list[list[int]] = []  # column indices per printed table: whole noise kinds, not too wide
+    for kind in dict.fromkeys(kind for kind, _ in columns):
+        indices = [i + 1 for i, col in enumerate(columns) if col[0] == kind]
+        width = widths[0] + sum(widths[i] + 2 for i in (groups[-1] if groups else []) + indices)
+        if groups and width <= HEADLINE_WIDTH:
+            groups[-1] += indices
+        else:
+            groups.append(indices)
+    for indices in groups:
+        lines.append("")
+        for row in [header] + table_rows:
+            cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in indices]
+            lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Training one run of the reproduction grid: the spec's settings, metrics, checkpoints, NaN handling.
 
-One run = a dataset, a loss with its parameters, a noise kind and rate, a seed and a number of
-epochs (:class:`RunConfig`). :func:`train_run` trains it with the dataset's published settings
-(:data:`SETTINGS`) and returns its record (what the run's JSON file holds). With a
-``checkpoint_path`` it saves its whole state after every epoch (atomically) and, if a checkpoint
-of the same run exists, continues from it, so an interrupted run loses at most one epoch.
+One run = a dataset, a loss with its parameters, a noise kind and rate, a seed, a number of
+epochs, a settings variant and changes to the settings (:class:`RunConfig`). :func:`train_run`
+trains it with the dataset's published settings (settings.training_settings) and returns its
+record (what the run's JSON file holds). With a ``checkpoint_path`` it saves its whole state after
+every epoch (atomically) and, if a checkpoint of the same run exists, continues from it, so an
+interrupted run loses at most one epoch; a damaged checkpoint is moved aside and the run restarts.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import atomic_write
+from .. import backends
 from ..nn import get_loss
-from . import datasets
+from . import datasets, store
 from .models import build_model
-from .noise import make_noisy_labels
-from .settings import SETTINGS
+from .noise import cell_name, make_noisy_labels
+from .settings import Settings, training_settings
 
 EVAL_BATCH = 1024
 METRICS = ("lr", "train_loss", "train_acc_noisy", "train_acc_clean", "test_loss", "test_acc")
@@ -40,18 +41,33 @@ class RunConfig:
     dataset: str
     loss: str
     noise: str  # a kind of apl_kernels.noise.NOISE_KINDS
-    rate: float
+    rate: float | str  # for human noise, the CIFAR-N label set (noise.HUMAN_LABEL_SETS)
     seed: int
     epochs: int
     loss_params: dict = field(default_factory=dict)
+    variant: str = "paper"  # the dataset's training settings: "paper" or "released"
+    # Changes to those settings (Settings fields), e.g. {"weight_decay": 0.0, "l1": 5e-5} for ANL:
+    # "l1" is delta of the L1 penalty delta * sum|theta| over every model parameter.
+    overrides: dict = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
         """A file-name-safe identifier, e.g. ``cifar10_nce+rce_sym0.4_seed1``."""
-        return f"{self.dataset}_{self.loss}_{self.noise}{float(self.rate)}_seed{self.seed}"
+        return f"{self.dataset}_{self.loss}_{cell_name(self.noise, self.rate)}_seed{self.seed}"
+
+    @property
+    def settings(self) -> Settings:
+        """The training settings this run trains with."""
+        return training_settings(self.dataset, self.variant, self.overrides, self.epochs)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The configuration as stored in the run's files (defaults of the later fields left out, so
+        that runs stored before those fields existed keep their identity)."""
+        config = asdict(self)
+        for name, default in (("variant", "paper"), ("overrides", {})):
+            if config[name] == default:
+                del config[name]
+        return config
 
 
 @dataclass
@@ -66,16 +82,29 @@ class Options:
     progress: bool = True  # a tqdm bar over the epochs
 
     def check(self) -> None:
+        """Raise ``ValueError`` (one line first) unless these options can run here; loads the backend."""
         device_type = torch.device(self.device).type
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for but CUDA is not available here; use --device cpu")
         for flag in ("bf16", "channels_last"):
             if getattr(self, flag) and device_type != "cuda":
                 raise ValueError(f"--{flag.replace('_', '-')} is a CUDA option; the device is {self.device!r}")
+        backends.resolve(self.backend, device_type)  # unknown, not for this device, or cannot load
 
 
 class ConfigMismatch(ValueError):
     """A saved run (checkpoint or result) has the same name as a run asked for but other settings."""
+
+
+def l1_norm(model: nn.Module) -> torch.Tensor:
+    """``sum |theta|`` over every parameter of ``model`` (batch norm and biases included)."""
+    return sum(p.abs().sum() for p in model.parameters())
+
+
+def objective(loss: torch.Tensor, model: nn.Module, l1: float) -> torch.Tensor:
+    """What backward differentiates: the loss plus ``l1 * sum|theta|``, as the published ANL code
+    adds its L1 penalty to the loss before backward."""
+    return loss + l1 * l1_norm(model) if l1 else loss
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +132,22 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augme
     return loss_sum.item() / labels.numel(), 100.0 * correct.item() / labels.numel()
 
 
+def read_checkpoint(path: Path, config: RunConfig) -> dict | None:
+    """The state saved in checkpoint ``path``, or ``None`` if there is none; a damaged one
+    (truncated, empty, not a checkpoint) is moved aside with a warning and ``None`` returned."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"record", "model", "optimizer", "scheduler"} <= set(state):
+            raise ValueError("not a checkpoint of this trainer")
+        state["record"]["config"], state["record"]["epochs_done"]
+    except Exception as err:  # whatever a damaged file makes torch.load raise
+        store.move_aside(path, err, f"run {config.run_id} restarts from epoch 0")
+        return None
+    return state
+
+
 def train_run(config: RunConfig, data: datasets.Data, options: Options | None = None,
               checkpoint_path: str | Path | None = None,
               on_epoch: Callable[[int, dict], None] | None = None) -> dict:
@@ -110,19 +155,20 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
 
     ``on_epoch(epoch, record)`` is called after each epoch's checkpoint is written.
     The record's ``status`` is ``"finished"`` or ``"diverged"`` (the training loss became NaN or
-    infinite: the run stops there and keeps the epochs before it).
+    infinite: the run stops there and keeps the epochs before it). The training loss recorded is the
+    loss function's; an L1 penalty (``settings.l1``) is added to it for the gradient only.
     """
     options = options or Options()
     options.check()
     if config.dataset != data.name:
         raise ValueError(f"run {config.run_id} is for {config.dataset!r} but the data is {data.name!r}")
-    settings = SETTINGS[config.dataset]
+    settings = config.settings
     device = torch.device(options.device)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
 
     clean_labels = data.train_labels.cpu().numpy()
     noisy = make_noisy_labels(config.dataset, config.noise, config.rate, clean_labels, data.num_classes,
-                              config.seed)
+                              config.seed, data.human_labels)
     noisy_labels = torch.from_numpy(noisy.labels).to(device)
 
     seed_everything(config.seed)
@@ -130,7 +176,7 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
     if options.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+                                weight_decay=settings.weight_decay, nesterov=settings.nesterov)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
                                                            eta_min=settings.lr_min)
     criterion = get_loss(config.loss, backend=options.backend, **config.loss_params)
@@ -147,18 +193,20 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
     record = {
         "run_id": config.run_id,
         "config": config.to_dict(),
-        "settings": asdict(settings) | {"epochs": config.epochs},
+        "settings": asdict(settings),
         "status": "running",
         "noise": {"realized_rate": noisy.rate, "transition": noisy.transition.round(6).tolist()},
         "history": history,
         "epochs_done": 0,
         "wall_time_s": 0.0,
         "resumed_at_epochs": [],
-        "options": {k: v for k, v in asdict(options).items() if k != "progress"},
+        "options": {k: v for k, v in asdict(options).items() if k != "progress"}
+                   | {"backend": backends.resolve(options.backend, device.type).name,
+                      "backend_requested": options.backend, "threads": torch.get_num_threads()},
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
     }
-    if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint_path, config) if checkpoint_path is not None else None
+    if state is not None:
         if state["record"]["config"] != record["config"]:
             raise ConfigMismatch(f"checkpoint {checkpoint_path} is of another configuration of run "
                                  f"{config.run_id}; delete it or use another output directory")
@@ -169,7 +217,8 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
         torch.set_rng_state(state["torch_rng"])
         record = state["record"]
         history = record["history"]
-        record["resumed_at_epochs"].append(record["epochs_done"])
+        if record["status"] == "running" and record["epochs_done"] < config.epochs:
+            record["resumed_at_epochs"].append(record["epochs_done"])  # training goes on from there
 
     train_images, train_count = data.train_images, data.train_labels.numel()
     bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id, unit="epoch",
@@ -195,7 +244,7 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
                     logits = network(x).float()
                 loss = criterion(logits, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective(loss, model, settings.l1).backward()
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                 optimizer.step()
                 with torch.no_grad():
@@ -223,11 +272,14 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
             history["test_acc"].append(test_acc)
             record["epochs_done"] = epoch + 1
             record["wall_time_s"] += time.perf_counter() - started
-            if checkpoint_path is not None and epoch + 1 < config.epochs:
+            if checkpoint_path is not None:  # also after the last epoch: the result is written later
                 state = {"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                          "torch_rng": torch.get_rng_state()}
-                atomic_write(checkpoint_path, lambda f: torch.save(state, f))
+                kept = (f"; the last complete checkpoint of {config.run_id} (epoch {epoch}) is intact"
+                        if epoch else f"; {config.run_id} had no checkpoint yet")
+                store.write(checkpoint_path, lambda f: torch.save(state, f),
+                            kept + ": free some space and run the same command again")
             bar.update(1)
             bar.set_postfix(test_acc=f"{test_acc:.2f}", loss=f"{train_loss:.4f}")
             if on_epoch is not None:

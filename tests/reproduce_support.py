@@ -1,0 +1,136 @@
+"""Small datasets in the real on-disk formats, and helpers, for the reproduction's tests.
+
+CIFAR-10/100 in torchvision's pickled layout, MNIST in IDX files, and the CIFAR-N human label
+files as their authors distribute them (a torch.save'd dict of numpy label arrays, written by
+numpy 1, whose module names differ from numpy 2's). Everything is read back through the loaders
+users run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import apl_kernels
+from apl_kernels.reproduce import cli, noise
+
+TRAIN_PER_BATCH, TEST_IMAGES = 16, 20  # CIFAR-10: 5 x 16 training images
+
+
+def write_cifar10(root: Path, rng: np.random.Generator) -> None:
+    """A small CIFAR-10 in torchvision's layout: pickled dicts of (N, 3072) uint8 rows and labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    files = [(f"data_batch_{i}", TRAIN_PER_BATCH) for i in range(1, 6)] + [("test_batch", TEST_IMAGES)]
+    for name, count in files:
+        labels = rng.permutation(np.arange(count) % 10).tolist()
+        batch = {"batch_label": name, "labels": labels,
+                 "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "filenames": [f"{name}_{i}.png" for i in range(count)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": TRAIN_PER_BATCH, "num_vis": 3072}, f)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format of MNIST's files: 0, 0, type 8 (uint8), ndim, big-endian sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, rng: np.random.Generator, train: int = 64, test: int = 20) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+
+
+def write_cifar100(root: Path, rng: np.random.Generator, train: int = 200, test: int = 100) -> None:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, count in (("train", train), ("test", test)):
+        batch = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 "fine_labels": (np.arange(count) % 100).tolist(), "coarse_labels": [0] * count}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def cifar_train_labels(root: Path, dataset: str) -> np.ndarray:
+    """The training labels of a CIFAR written above, in torchvision's order."""
+    from apl_kernels.reproduce import datasets
+
+    return datasets.load_arrays(dataset, root)[1]
+
+
+def human_label_sets(clean: np.ndarray, dataset: str, rng: np.random.Generator, rate: float = 0.3) -> dict:
+    """CIFAR-N-like noisy label sets of ``clean``: each label replaced by a random one w.p. ``rate``."""
+    num_classes = 100 if dataset == "cifar100" else 10
+    sets = {}
+    for key in noise.HUMAN_LABEL_SETS[dataset].values():
+        noisy = clean.copy()
+        flip = rng.random(clean.size) < rate
+        noisy[flip] = rng.integers(0, num_classes, int(flip.sum()))
+        sets[key] = noisy
+    return sets
+
+
+def write_human_labels(root: Path, dataset: str, clean: np.ndarray, label_sets: dict,
+                       numpy1_names: bool = True) -> Path:
+    """``CIFAR-10_human.pt`` / ``CIFAR-100_human.pt`` as the CIFAR-N authors distribute them: a
+    ``torch.save``'d dict of numpy arrays. ``numpy1_names``: the pickle names numpy 1's modules
+    (``numpy.core``), as the real files, written before numpy 2, do."""
+    from apl_kernels.reproduce.datasets import HUMAN_FILES
+
+    buffer = io.BytesIO()
+    torch.save({"clean_label": clean.copy(), **label_sets}, buffer)
+    data = buffer.getvalue()
+    if numpy1_names:  # rewrite the archive's pickle with numpy 1's module name
+        source, rewritten = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+        with zipfile.ZipFile(rewritten, "w", zipfile.ZIP_STORED) as target:
+            for item in source.infolist():
+                content = source.read(item.filename)
+                if item.filename.endswith("data.pkl"):
+                    content = content.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+                    assert b"numpy.core.multiarray" in content
+                target.writestr(item, content)
+        data = rewritten.getvalue()
+    path = root / HUMAN_FILES[dataset]
+    path.write_bytes(data)
+    return path
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def trained_count(stdout: str) -> int:
+    line = next(line for line in stdout.splitlines() if line.startswith("trained "))
+    return int(line.split()[1])
+
+
+def child_env() -> dict:
+    """The environment of a child ``python -m apl_kernels.reproduce``: this checkout importable."""
+    root = str(Path(apl_kernels.__file__).parent.parent)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
+def spawn(argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "apl_kernels.reproduce", *map(str, argv)], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def json_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "runs").glob("*.json"))}
