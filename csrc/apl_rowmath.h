@@ -154,6 +154,12 @@ struct RowStats {
     one_minus_p_max = -Math<S>::expm1(-log_s);
   }
 
+  // The same from log s itself (the CUDA backward reads it from the row's record).
+  APL_HD void set_log_sum_exp(S value) {
+    log_s = value;
+    one_minus_p_max = -Math<S>::expm1(-log_s);
+  }
+
   // A row's softmax is undefined when a logit is NaN or +inf or every logit is -inf: its loss
   // and gradient are then NaN (as log_softmax's), never a number that a clamp made of NaN.
   APL_HD bool defined() const { return std::isfinite(max_z) && std::isfinite(log_s); }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import apl_kernels as ak
-from apl_kernels.catalogue import PAPER_PAIRS
+from apl_kernels.catalogue import NAMED_PAIRS, available_losses
 from cases import random_logits, random_target
 
 F = ak.functional
@@ -17,6 +19,8 @@ MODULES = {
     "nce+mae": ak.NCEMAE, "nce+rce": ak.NCERCE, "nfl+mae": ak.NFLMAE, "nfl+rce": ak.NFLRCE,
     "ngce+mae": ak.NGCEMAE, "ngce+rce": ak.NGCERCE, "gce+mae": ak.GCEMAE, "gce+rce": ak.GCERCE,
     "gce+nce": ak.GCENCE, "mae+rce": ak.MAERCE, "nfl+nce": ak.NFLNCE, "ngce+nce": ak.NGCENCE,
+    "nnce": ak.NNCE, "nnfl": ak.NNFL, "agce": ak.AGCE, "aul": ak.AUL, "ael": ak.AEL, "nce+agce": ak.NCEAGCE,
+    "nce+aul": ak.NCEAUL, "nce+ael": ak.NCEAEL, "nce+nnce": ak.ANLCE, "nfl+nnfl": ak.ANLFL,
 }
 
 
@@ -85,6 +89,8 @@ def test_repr_names_the_loss_and_its_parameters():
     assert repr(ak.GCE(reduction="sum")) == "GCE(scale=1.0, q=0.7, reduction='sum')"
     assert repr(ak.APLLoss("nce", "nrce", 2.0)) == "APLLoss('nce+nrce', alpha=2.0, beta=1.0)"
     assert repr(ak.NGCENCE(q=0.1, ignore_index=255)) == "NGCENCE(alpha=1.0, beta=1.0, q=0.1, ignore_index=255)"
+    assert repr(ak.ANLCE(5.0, 5.0, label_smoothing=0.1, weight=torch.ones(3))) == (
+        "ANLCE(alpha=5.0, beta=5.0, min_prob=1e-07, label_smoothing=0.1, weight=<3 class weights>)")
 
 
 def test_modules_have_no_parameters_and_work_in_nn_sequential_training():
@@ -125,16 +131,34 @@ y10 = torch.tensor([0, 1, 2, 3])
         (lambda: F.nce(z10, torch.tensor([0, 1, 2])), ValueError, r"target shape \(3,\) does not match input shape \(4, 10\)"),
         (lambda: F.nce(torch.randn(10), torch.tensor(1)), ValueError, r"shape \(N, K\)"),
         (lambda: F.nce(z10, y10.to("meta")), ValueError, r"input is on cpu but target is on meta"),
-        (lambda: F.nce(z10, y10.float()), TypeError, r"target must hold integer class indices; got torch.float32"),
-        (lambda: F.nce(z10, y10.bool()), TypeError, r"integer class indices"),
+        (lambda: F.nce(z10, y10.bool()), TypeError, r"integer class indices or class probabilities"),
         (lambda: F.nce(torch.randint(0, 5, (4, 10)), y10), TypeError, r"input \(logits\) must be float16, bfloat16, float32 or float64; got torch.int64"),
         (lambda: F.nce(z10.numpy(), y10), TypeError, r"must be tensors"),
-        (lambda: ak.GCE(q=-0.5), ValueError, r"q must be > 0, got -0.5"),
-        (lambda: ak.NGCE(q=0), ValueError, r"q must be > 0"),
-        (lambda: ak.FL(gamma=-1.0), ValueError, r"gamma must be >= 0, got -1.0"),
-        (lambda: F.nfl_rce(z10, y10, gamma=-0.1), ValueError, r"gamma must be >= 0"),
+        (lambda: ak.GCE(q=-0.5), ValueError, r"q must be in \[1e-30, 100\], got -0.5"),
+        (lambda: ak.NGCE(q=0), ValueError, r"q must be in"),
+        (lambda: ak.FL(gamma=-1.0), ValueError, r"gamma must be in \[0, 100\], got -1"),
+        (lambda: F.nfl_rce(z10, y10, gamma=-0.1), ValueError, r"gamma must be in"),
         (lambda: ak.NCE(scale=float("nan")), ValueError, r"scale must be finite"),
-        (lambda: ak.NCEMAE(alpha="1"), TypeError, r"alpha must be a real number"),
+        # What float32 cannot honour is refused once, for every backend (issue 15): no NaN on one
+        # backend and an error on another.
+        (lambda: ak.GCE(q=1e-50), ValueError, r"q must be in \[1e-30, 100\], got 1e-50"),
+        (lambda: ak.NFL(gamma=1e6), ValueError, r"gamma must be in \[0, 100\], got 1e\+06"),
+        (lambda: ak.NCE(scale=1e300), ValueError, r"scale must be in \[-1e\+30, 1e\+30\], got 1e\+300"),
+        (lambda: ak.NCE(ignore_index=2**70), ValueError, r"ignore_index must fit in int64"),
+        (lambda: ak.AUL(a=1.0), ValueError, r"a must be > 1 for aul"),
+        (lambda: ak.AGCE(a=0.0), ValueError, r"a must be in"),
+        (lambda: ak.AGCE(a=10.0, q=50.0), ValueError, r"overflows float32"),
+        (lambda: ak.NNCE(min_prob=0.0), ValueError, r"min_prob must be in"),
+        (lambda: ak.NNFL(min_prob=1.0), ValueError, r"min_prob must be in"),
+        (lambda: ak.CE(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
+        (lambda: ak.CE(label_smoothing=float("nan")), ValueError, r"label_smoothing must be finite"),
+        (lambda: F.ce(z10, y10, label_smoothing=1.5), ValueError, r"label_smoothing must be in"),
+        (lambda: F.ce(z10, y10, weight=torch.ones(9)), ValueError, r"weight has 9 entries but the input has K = 10"),
+        (lambda: F.ce(z10, y10, weight=torch.ones(10, dtype=torch.long)), ValueError, r"1-D floating tensor"),
+        (lambda: F.ce(z10, y10, weight=torch.ones(10, device="meta")), ValueError, r"weight is on meta"),
+        (lambda: ak.CE(weight=[1.0] * 10), TypeError, r"weight must be a tensor"),
+        (lambda: F.ce(z10, torch.rand(4, 9)), ValueError, r"probability targets must have the input's shape"),
+        (lambda: F.ce(z10, y10.double()), ValueError, r"class indices must be an integer tensor: use target.long\(\)"),
         (lambda: ak.NCE(gamma=0.5), TypeError, r"unexpected parameter\(s\) gamma; it accepts: scale"),
         (lambda: ak.NCE(official_grad=True), TypeError, r"unexpected parameter\(s\) official_grad"),
         (lambda: ak.NCEMAE(1.0, 1.0, 1.0), TypeError, r"takes at most 2 parameters"),
@@ -169,3 +193,47 @@ def test_ignore_index_is_not_out_of_range():
 def test_integer_target_dtypes_are_accepted():
     for dtype in (torch.int32, torch.int16, torch.uint8):
         assert torch.equal(F.nce(z10, y10.to(dtype)), F.nce(z10, y10))
+
+
+def test_autocast_returns_float32_like_cross_entropy(seed):
+    z = random_logits(6, 10, seed, dtype=torch.float32)
+    y = random_target(6, 10, seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(z, torch.eye(10))  # bfloat16 under autocast
+        assert logits.dtype == torch.bfloat16
+        assert torch.nn.functional.cross_entropy(logits, y).dtype == torch.float32
+        for backend in ak.available_backends("cpu"):
+            loss = ak.NCERCE(backend=backend)(logits, y)
+            assert loss.dtype == torch.float32, backend
+            # the float32 value, not a bfloat16 rounding of it
+            torch.testing.assert_close(loss, ak.NCERCE(backend="torch")(logits.float(), y), rtol=1e-6, atol=0)
+    assert ak.NCERCE()(z.bfloat16(), y).dtype == torch.bfloat16  # outside autocast: the input's dtype
+
+
+@pytest.mark.parametrize("name", available_losses())
+def test_every_public_form_documents_itself(name):
+    """help() shows the loss's formula, every parameter with its default, the options, shapes and
+    an example, for modules and functions alike."""
+    function = getattr(F, name.replace("+", "_"))
+    forms = [function, ak.get_loss(name).__class__] if name in MODULES else [function]
+    for form in forms:
+        doc = form.__doc__
+        for word in ("Args:", "reduction", "ignore_index", "label_smoothing", "weight", "backend", "Shapes:",
+                     "Example::", "Default:"):
+            assert word in doc, (name, form, word)
+        for param, default in ak.catalogue.accepted_params(name).items():
+            assert f"{param}: " in doc and f"Default: {default!r}" in doc, (name, param)
+    assert str(inspect.signature(function)).startswith("(input, target")
+
+
+def test_functional_stub_matches_the_catalogue():
+    """functional.pyi spells the generated functions out for editors: regenerate it with
+    `python -c "import apl_kernels.functional as F; F.write_stub()"` when the catalogue changes."""
+    from pathlib import Path
+
+    stub = Path(F.__file__).with_suffix(".pyi")
+    assert stub.read_text() == F.stub(), "functional.pyi is stale: run apl_kernels.functional.write_stub()"
+
+
+def test_named_modules_cover_the_catalogue():
+    assert set(MODULES) == set(ak.catalogue.SINGLES) | set(NAMED_PAIRS)

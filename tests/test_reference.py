@@ -10,11 +10,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import apl_kernels as ak
-from apl_kernels.catalogue import FOCAL, SINGLES
-from cases import LOSS_CASES, LOSS_IDS, assert_close_to_scale, case_id, random_logits, random_target
+from apl_kernels.catalogue import FOCAL, SINGLES, available_losses, members
+from cases import LOSS_CASES, LOSS_IDS, case_id, random_logits, random_probabilities, random_target, random_weight
 from formulas import loss_and_grad
 
 F = ak.functional
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """|actual - expected| <= rel * max|expected|: for results that differ only in the order of
+    rounding, where entries that cancel to ~0 have no relative accuracy of their own."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= rel * scale, f"max error {error:.3g} > {rel:g} * max|expected| = {rel * scale:.3g}"
 
 
 def value_and_grad(logits, target, name, params, reduction="none", backend="torch", upstream=None, **kw):
@@ -27,13 +36,16 @@ def value_and_grad(logits, target, name, params, reduction="none", backend="torc
 # ---------------------------------------------------------------- the spec's formulas
 
 
-def assert_matches_formulas(z, y, name, params):
-    values, grads = value_and_grad(z, y, name, params)
-    want_v, want_g, magnitude, sensitivity = loss_and_grad(z.numpy(), y.numpy(), name, **params)
+def assert_matches_formulas(z, y, name, params, **options):
+    values, grads = value_and_grad(z, y, name, params, **options)
+    np_options = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    want_v, want_g, magnitude, sensitivity, value_terms = loss_and_grad(z.numpy(), y.numpy(), name, **np_options,
+                                                                        **params)
     # log_softmax rounds lp to about eps * (1 + |z|) absolutely; a value can be no more exact
-    # than that times its sensitivity (this matters only where lp[y] ~ 0 in confident rows).
+    # than that times its sensitivity (this matters only where lp[y] ~ 0 in confident rows), nor
+    # more exact than the terms it is the difference of.
     lp_rounding = 1e-14 * (1 + np.abs(z.numpy()).max(axis=1))
-    tolerance = 1e-10 * np.abs(want_v) + sensitivity * lp_rounding
+    tolerance = 1e-10 * value_terms + sensitivity * lp_rounding
     assert np.all(np.abs(values.numpy() - want_v) <= tolerance), np.abs(values.numpy() - want_v) / tolerance
     # Relative to the largest term the row's gradient sums: dL/dz = h - p sum(h) cancels in
     # confident rows, where both sides carry rounding of that size (not of the small result).
@@ -49,12 +61,18 @@ def test_values_and_gradients_match_formulas(case, seed):
         z = random_logits(9, k, seed + k)
         y = random_target(9, k, seed + k)
         assert_matches_formulas(z, y, name, params)
+        # Smoothed and weighted labels, and weighted probability targets (the formulas' expectation
+        # over labels, written out independently of the reference).
+        weight = random_weight(k, seed + k)
+        assert_matches_formulas(z, y, name, params, weight=weight, label_smoothing=0.2)
+        assert_matches_formulas(z, random_probabilities(9, k, seed + k), name, params, weight=weight)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.data(),
-    name=st.sampled_from(["nce+rce", "nfl+mae", "ngce+nce", "nfl", "fl", "gce+rce", "sce", "nrce"]),
+    name=st.sampled_from(["nce+rce", "nfl+mae", "ngce+nce", "nfl", "fl", "gce+rce", "sce", "nrce", "nce+nnce",
+                          "nfl+nnfl", "nce+agce", "nce+aul", "ael"]),
     official=st.booleans(),
 )
 def test_formulas_on_arbitrary_logits(data, name, official):
@@ -62,7 +80,7 @@ def test_formulas_on_arbitrary_logits(data, name, official):
     k = data.draw(st.integers(2, 12))
     z = data.draw(hnp.arrays(np.float64, (n, k), elements=st.floats(-60, 60, allow_subnormal=False)))
     y = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, k - 1)))
-    params = {"official_grad": True} if official and any(m in FOCAL for m in name.split("+")) else {}
+    params = {"official_grad": True} if official and FOCAL & set(members(name)) else {}
     assert_matches_formulas(torch.from_numpy(z), torch.from_numpy(y), name, params)
 
 
@@ -75,10 +93,13 @@ EXACT_CASES = [c for c in LOSS_CASES if not c[1].get("official_grad")]
 def test_gradcheck_float64(case, seed):
     name, params = case
     z = random_logits(5, 7, seed).requires_grad_()
-    y = random_target(5, 7, seed)
-    for reduction in ("none", "mean"):
+    # Index targets in both reductions, and one kind of target on every label (rotating by case).
+    dense = [(random_target(5, 7, seed), {"weight": random_weight(7, seed), "label_smoothing": 0.1}),
+             (random_probabilities(5, 7, seed), {"weight": random_weight(7, seed)})][EXACT_CASES.index(case) % 2]
+    for (y, options), reduction in (((random_target(5, 7, seed), {}), "none"), ((random_target(5, 7, seed), {}), "mean"),
+                                    (dense, "mean")):
         assert torch.autograd.gradcheck(
-            lambda x: F.apl_loss(x, y, name, reduction=reduction, backend="torch", **params), (z,)
+            lambda x: F.apl_loss(x, y, name, reduction=reduction, backend="torch", **params, **options), (z,)
         )
 
 
@@ -100,6 +121,49 @@ def test_normalized_losses_sum_to_one_over_labels(name, params, seed):
     z = random_logits(4, k, seed, spread=False) * 0.1
     total = sum(F.apl_loss(z, torch.full((4,), label), name, reduction="none", **params) for label in range(k))
     torch.testing.assert_close(total, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,params", [("nnce", {}), ("nnce", {"min_prob": 1e-3}), ("nnfl", {}),
+                                         ("nnfl", {"gamma": 2.0, "min_prob": 1e-4})])
+def test_negative_losses_sum_to_k_minus_one_over_labels(name, params, seed):
+    """sum_y (1 - V[y] / sum V) = K - 1 for every row, clamps active or not (V is normalized by its
+    own sum), as Ye et al. define NNCE and NNFL."""
+    k = 11
+    z = random_logits(12, k, seed)  # confident rows: the clamps are active there
+    total = sum(F.apl_loss(z, torch.full((12,), label), name, reduction="none", **params) for label in range(k))
+    torch.testing.assert_close(total, torch.full((12,), k - 1.0, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- targets as distributions
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_probability_targets_are_the_expectation_over_labels(case, seed):
+    """The loss of a target distribution t is sum_y t[y] L(z, y): the explicit sum over labels of
+    the index-target losses; label smoothing is the smoothed target; class weights weigh each term."""
+    name, params = case
+    n, k = 6, 5
+    z = random_logits(n, k, seed)
+    t = random_probabilities(n, k, seed)
+    w = random_weight(k, seed)
+    per_label = torch.stack([F.apl_loss(z, torch.full((n,), y), name, reduction="none", **params)
+                             for y in range(k)], dim=1)  # (N, K): L(z, y)
+    expect = (per_label * t).sum(1)
+    got = F.apl_loss(z, t, name, reduction="none", **params)
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+    weighted = F.apl_loss(z, t, name, reduction="none", weight=w, **params)
+    torch.testing.assert_close(weighted, (per_label * t * w).sum(1), rtol=1e-12, atol=1e-12)
+    # Smoothing eps: (1 - eps) onehot + eps / K for labels, (1 - eps) t + eps / K for probabilities.
+    y = random_target(n, k, seed)
+    onehot = torch.nn.functional.one_hot(y, k).double()
+    for target, soft in ((y, onehot), (t, t)):
+        smoothed = F.apl_loss(z, target, name, reduction="none", label_smoothing=0.3, **params)
+        torch.testing.assert_close(smoothed, (per_label * (0.7 * soft + 0.3 / k)).sum(1), rtol=1e-12, atol=1e-12)
+    # Index targets with weights: each row's loss times w[y]; a mean divides by the sum of w[y].
+    torch.testing.assert_close(F.apl_loss(z, y, name, reduction="none", weight=w, **params),
+                               per_label.gather(1, y[:, None])[:, 0] * w[y], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(F.apl_loss(z, y, name, weight=w, **params),
+                               (per_label.gather(1, y[:, None])[:, 0] * w[y]).sum() / w[y].sum(), rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------- anchors of the published code
@@ -128,6 +192,15 @@ ANCHORS = [
     ("nmae", {}, 0.063225, 0.028022, None),
     ("nrce", {}, 0.063225, 0.028022, None),
     ("nce+mae", {"alpha": 1.0, "beta": 1.0}, 0.614066, 0.297477, None),
+    # The later families (values and the official-gradient column from the official ANL code).
+    ("nnce", {}, 0.842500, 0.035971, None),
+    ("nnfl", {"gamma": 0.5}, 0.842154, 0.036448, 0.034947),
+    ("agce", {"a": 6.0, "q": 1.5}, 1.462822, 0.632259, None),
+    ("aul", {"a": 6.3, "q": 1.5}, 1.356958, 0.618490, None),
+    ("ael", {"a": 5.0}, 0.919561, 0.047655, None),
+    ("nce+agce", {"alpha": 1.0, "beta": 4.0, "a": 6.0, "q": 1.5}, 5.896327, 2.574312, None),
+    ("nce+nnce", {"alpha": 5.0, "beta": 5.0}, 4.437694, 0.406229, None),
+    ("nfl+nnfl", {"alpha": 5.0, "beta": 5.0, "gamma": 0.5}, 4.422161, None, 0.382485),
 ]
 
 
@@ -136,7 +209,7 @@ ANCHORS = [
 def test_anchor_table(name, params, value, grad_exact, grad_official, dtype):
     # The table has six decimals: half a unit in the last place, plus float32 rounding.
     tol = 5e-7 + (2e-6 * abs(value) if dtype == torch.float32 else 0)
-    modes = [({}, grad_exact)] + ([({"official_grad": True}, grad_official)] if grad_official else [])
+    modes = ([({}, grad_exact)] if grad_exact else []) + ([({"official_grad": True}, grad_official)] if grad_official else [])
     for extra, grad_sum in modes:
         loss, grad = value_and_grad(ANCHOR_LOGITS.to(dtype), ANCHOR_TARGET, name, {**params, **extra}, reduction="mean")
         assert abs(loss.item() - value) <= tol, (loss.item(), value)
@@ -276,14 +349,15 @@ def test_low_precision_computes_in_float32(name, dtype, seed):
         assert torch.equal(g, fg.to(dtype))
 
 
-@pytest.mark.parametrize("name", ["ce", "nce", "nfl", "ngce", "rce", "nce+rce", "nfl+mae", "gce+nce"])
+@pytest.mark.parametrize("name", ["ce", "nce", "nfl", "ngce", "rce", "nce+rce", "nfl+mae", "gce+nce", "nnce", "nfl+nnfl",
+                                  "agce", "aul", "ael"])
 def test_masked_classes_and_extreme_logits_stay_finite(name, seed):
     z = random_logits(6, 8, seed, dtype=torch.float32)
     z[:, 3] = float("-inf")  # a masked class, never the label
     z[1, 0], z[2, 1] = 1e4, -1e4
     z[4] = torch.tensor([30.0, -30.0, 0, float("-inf"), 0, 0, 0, 0])  # p[y] == 1 in float32
     y = torch.tensor([0, 0, 2, 4, 0, 7])
-    for params in ({}, {"official_grad": True}) if "fl" in name else ({},):
+    for params in ({}, {"official_grad": True}) if FOCAL & set(members(name)) else ({},):
         v, g = value_and_grad(z, y, name, params)
         assert torch.isfinite(v).all() and torch.isfinite(g).all()
         assert torch.all(g[:, 3] == 0)
@@ -297,4 +371,6 @@ def test_nan_logits_give_nan():
 
 
 def test_singles_cover_the_spec():
-    assert set(SINGLES) == {"ce", "fl", "gce", "sce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce"}
+    assert set(SINGLES) == {"ce", "fl", "gce", "sce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce", "nnce", "nnfl",
+                            "agce", "aul", "ael"}
+    assert {"nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl"} <= set(available_losses())

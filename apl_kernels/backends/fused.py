@@ -165,4 +165,5 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
         loss, _ = op(logits, target, weight, *op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD))
         return loss
 
+    fused_loss.op = op  # for callers that drive the op themselves (the fused linear + loss)
     return fused_loss

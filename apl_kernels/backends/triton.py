@@ -1,524 +1,755 @@
 """Fused Triton kernels: ``backend="triton"``, the default for CUDA tensors.
 
-One program computes one row of logits: its loss value and ``d loss / d logits``
-for an upstream gradient of 1 (already divided by the number of non-ignored rows
-for ``mean``), in at most three passes over the row:
+Two ops with the contract of ``fused.py``: ``apl::triton_loss`` (one kernel launch: the rows'
+statistics, their losses and, for ``mean``/``sum``, the reduced loss) and
+``apl::triton_loss_backward`` (one launch: the gradient, times the upstream gradient). The math is
+``csrc/apl_rowmath.h``'s, written here once more in Triton; docs/kernels.md ("Triton") gives the
+design, the launch table and the bytes each path moves.
 
-1. the row's max ``m``, ``s = sum exp(z - m)`` and ``sum (z - m)``, online over
-   chunks of ``BLOCK`` classes;
-2. only for the losses that need them, the row sums of ``p`` (``rce``/``nrce``),
-   of ``p̂^q`` (``ngce``) and of the focal term (``nfl``);
-3. the one combined gradient of all terms of the loss, written once.
-
-When the row fits one block (K <= 4096) it is loaded once and stays in registers
-for all passes. The math is that of ``csrc/apl_rowmath.h`` (derivations there and
-in ``../shared/spec/losses.md``); comments below say where it differs in form.
-
-Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels
-run on CPU tensors: that is how they are tested without a GPU.
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors:
+that is how they are tested without a GPU. The interpreter runs every ``@triton.jit`` call through
+Python, so the helpers below are few and work on whole tiles.
 """
 
+from __future__ import annotations
+
+import contextlib
 import math
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..catalogue import BASE_LOSSES, FOCAL
-from ..reference import CLAMP_MIN, RCE_A
+from ..catalogue import BASE_INDEX, BASE_LOSSES, FOCAL, PARAMETERS
+from ..reference import CLAMP_MIN, RCE_A, accumulation_dtype
 from . import BackendUnavailable, fused
-
-# Base losses in the order of catalogue.BASE_LOSSES: the constexpr enum of the kernels.
-CE, FL, GCE, MAE, RCE, NCE, NFL, NGCE, NMAE, NRCE = range(10)
-if BASE_LOSSES != ("ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce"):
-    raise ImportError("catalogue.BASE_LOSSES changed: update the enum of apl_kernels.triton_backend")
-NO_BASE = -1
-
-# Row sums beyond m, s and sum(z - m), by the bases that need them (as in apl_rowmath.h).
-NEED_OFF_LABEL, NEED_POWERED, NEED_FOCAL = 1, 2, 4
-BASE_NEEDS = {RCE: NEED_OFF_LABEL, NRCE: NEED_OFF_LABEL, NGCE: NEED_POWERED, NFL: NEED_FOCAL}
-
-_CLAMP_MIN = tl.constexpr(CLAMP_MIN)
-_LOG_CLAMP_MIN = tl.constexpr(math.log(CLAMP_MIN))
-_RCE_A = tl.constexpr(RCE_A)
-_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
-_LN2 = tl.constexpr(0.6931471805599453)
-
-MAX_BLOCK = 4096
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # what @triton.jit saw below
 
+# ---------------------------------------------------------------- the catalogue as constexprs
 
-def launch_config(num_classes: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``num_classes`` classes.
+# Base losses by name (their values are catalogue.BASE_INDEX's, the enum of apl_rowmath.h).
+_NAMES = ("ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce", "nnce", "nnfl", "agce", "aul", "ael")
+if set(_NAMES) != set(BASE_LOSSES):
+    raise ImportError(f"catalogue.BASES changed ({BASE_LOSSES}): give every base loss a Triton constant and element")
+CE, FL, GCE, MAE, RCE, NCE, NFL, NGCE, NMAE, NRCE, NNCE, NNFL, AGCE, AUL, AEL = (
+    tl.constexpr(BASE_INDEX[name]) for name in _NAMES)
+NO_TERM = tl.constexpr(-1)  # BASE1 of a single loss
 
-    The kernel is memory bound: each element is read once (twice or three times
-    from cache when the row is chunked) and needs a few dozen flops. What matters
-    is bytes in flight, so every thread gets 8 consecutive elements (one or two
-    16-byte loads) and the warps grow with the block; 4096 classes (16 warps) keep
-    a whole row in registers without spilling, and larger rows stream in chunks of
-    that size. A fixed table instead of ``triton.autotune``: no benchmarking on the
-    first call of every new K, the same kernel every run, nothing to go stale when
-    the batch shape changes.
-    """
-    block = min(max(16, triton.next_power_of_2(num_classes)), MAX_BLOCK)
-    return block, min(16, max(1, block // 256))
-
-
-# ---------------------------------------------------------------- element math
-# (Few, larger helpers: the interpreter re-patches triton.language on every call of a
-# @triton.jit function, so each call costs milliseconds in the CPU tests.)
+# The families of apl_rowmath.h (family_of): how a base's expectation over labels is formed.
+LOCAL, REVERSE, NORMALIZED, NEGATIVE = (tl.constexpr(i) for i in range(4))
+_FAMILY_OF_NAME = {"rce": REVERSE, "nrce": REVERSE, "nce": NORMALIZED, "nfl": NORMALIZED, "ngce": NORMALIZED,
+                   "nnce": NEGATIVE, "nnfl": NEGATIVE}
+_FAMILIES = tuple(_FAMILY_OF_NAME.get(name, LOCAL).value for name in BASE_LOSSES)
 
 
-@triton.jit
-def _one_minus_exp(lp):
-    """1 - exp(lp) = -expm1(lp) for lp <= 0 (Triton has no expm1).
-
-    Near lp = 0, 1 - exp(lp) cancels: there (|lp| < ln 2) the Taylor series of
-    expm1 in Horner form, x (1 + x/2 (1 + x/3 (...))), whose first dropped term
-    |lp|^(n+1)/(n+1)! is below half an ulp of |lp| for n = 9 (float32) and n = 16
-    (float64). Below -ln 2, p < 1/2 and 1 - p has no cancellation.
-    """
-    if lp.dtype == tl.float64:
-        terms: tl.constexpr = 16
-    else:
-        terms: tl.constexpr = 9
-    r = 1.0 + lp * (1.0 / terms)
-    for n in tl.static_range(terms - 1, 1, -1):
-        r = 1.0 + (lp * (1.0 / n)) * r
-    return tl.where(lp > -_LN2, -lp * r, 1.0 - tl.exp(lp))
+@triton.constexpr_function
+def family_of(base):
+    return _FAMILIES[base]
 
 
-@triton.jit
-def _focal(u, lp, p, gamma, OFFICIAL: tl.constexpr):
-    """f = -u^gamma lp and d = df/dlp = -u^gamma + gamma u^(gamma-1) p lp (u = 1 - p, du/dlp = -p).
-
-    u^gamma = exp2(gamma log2 u) for u > 0; at u = 0 (p == 1 in floating point) it is
-    0, or 1 for gamma = 0. official_grad holds u^gamma constant: d = -u^gamma. The
-    second term of d is 0 (its limit) where u = 0 (u^(gamma-1) is infinite there but
-    lp ~ -u) and where p = 0 (a masked class, lp = -inf); elsewhere
-    u^(gamma-1) = u^gamma / u.
-    """
-    u_gamma = tl.exp2(gamma * tl.log2(tl.maximum(u, _TINY)))
-    u_gamma = tl.where(u > 0, u_gamma, tl.where(gamma == 0, 1.0, 0.0))
-    d = -u_gamma
-    if not OFFICIAL:
-        d += tl.where((u > 0) & (p > 0), gamma * (u_gamma / u) * p * lp, 0.0)
-    return -u_gamma * lp, d
+@triton.constexpr_function
+def needs_pass(base, dense):
+    """apl_rowmath.h's term_needs_pass: whether a term's sums run over every element of the row
+    (always for dense coefficients; for a one-hot target only where they are not the label's)."""
+    return dense or (_FAMILIES[base] != LOCAL.value and base != NCE.value)
 
 
-# ---------------------------------------------------------------- chunks of a row
+_CLAMP_MIN = tl.constexpr(CLAMP_MIN)
+_RCE_A = tl.constexpr(RCE_A)
+_LN2 = tl.constexpr(math.log(2.0))
+STATS = tl.constexpr(fused.STATS)
+
+# Floating arguments travel as the int64 bits of a float64: Triton would pass a Python float as
+# float32 (rounding a float64 loss's parameters), and typing them int64 by annotation, never
+# specialized, keeps one compiled kernel whatever their values (0.0's bits would otherwise be an i32).
+FLOAT_ARGS = ("w0", "w1", "gamma", "q", "a", "log_min_prob", "clamp_min_powered", "nnfl_b", "agce_top", "aul_bottom",
+              "keep", "spread")
 
 
-@triton.jit
-def _load_chunk(row_ptr, start, K, stride_col, read, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Classes [start, start + BLOCK) of a row in ACC; -inf past K (they add 0 to every sum).
-
-    Rows that are not read (ignored, or label out of range) see zeros, so that
-    their math stays finite until it is replaced.
-    """
-    idx = start + tl.arange(0, BLOCK)
-    inside = idx < K
-    z = tl.load(row_ptr + idx.to(tl.int64) * stride_col, mask=inside & read, other=0.0).to(ACC)
-    return tl.where(inside, z, float("-inf")), idx, inside
-
-
-@triton.jit
-def _chunk_sums(z, idx, inside, y, m, log_s, clamp, clamp_q, gamma, q, NEEDS: tl.constexpr, OFFICIAL: tl.constexpr):
-    """A chunk's part of the row sums NEEDS asks for (zeros for the others), with
-    p̂ = max(p, 1e-7), mask = [p >= 1e-7], P = p̂^q = exp(q lp) where mask, else
-    clamp_q = 1e-7^q (from lp: no rounding of p, no log), and f, d of _focal.
-
-    The off-label sums skip the label's element instead of subtracting it later:
-    p[y] ~ 1 next to a small off-label sum would cancel in float32.
-    """
-    lp = (z - m) - log_s
-    p = tl.exp(lp)
-    zero = tl.full((), 0.0, z.dtype)
-    off_clamped = zero
-    off_masked = zero
-    powered = zero
-    powered_masked = zero
-    focal = zero
-    focal_derivative = zero
-    if NEEDS & 1:  # NEED_OFF_LABEL: sum_{j != y} p̂[j], sum_{j != y} p[j] mask[j]
-        off = inside & (idx != y)
-        off_clamped = tl.sum(tl.where(off, tl.maximum(p, clamp), 0.0), 0)
-        off_masked = tl.sum(tl.where(off & (p >= clamp), p, 0.0), 0)
-    if NEEDS & 2:  # NEED_POWERED: T = sum P[j], sum P[j] mask[j]
-        pw = tl.where(p >= clamp, tl.exp(q * lp), 0.0)
-        powered_masked = tl.sum(pw, 0)
-        powered = powered_masked + tl.sum(tl.where(inside & (p < clamp), clamp_q, 0.0), 0)
-    if NEEDS & 4:  # NEED_FOCAL: F = sum f[j], D = sum d[j]
-        f, d = _focal(_one_minus_exp(lp), lp, p, gamma, OFFICIAL)
-        focal = tl.sum(tl.where(inside, f, 0.0), 0)
-        focal_derivative = tl.sum(tl.where(inside, d, 0.0), 0)
-    return off_clamped, off_masked, powered, powered_masked, focal, focal_derivative
-
-
-@triton.jit
-def _store_grad_chunk(
-    grad_row_ptr, z, idx, inside, y, m, log_s, clamp, gamma, q,
-    c_label, c_constant, c_clamped, c_powered, c_focal, c_total,
-    NEEDS: tl.constexpr, OFFICIAL: tl.constexpr,
-):
-    """dL/dz[i] = h[i] - p[i] H with h[i] = c_label [i == y] + c_constant
-    + c_clamped p[i] mask[i] [i != y] + c_powered P[i] mask[i] + c_focal d[i] and H = c_total.
-
-    (c_clamped skips the label rather than being cancelled there by c_label: with p[y] ~ 1,
-    A p[y] - A p[y] would leave float32 rounding of A in a gradient of size A p[y] p[j].)
-    """
-    lp = (z - m) - log_s
-    p = tl.exp(lp)
-    g = c_constant - p * c_total
-    if NEEDS & 1:
-        g += tl.where((p >= clamp) & (idx != y), c_clamped * p, 0.0)
-    if NEEDS & 2:
-        g += tl.where(p >= clamp, c_powered * tl.exp(q * lp), 0.0)
-    if NEEDS & 4:
-        _, d = _focal(_one_minus_exp(lp), lp, p, gamma, OFFICIAL)
-        g += c_focal * d
-    g += tl.where(idx == y, c_label, 0.0)
-    tl.store(grad_row_ptr + idx, g.to(grad_row_ptr.dtype.element_ty), mask=inside)
-
-
-# ---------------------------------------------------------------- per-row coefficients
-
-
-@triton.jit
-def _term(
-    BASE: tl.constexpr, w, kf, q, lp_y, p_y, u_y, mask_y, powered_y, f_y, d_y,
-    lp_sum, off_clamped, off_masked, powered, powered_masked, focal, focal_derivative,
-):
-    """Value and gradient coefficients of w * BASE for one row (see _store_grad_chunk).
-
-    With h[j] = dL/dlp[j] (derivations in csrc/apl_rowmath.h), P = p̂^q, f and d of _focal:
-      ce   h[y] = -1
-      fl   h[y] = d[y]
-      gce  h[y] = -P[y] mask[y]
-      mae  h[y] = -p[y]                                  (nmae: / (K-1))
-      rce  h[j] = A p[j] mask[j] for j != y              (nrce: 1/(K-1) for A)
-      nce  h[j] = [j == y]/S - lp[y]/S^2,  S = sum lp
-      nfl  h[j] = [j == y] d[y]/F - f[y] d[j]/F^2,  F = sum f
-      ngce h[j] = -[j == y] q P[y] mask[y]/(K-T) + (1 - P[y]) q P[j] mask[j]/(K-T)^2,  T = sum P
-    and H = sum_j h[j] from the row sums. A masked class (z = -inf) makes S and F
-    infinite: nce and nfl then give value 0 and gradient 0, their limits.
-    """
-    zero = w * 0.0
-    value = zero
-    label = zero
-    constant = zero
-    clamped = zero
-    pw = zero
-    foc = zero
-    total = zero
-    if BASE == 0:  # ce
-        value = -lp_y
-        label = zero - 1.0
-        total = label
-    elif BASE == 1:  # fl
-        value = f_y
-        label = d_y
-        total = label
-    elif BASE == 2:  # gce
-        value = (1.0 - powered_y) / q
-        label = tl.where(mask_y, -powered_y, 0.0)
-        total = label
-    elif BASE == 3 or BASE == 8:  # mae, nmae
-        if BASE == 3:
-            norm = zero + 1.0
-        else:
-            norm = 1.0 / (kf - 1.0)
-        value = norm * u_y
-        label = -norm * p_y
-        total = label
-    elif BASE == 4 or BASE == 9:  # rce, nrce
-        if BASE == 4:
-            a = zero + _RCE_A
-        else:
-            a = 1.0 / (kf - 1.0)
-        value = a * off_clamped
-        clamped = a
-        total = a * off_masked
-    elif BASE == 5:  # nce
-        inv = 1.0 / lp_sum
-        constant = -lp_y * inv * inv
-        value = lp_y * inv
-        label = inv
-        total = inv + kf * constant
-    elif BASE == 6:  # nfl
-        inv = 1.0 / focal
-        foc = -f_y * inv * inv
-        value = f_y * inv
-        label = d_y * inv
-        total = label + foc * focal_derivative
-    elif BASE == 7:  # ngce
-        inv = 1.0 / (kf - powered)
-        label = tl.where(mask_y, -q * powered_y * inv, 0.0)
-        pw = (1.0 - powered_y) * q * inv * inv
-        value = (1.0 - powered_y) * inv
-        total = label + pw * powered_masked
-    return w * value, w * label, w * constant, w * clamped, w * pw, w * foc, w * total
-
-
-# ---------------------------------------------------------------- the kernel
-
-
-@triton.jit(do_not_specialize=["w0_bits", "w1_bits", "gamma_bits", "q_bits"])
-def _apl_loss_kernel(
-    logits_ptr, target_ptr, count_ptr, loss_ptr, grad_ptr,
-    K, stride_row, stride_col, stride_target, ignore_index,
-    w0_bits, w1_bits, gamma_bits, q_bits,
-    BASE0: tl.constexpr, BASE1: tl.constexpr, NEEDS: tl.constexpr, OFFICIAL: tl.constexpr,
-    MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, F64: tl.constexpr,
-    BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr,
-):
-    ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row  # int64 offsets: R * stride may pass 2^31
-    y = tl.load(target_ptr + row * stride_target)
-    valid = y != ignore_index
-    in_range = (y >= 0) & (y < K)
-    read = valid & in_range
-    y = tl.where(in_range, y, 0)  # never read outside the row
-    # Float parameters come as the int64 bits of a float64: Triton passes Python floats
-    # as float32, which would round gamma, q and the weights of float64 inputs.
-    w0 = w0_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    w1 = w1_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    q = q_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-    clamp = tl.full((), _CLAMP_MIN, ACC)  # exact in float64 too
-    clamp_q = tl.exp(q * tl.full((), _LOG_CLAMP_MIN, ACC))  # (1e-7)^q
-    kf = K.to(ACC)
-
-    # Pass 1: m = max z, s = sum exp(z - m), sum_zm = sum (z - m). While m is -inf (all
-    # classes so far masked) the sums are taken relative to 0 instead: no -inf - -inf.
-    if ONE_CHUNK:
-        z, idx, inside = _load_chunk(row_ptr, 0, K, stride_col, read, ACC, BLOCK)
-        m = tl.max(z, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.exp(z - m), 0)
-        sum_zm = tl.sum(tl.where(inside, z - m, 0.0), 0)
-    else:
-        m = tl.full((), float("-inf"), ACC)
-        s = tl.full((), 0.0, ACC)
-        sum_zm = tl.full((), 0.0, ACC)
-        for start in range(0, K, BLOCK):
-            z, idx, inside = _load_chunk(row_ptr, start, K, stride_col, read, ACC, BLOCK)
-            m_new = tl.maximum(m, tl.max(z, 0))
-            ref_old = tl.where(m == float("-inf"), 0.0, m)
-            ref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            # Move s and sum_zm of the `start` classes so far to the new reference.
-            s = s * tl.exp(m - ref_new) + tl.sum(tl.exp(z - ref_new), 0)
-            sum_zm += start * (ref_old - ref_new) + tl.sum(tl.where(inside, z - ref_new, 0.0), 0)
-            m = m_new
-        m = tl.where(m == float("-inf"), 0.0, m)
-    # lp = (z - m) - log s as torch's log_softmax: forming lse = m + log s first would round
-    # lp to ulp(m), and S = sum lp = sum_zm - K log s needs no sum of z (which cancels for large m).
-    log_s = tl.log(s)
-    lp_sum = sum_zm - kf * log_s
-    # NaN/inf logits make s NaN, a row of -inf makes log s = -inf: the loss is undefined.
-    finite = tl.abs(m + log_s) < float("inf")
-    nan_row = valid & ~(in_range & finite)
-
-    off_clamped = tl.full((), 0.0, ACC)
-    off_masked = tl.full((), 0.0, ACC)
-    powered = tl.full((), 0.0, ACC)
-    powered_masked = tl.full((), 0.0, ACC)
-    focal = tl.full((), 0.0, ACC)
-    focal_derivative = tl.full((), 0.0, ACC)
-    if NEEDS != 0:  # Pass 2
-        if ONE_CHUNK:
-            off_clamped, off_masked, powered, powered_masked, focal, focal_derivative = _chunk_sums(
-                z, idx, inside, y, m, log_s, clamp, clamp_q, gamma, q, NEEDS, OFFICIAL)
-        else:
-            for start in range(0, K, BLOCK):
-                zc, idc, insc = _load_chunk(row_ptr, start, K, stride_col, read, ACC, BLOCK)
-                a, b, c, d, e, f = _chunk_sums(zc, idc, insc, y, m, log_s, clamp, clamp_q, gamma, q, NEEDS, OFFICIAL)
-                off_clamped += a
-                off_masked += b
-                powered += c
-                powered_masked += d
-                focal += e
-                focal_derivative += f
-
-    # The label's terms, from the same lp the sums used.
-    z_y = tl.load(row_ptr + y * stride_col, mask=read, other=0.0).to(ACC)
-    lp_y = (z_y - m) - log_s
-    p_y = tl.exp(lp_y)
-    u_y = _one_minus_exp(lp_y)
-    mask_y = p_y >= clamp
-    powered_y = tl.where(mask_y, tl.exp(q * lp_y), clamp_q)
-    f_y = tl.full((), 0.0, ACC)
-    d_y = tl.full((), 0.0, ACC)
-    if BASE0 == 1 or BASE0 == 6 or BASE1 == 1 or BASE1 == 6:  # fl, nfl
-        f_y, d_y = _focal(u_y, lp_y, p_y, gamma, OFFICIAL)
-    value, c_label, c_constant, c_clamped, c_powered, c_focal, c_total = _term(
-        BASE0, w0, kf, q, lp_y, p_y, u_y, mask_y, powered_y, f_y, d_y,
-        lp_sum, off_clamped, off_masked, powered, powered_masked, focal, focal_derivative)
-    if BASE1 >= 0:
-        v2, l2, k2, c2, p2, f2, t2 = _term(
-            BASE1, w1, kf, q, lp_y, p_y, u_y, mask_y, powered_y, f_y, d_y,
-            lp_sum, off_clamped, off_masked, powered, powered_masked, focal, focal_derivative)
-        value += v2
-        c_label += l2
-        c_constant += k2
-        c_clamped += c2
-        c_powered += p2
-        c_focal += f2
-        c_total += t2
-    value = tl.where(read, value, 0.0)
-    tl.store(loss_ptr + row, tl.where(nan_row, float("nan"), value))
-
-    if COMPUTE_GRAD:  # Pass 3
-        # Fold the mean's 1/count, the ignored rows' 0 and the undefined rows' NaN into
-        # the row's coefficients (a NaN c_total reaches every element through p * c_total).
-        scale = tl.where(read, 1.0, 0.0).to(ACC)
-        if MEAN:
-            scale = scale / tl.maximum(tl.load(count_ptr), 1).to(ACC)
-        c_label *= scale
-        c_constant *= scale
-        c_clamped *= scale
-        c_powered *= scale
-        c_focal *= scale
-        c_total = tl.where(nan_row, float("nan"), c_total * scale)
-        grad_row_ptr = grad_ptr + row * K
-        if ONE_CHUNK:
-            _store_grad_chunk(grad_row_ptr, z, idx, inside, y, m, log_s, clamp, gamma, q,
-                              c_label, c_constant, c_clamped, c_powered, c_focal, c_total, NEEDS, OFFICIAL)
-        else:
-            for start in range(0, K, BLOCK):
-                zc, idc, insc = _load_chunk(row_ptr, start, K, stride_col, read, ACC, BLOCK)
-                _store_grad_chunk(grad_row_ptr, zc, idc, insc, y, m, log_s, clamp, gamma, q,
-                                  c_label, c_constant, c_clamped, c_powered, c_focal, c_total, NEEDS, OFFICIAL)
-
-
-# ---------------------------------------------------------------- the op
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _float_bits(x: float) -> int:
+def float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _check_tensors(logits: Tensor, target: Tensor) -> None:
-    """Metadata checks for direct calls of the op (no data is read: no host synchronization)."""
-    if logits.dim() != 2:
-        raise ValueError(f"apl::triton_loss: logits must have shape (R, K), got {tuple(logits.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"apl::triton_loss: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"apl::triton_loss: the number of classes must be >= 2, got {logits.shape[1]}")
-    if target.dtype != torch.int64 or target.shape != logits.shape[:1]:
-        raise ValueError(
-            f"apl::triton_loss: target must be int64 of shape ({logits.shape[0]},), "
-            f"got {target.dtype} of shape {tuple(target.shape)}"
-        )
-    if target.device != logits.device:
-        raise ValueError(f"apl::triton_loss: logits are on {logits.device} but target is on {target.device}")
-    if logits.device.type != "cuda" and not (INTERPRETED and logits.device.type == "cpu"):
-        raise ValueError(
-            f"apl::triton_loss runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set before "
-            f"apl_kernels.triton_backend is imported); got a {logits.device.type} tensor"
-        )
+# ---------------------------------------------------------------- per-row values as small structs
 
 
-def decode_call(bases: list[int], coefficients: list[float], options: list[int]) -> dict:
-    """The op's three lists (apl_kernels.fused) as named values, checked."""
-    if not 1 <= len(bases) <= 2 or len(coefficients) != len(bases) + 2:
-        raise ValueError(
-            f"apl::triton_loss: expected 1 or 2 bases, and coefficients holding one weight per base, then gamma "
-            f"and q; got {bases} and {coefficients}"
-        )
-    if any(not 0 <= b < len(BASE_LOSSES) for b in bases):
-        raise ValueError(f"apl::triton_loss: base indices must be in [0, {len(BASE_LOSSES)}), got {bases}")
-    if len(options) != 4:
-        raise ValueError(
-            f"apl::triton_loss: options must be [ignore_index, reduction, official_grad, compute_grad], got {options}"
-        )
-    call = dict(
-        bases=list(bases), weights=list(coefficients[: len(bases)]), gamma=coefficients[-2], q=coefficients[-1],
-        ignore_index=options[fused.IGNORE_INDEX], reduction=options[fused.REDUCTION],
-        official_grad=bool(options[fused.OFFICIAL_GRAD]), compute_grad=bool(options[fused.COMPUTE_GRAD]),
-    )
-    if call["reduction"] not in (0, 1, 2):
-        raise ValueError(
-            f"apl::triton_loss: reduction code must be 0 (none), 1 (mean) or 2 (sum), got {call['reduction']}"
-        )
-    if not all(math.isfinite(w) for w in call["weights"]):
-        raise ValueError(f"apl::triton_loss: weights must be finite, got {call['weights']}")
-    if not (math.isfinite(call["gamma"]) and call["gamma"] >= 0 and math.isfinite(call["q"]) and call["q"] > 0):
-        raise ValueError(
-            f"apl::triton_loss: need finite gamma >= 0 and q > 0, got gamma={call['gamma']}, q={call['q']}"
-        )
-    if any(options[i] not in (0, 1) for i in (fused.OFFICIAL_GRAD, fused.COMPUTE_GRAD)):
-        raise ValueError(f"apl::triton_loss: official_grad and compute_grad must be 0 or 1, got {options}")
-    return call
+class Params(NamedTuple):
+    """The loss's parameters in the accumulation dtype, and what LossParams::derive computes from
+    them once per call: 1e-7^q, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q."""
+    gamma: tl.tensor
+    q: tl.tensor
+    a: tl.tensor
+    log_min_prob: tl.tensor
+    clamp_min_powered: tl.tensor
+    nnfl_b: tl.tensor
+    agce_top: tl.tensor
+    aul_bottom: tl.tensor
 
 
-def launch_arguments(logits: Tensor, target: Tensor, call: dict, row_loss: Tensor, grad: Tensor,
-                     count: Tensor | None) -> tuple[tuple, dict]:
-    """The kernel's positional arguments and its constexprs (with num_warps) for one decoded call."""
-    num_classes = int(logits.shape[1])  # the kernel specializes on K (a guard when traced)
-    bases, weights = call["bases"], call["weights"]
-    needs = 0
-    for b in bases:
-        needs |= BASE_NEEDS.get(b, 0)
-    block, num_warps = launch_config(num_classes)
-    args = (
-        logits, target, target if count is None else count, row_loss, grad,
-        num_classes, logits.stride(0), logits.stride(1), target.stride(0), call["ignore_index"],
-        _float_bits(weights[0]), _float_bits(weights[-1]), _float_bits(call["gamma"]), _float_bits(call["q"]),
-    )
-    meta = dict(
-        BASE0=bases[0], BASE1=bases[1] if len(bases) == 2 else NO_BASE, NEEDS=needs,
-        OFFICIAL=call["official_grad"] and any(BASE_LOSSES[b] in FOCAL for b in bases),
-        MEAN=call["reduction"] == fused.REDUCTION_CODES["mean"], COMPUTE_GRAD=call["compute_grad"],
-        F64=logits.dtype == torch.float64, BLOCK=block, ONE_CHUNK=num_classes <= block, num_warps=num_warps,
-    )
-    return args, meta
+class Label(NamedTuple):
+    """A row's label (index targets): y, whether it is counted (not ignore_index) and in [0, K),
+    its coefficient c[y] = (1 - eps) w[y], and its weight in a mean (w[y], 1 without weights)."""
+    y: tl.tensor
+    kept: tl.tensor
+    in_range: tl.tensor
+    coef: tl.tensor
+    weight: tl.tensor
 
 
-@torch.library.triton_op("apl::triton_loss", mutates_args=())
-def triton_loss(
-    logits: Tensor, target: Tensor, bases: list[int], coefficients: list[float], options: list[int],
-) -> tuple[Tensor, Tensor]:
-    """The fused op of ``apl_kernels.fused`` (its contract there) computed by Triton kernels.
+class Sums(NamedTuple):
+    """A term's sums over a row (TermSums): sum omega V, sum omega V', and sum V, sum V'."""
+    weighted: tl.tensor
+    weighted_derivative: tl.tensor
+    plain: tl.tensor
+    plain_derivative: tl.tensor
 
-    Strided logits are read in place (row and class strides go to the kernel); the loss
-    is float32 (float64 for float64 logits) and the gradient has the logits' dtype.
+
+class Coefs(NamedTuple):
+    """A term's part of the row (RowCoefs): its value, and h = (alpha + beta omega) V' with its sum."""
+    value: tl.tensor
+    alpha: tl.tensor
+    beta: tl.tensor
+    total_h: tl.tensor
+
+
+class Record(NamedTuple):
+    """apl_op.h's RowRecord: what GRAD_IN_BACKWARD saves per row (STATS values, in this order)."""
+    max_z: tl.tensor
+    log_s: tl.tensor
+    total_c: tl.tensor
+    alpha0: tl.tensor
+    beta0: tl.tensor
+    alpha1: tl.tensor
+    beta1: tl.tensor
+    total_h: tl.tensor
+
+
+class Gradient(NamedTuple):
+    """What the gradient pass needs per row: the record's values times the row's scale, 1 - p at
+    the max, and the one-hot terms without a pass folded into a constant plus a label term."""
+    max_z: tl.tensor
+    log_s: tl.tensor
+    u_max: tl.tensor
+    total_c: tl.tensor
+    alpha0: tl.tensor
+    beta0: tl.tensor
+    alpha1: tl.tensor
+    beta1: tl.tensor
+    total_h: tl.tensor
+    constant: tl.tensor
+    at_label: tl.tensor
+    zero: tl.tensor  # the row's gradient is 0 (every coefficient is: not counted)
+
+
+if len(Record._fields) != fused.STATS:
+    raise ImportError("Record must hold fused.STATS values")
+
+# ---------------------------------------------------------------- element math (apl_rowmath.h)
+
+
+@triton.jit
+def _one_minus_exp(x):
+    """1 - exp(x) = -expm1(x) for x <= 0 (Triton has no expm1).
+
+    Near x = 0, 1 - exp(x) cancels: there (|x| < ln 2) the Taylor series of expm1 in Horner form,
+    x (1 + x/2 (1 + x/3 (...))), whose first dropped term |x|^(n+1)/(n+1)! is below half an ulp of
+    |x| for n = 9 (float32) and n = 16 (float64). Below -ln 2, 1 - exp(x) > 1/2 has no cancellation.
     """
-    _check_tensors(logits, target)
-    call = decode_call(bases, coefficients, options)
-    rows, num_classes = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(rows, dtype=acc, device=logits.device)
-    grad = torch.empty((rows, num_classes) if call["compute_grad"] else (0,), dtype=logits.dtype,
-                       device=logits.device)
-    mean = call["reduction"] == fused.REDUCTION_CODES["mean"]
-    count = (target != call["ignore_index"]).sum() if mean else None  # stays on the device: no sync
-    args, meta = launch_arguments(logits, target, call, row_loss, grad, count)
-    if rows > 0:
-        torch.library.wrap_triton(_apl_loss_kernel)[(rows,)](*args, **meta)
-    if call["reduction"] == fused.REDUCTION_CODES["none"]:
-        return row_loss, grad
-    total = row_loss.sum()
-    if mean:
-        total = total / count.clamp_min(1)  # an all-ignored batch: 0 / 1 = 0, not NaN
-    return total, grad
+    if x.dtype == tl.float64:
+        terms: tl.constexpr = 16
+    else:
+        terms: tl.constexpr = 9
+    r = 1.0 + x * (1.0 / terms)
+    for n in tl.static_range(terms - 1, 1, -1):
+        r = 1.0 + (x * (1.0 / n)) * r
+    return tl.where(x > -_LN2, -x * r, 1.0 - tl.exp(x))
 
 
-fused.register("apl::triton_loss", fake=False)
+@triton.jit
+def _power(u, gamma):
+    """u^gamma for u in [0, 1]: exact forms for the common gammas (a uniform branch: gamma is one
+    value per call), else exp(gamma log u) (log 0 = -inf gives 0)."""
+    if gamma == 2.0:
+        r = u * u
+    elif gamma == 0.5:
+        r = tl.sqrt(u)
+    elif gamma == 1.0:
+        r = u
+    elif gamma == 0.0:
+        r = tl.zeros_like(u) + 1.0
+    else:
+        r = tl.exp(gamma * tl.log(u))
+    return r
 
 
-def load():
-    """The backend function of ``backend="triton"``, or BackendUnavailable saying why not."""
-    if not INTERPRETED and not torch.cuda.is_available():
-        raise BackendUnavailable(
-            "no CUDA device (set TRITON_INTERPRET=1 before importing apl_kernels to run the "
-            "Triton kernels on CPU tensors, slowly, as the tests do)"
-        )
-    return fused.backend_function(torch.ops.apl.triton_loss.default)
+@triton.jit
+def _focal(p, lp, u_max, gamma, OFFICIAL: tl.constexpr):
+    """f = -u^g lp and d = df/dlp = -u^g + g u^(g-1) p lp, u = 1 - p (du/dlp = -p); official_grad
+    holds u^g constant. The second term is 0 (its limit) where u = 0 or p = 0; elsewhere
+    u^(g-1) = u^g / u. u is 1 - p where p <= 1/2, else the row's max, whose 1 - p is u_max."""
+    u = tl.where(p > 0.5, u_max, 1.0 - p)
+    u_gamma = _power(u, gamma)
+    d = -u_gamma
+    if not OFFICIAL:
+        defined = (u > 0.0) & (p > 0.0)
+        d += tl.where(defined, gamma * (u_gamma / tl.where(defined, u, 1.0)) * p * lp, 0.0)
+    return -u_gamma * lp, d
+
+
+@triton.jit
+def _element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
+    """V and V' = dV/dlp of base BASE at elements of probability p, log-probability lp (the table
+    of apl_rowmath.h); u_max is 1 - p at the row's max (one expm1 per row), kf = K."""
+    zero = tl.zeros_like(lp)
+    clamped = p >= _CLAMP_MIN  # mask[j]
+    if BASE == CE:
+        value = -lp
+        derivative = zero - 1.0
+    elif BASE == FL or BASE == NFL:
+        value, derivative = _focal(p, lp, u_max, prm.gamma, OFFICIAL)
+    elif BASE == GCE or BASE == NGCE:
+        powered = tl.where(clamped, tl.exp(prm.q * lp), prm.clamp_min_powered)  # p̂^q
+        if BASE == GCE:
+            value = (1.0 - powered) / prm.q
+            derivative = tl.where(clamped, -powered, 0.0)
+        else:
+            value = 1.0 - powered
+            derivative = tl.where(clamped, -prm.q * powered, 0.0)
+    elif BASE == MAE or BASE == NMAE:
+        if BASE == MAE:
+            norm = zero + 1.0
+        else:
+            norm = zero + 1.0 / (kf - 1.0)
+        value = norm * tl.where(p > 0.5, u_max, 1.0 - p)
+        derivative = -norm * p
+    elif BASE == RCE or BASE == NRCE:
+        if BASE == RCE:
+            norm = zero + _RCE_A
+        else:
+            norm = zero + 1.0 / (kf - 1.0)
+        value = norm * tl.maximum(p, _CLAMP_MIN)
+        derivative = norm * tl.where(clamped, p, 0.0)
+    elif BASE == NCE:
+        value = lp
+        derivative = zero + 1.0
+    elif BASE == NNCE:
+        value = tl.maximum(lp, prm.log_min_prob) - prm.log_min_prob
+        derivative = tl.where(lp >= prm.log_min_prob, 1.0, 0.0) + zero
+    elif BASE == NNFL:
+        # f̂ = f(max(p, m)) is B where the clamp is active: V = B - f(p) there, 0 elsewhere (f at
+        # the unclamped p, so that no element but the row's max is taken for p > 1/2).
+        active = lp >= prm.log_min_prob
+        f, d = _focal(p, lp, u_max, prm.gamma, OFFICIAL)
+        value = tl.where(active, prm.nnfl_b - f, 0.0)
+        derivative = tl.where(active, -d, 0.0)
+    elif BASE == AGCE or BASE == AUL:
+        if BASE == AGCE:
+            base_value = prm.a + p  # a ± p > 0
+        else:
+            base_value = prm.a - p
+        powered = tl.exp(prm.q * tl.log(base_value))  # (a ± p)^q
+        slope = powered / base_value * p  # (a ± p)^(q-1) p
+        if BASE == AGCE:
+            value = (prm.agce_top - powered) / prm.q
+        else:
+            value = (powered - prm.aul_bottom) / prm.q
+        derivative = -slope
+    else:  # AEL
+        e = tl.exp(-p / prm.a)
+        value = e
+        derivative = -e * p / prm.a
+    return value, derivative
+
+
+# ---------------------------------------------------------------- rows: sums, coefficients, gradient
+
+
+@triton.jit
+def _term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
+               OFFICIAL: tl.constexpr):
+    """A tile's part of a term's Sums over its elements (a term with needs_pass): with dense
+    coefficients, omega = c (C - c for reverse); one-hot, the reverse terms' omega is C off the
+    label (skipping it rather than subtracting p[y] ~ 1 later) and the other terms' label sums come
+    from the label alone (_label_sums); normalized and negative terms add sum V, sum V'."""
+    value, derivative = _element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    zero = tl.zeros_like(total_c)
+    weighted = zero
+    weighted_derivative = zero
+    plain = zero
+    plain_derivative = zero
+    if DENSE:
+        if family_of(BASE) == REVERSE:
+            omega = tl.where(valid, total_c[:, None] - c, 0.0)
+        else:
+            omega = c
+        # A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
+        weighted = tl.sum(tl.where(omega != 0.0, omega * value, 0.0), 1)
+        weighted_derivative = tl.sum(omega * derivative, 1)
+    elif family_of(BASE) == REVERSE:
+        off_label = valid & ~is_label
+        weighted = total_c * tl.sum(tl.where(off_label, value, 0.0), 1)
+        weighted_derivative = total_c * tl.sum(tl.where(off_label, derivative, 0.0), 1)
+    if (family_of(BASE) == NORMALIZED or family_of(BASE) == NEGATIVE) and BASE != NCE:
+        plain = tl.sum(tl.where(valid, value, 0.0), 1)
+        plain_derivative = tl.sum(tl.where(valid, derivative, 0.0), 1)
+    return Sums(weighted, weighted_derivative, plain, plain_derivative)
+
+
+@triton.jit
+def _add_sums(a, b):
+    return Sums(a.weighted + b.weighted, a.weighted_derivative + b.weighted_derivative, a.plain + b.plain,
+                a.plain_derivative + b.plain_derivative)
+
+
+@triton.jit
+def _label_sums(BASE: tl.constexpr, sums, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL: tl.constexpr):
+    """One-hot rows: a non-reverse term's sums of omega = c, which is C at the label, 0 elsewhere."""
+    if family_of(BASE) != REVERSE:
+        value, derivative = _element(BASE, p_y, lp_y, u_max, kf, prm, OFFICIAL)
+        sums = Sums(tl.where(total_c == 0.0, 0.0, total_c * value), total_c * derivative, sums.plain,
+                    sums.plain_derivative)
+    return sums
+
+
+@triton.jit
+def _coefs(BASE: tl.constexpr, w, sums, lp_sum, total_c, kf):
+    """row_coefs of apl_rowmath.h for one term of weight w. nce's D = sum lp and sum V' = K come
+    from the row's statistics. A masked class makes nce's and nfl's D infinite: value and gradient
+    0, their limits."""
+    zero = tl.zeros_like(total_c)
+    if family_of(BASE) == LOCAL or family_of(BASE) == REVERSE:
+        value = w * sums.weighted
+        alpha = zero
+        beta = zero + w
+        total_h = w * sums.weighted_derivative
+    else:
+        if BASE == NCE:
+            d = lp_sum
+            plain_derivative = zero + kf
+        else:
+            d = sums.plain
+            plain_derivative = sums.plain_derivative
+        SIGN: tl.constexpr = 1.0 if family_of(BASE) == NORMALIZED else -1.0
+        inv = 1.0 / d
+        n_over_d = tl.where(sums.weighted == 0.0, 0.0, sums.weighted * inv)  # N / D, 0 where N is 0
+        if family_of(BASE) == NORMALIZED:
+            value = w * n_over_d
+        else:
+            value = w * (total_c - n_over_d)
+        beta = SIGN * w * inv
+        alpha = -SIGN * w * n_over_d * inv
+        total_h = beta * sums.weighted_derivative + alpha * plain_derivative
+    return Coefs(value, alpha, beta, total_h)
+
+
+@triton.jit
+def _pass_term_gradient(BASE: tl.constexpr, DENSE: tl.constexpr, alpha, beta, p, lp, c, total_c, is_label, u_max,
+                        kf, prm, OFFICIAL: tl.constexpr):
+    """(alpha + beta omega[i]) V'[i] of a term with needs_pass (omega as in _term_sums)."""
+    _, derivative = _element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    if DENSE:
+        if family_of(BASE) == REVERSE:
+            omega = total_c[:, None] - c
+        else:
+            omega = c
+    elif family_of(BASE) == REVERSE:
+        omega = tl.where(is_label, 0.0, total_c[:, None])
+    else:
+        omega = tl.where(is_label, total_c[:, None], 0.0)
+    return (alpha[:, None] + beta[:, None] * omega) * derivative
+
+
+@triton.jit
+def _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, y, g, kf, prm, BASE0: tl.constexpr,
+                    BASE1: tl.constexpr, DENSE: tl.constexpr, OFFICIAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/dz[i] = sum_t (alpha_t + beta_t omega_t[i]) V'_t[i] - p[i] H over the tile of classes
+    [start, start + BLOCK_K), into the contiguous (R, K) gradient. The store's offsets are computed
+    here from the rows and classes, never taken from a load of the logits: Inductor's access
+    analysis would then count the logits as written."""
+    cols = start + tl.arange(0, BLOCK_K)
+    lp = (z - g.max_z[:, None]) - g.log_s[:, None]
+    p = tl.exp(lp)
+    is_label = cols[None, :] == y[:, None]
+    out = g.constant[:, None] + tl.where(is_label, g.at_label[:, None], 0.0) - p * g.total_h[:, None]
+    if needs_pass(BASE0, DENSE):
+        out += _pass_term_gradient(BASE0, DENSE, g.alpha0, g.beta0, p, lp, c, g.total_c, is_label, g.u_max[:, None],
+                                   kf, prm, OFFICIAL)
+    if BASE1 != NO_TERM:
+        if needs_pass(BASE1, DENSE):
+            out += _pass_term_gradient(BASE1, DENSE, g.alpha1, g.beta1, p, lp, c, g.total_c, is_label,
+                                       g.u_max[:, None], kf, prm, OFFICIAL)
+    out = tl.where(g.zero[:, None], 0.0, out)
+    offsets = rows[:, None] * K + cols[None, :]
+    tl.store(grad_ptr + offsets, out.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _gradient(record, label, z_y, scale, kf, prm, BASE0: tl.constexpr, BASE1: tl.constexpr, DENSE: tl.constexpr,
+              OFFICIAL: tl.constexpr):
+    """The per-row Gradient from a Record times the row's scale (upstream gradient / divisor).
+    One-hot terms without a pass act on the label only (their alpha is 0, but nce's, whose V' is 1:
+    a constant), with V'[y] from the label's logit."""
+    u_max = _one_minus_exp(-record.log_s)
+    zero = (record.alpha0 == 0.0) & (record.beta0 == 0.0) & (record.alpha1 == 0.0) & (record.beta1 == 0.0) & (
+        record.total_h == 0.0)
+    constant = tl.zeros_like(scale)
+    at_label = tl.zeros_like(scale)
+    if not DENSE:
+        lp_y = (z_y - record.max_z) - record.log_s
+        p_y = tl.exp(lp_y)
+        if not needs_pass(BASE0, DENSE):
+            _, derivative = _element(BASE0, p_y, lp_y, u_max, kf, prm, OFFICIAL)
+            constant += record.alpha0
+            at_label += record.beta0 * record.total_c * derivative
+        if BASE1 != NO_TERM:
+            if not needs_pass(BASE1, DENSE):
+                _, derivative = _element(BASE1, p_y, lp_y, u_max, kf, prm, OFFICIAL)
+                constant += record.alpha1
+                at_label += record.beta1 * record.total_c * derivative
+    return Gradient(record.max_z, record.log_s, u_max, record.total_c, record.alpha0 * scale, record.beta0 * scale,
+                    record.alpha1 * scale, record.beta1 * scale, record.total_h * scale, constant * scale,
+                    at_label * scale, zero)
+
+
+# ---------------------------------------------------------------- loads
+
+
+@triton.jit
+def _from_bits(bits, ACC: tl.constexpr):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC: tl.constexpr):
+    return Params(_from_bits(gamma, ACC), _from_bits(q, ACC), _from_bits(a, ACC), _from_bits(log_min_prob, ACC),
+                  _from_bits(clamp_min_powered, ACC), _from_bits(nnfl_b, ACC), _from_bits(agce_top, ACC),
+                  _from_bits(aul_bottom, ACC))
+
+
+@triton.jit
+def _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Classes [start, start + BLOCK_K) of the rows, in ACC; -inf outside the rows (it adds 0 to
+    every sum). Not masked by anything the labels say: the row's load never waits for theirs."""
+    cols = start + tl.arange(0, BLOCK_K)
+    offsets = rows[:, None] * stride_row + cols[None, :].to(tl.int64) * stride_col  # int64: R K may pass 2^31
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    return tl.load(logits_ptr + offsets, mask=mask, other=float("-inf")).to(ACC)
+
+
+@triton.jit
+def _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target, ignore_index, keep, PROBS: tl.constexpr,
+           WEIGHTED: tl.constexpr, ACC: tl.constexpr):
+    """The rows' Label (index targets; probability rows count 1 in a mean). A label outside [0, K)
+    is never used as an address: its row is NaN."""
+    ones = tl.zeros_like(rows).to(ACC) + 1.0
+    if PROBS:
+        y = rows * 0 - 1  # matches no class
+        kept = row_ok
+        in_range = row_ok
+        w = tl.where(row_ok, ones, 0.0)
+        coef = w * 0.0
+    else:
+        y = tl.load(target_ptr + rows * stride_target, mask=row_ok, other=ignore_index)
+        kept = row_ok & (y != ignore_index)
+        in_range = (y >= 0) & (y < K)
+        w = ones
+        if WEIGHTED:
+            w = tl.load(weight_ptr + tl.where(in_range, y, 0), mask=kept & in_range, other=1.0).to(ACC)
+        w = tl.where(kept, w, 0.0)
+        coef = keep * w
+    return Label(y, kept, in_range, coef, w)
+
+
+@triton.jit
+def _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_row, stride_col, label, keep, spread,
+                  PROBS: tl.constexpr, WEIGHTED: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense rows' coefficients c over the tile's classes (0 outside the rows): probabilities,
+    c = w ((1 - eps) t + eps / K); smoothed labels, c = eps / K w + [j == y] (1 - eps) w[y]."""
+    cols = start + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    w = tl.zeros([BLOCK_K], ACC) + 1.0
+    if WEIGHTED:
+        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if PROBS:
+        offsets = rows[:, None] * stride_row + cols[None, :].to(tl.int64) * stride_col
+        t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        c = keep * w[None, :] * t + spread * w[None, :]
+    else:
+        c = tl.where(label.kept[:, None], spread * w[None, :], 0.0)
+        c += tl.where(cols[None, :] == label.y[:, None], label.coef[:, None], 0.0)
+    return tl.where(mask, c, 0.0)
+
+
+@triton.jit
+def _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC: tl.constexpr):
+    y = tl.where(label.in_range, label.y, 0)
+    return tl.load(logits_ptr + rows * stride_row + y * stride_col, mask=label.kept & label.in_range,
+                   other=0.0).to(ACC)
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+@triton.jit(do_not_specialize=FLOAT_ARGS)
+def _forward_kernel(
+    logits_ptr, target_ptr, weight_ptr, loss_ptr, saved_ptr, partials_ptr, counter_ptr, divisor_ptr,
+    R, K, stride_row, stride_col, stride_target_row, stride_target_col, ignore_index,
+    w0: tl.int64, w1: tl.int64, gamma: tl.int64, q: tl.int64, a: tl.int64, log_min_prob: tl.int64,
+    clamp_min_powered: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
+    spread: tl.int64,
+    BASE0: tl.constexpr, BASE1: tl.constexpr, OFFICIAL: tl.constexpr, PROBS: tl.constexpr, WEIGHTED: tl.constexpr,
+    DENSE: tl.constexpr, REDUCTION: tl.constexpr, GRAD_MODE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
+):
+    """ROWS rows per program: their losses, and their Records (GRAD_IN_BACKWARD) or gradients
+    (GRAD_IN_FORWARD); for mean/sum the last program to finish reduces every program's part."""
+    ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < R
+    z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
+    prm = _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC)
+    keep_ = _from_bits(keep, ACC)
+    spread_ = _from_bits(spread, ACC)
+    kf = K.to(ACC)
+    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, keep_, PROBS, WEIGHTED,
+                   ACC)
+    cols = tl.arange(0, BLOCK_K)
+
+    # Pass 1: m = max z, s = sum exp(z - m), sum (z - m), C and the count of nonzero c; online over
+    # chunks when the row is chunked. While m is -inf (every class so far masked) sums are taken
+    # relative to 0 instead: no -inf - -inf.
+    c = z  # (unused unless DENSE)
+    if DENSE:
+        c = _coefficients(target_ptr, weight_ptr, rows, row_ok, 0, K, stride_target_row, stride_target_col, label,
+                          keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+        total_c = tl.sum(c, 1)
+        nonzero = tl.sum((c != 0.0).to(tl.int32), 1)
+    else:
+        total_c = label.coef
+        nonzero = (label.coef != 0.0).to(tl.int32)
+    max_z = tl.max(z, 1)
+    ref = tl.where(max_z == float("-inf"), 0.0, max_z)
+    s = tl.sum(tl.exp(z - ref[:, None]), 1)
+    shifted = tl.sum(tl.where((cols < K)[None, :], z - ref[:, None], 0.0), 1)
+    if CHUNKED:
+        for start in range(BLOCK_K, K, BLOCK_K):
+            zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+            new_max = tl.maximum(max_z, tl.max(zc, 1))
+            new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+            s = s * tl.exp(max_z - new_ref) + tl.sum(tl.exp(zc - new_ref[:, None]), 1)
+            shifted += start * (ref - new_ref) + tl.sum(tl.where((start + cols < K)[None, :], zc - new_ref[:, None],
+                                                                 0.0), 1)
+            max_z = new_max
+            ref = new_ref
+            if DENSE:
+                cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
+                                   stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                total_c += tl.sum(cc, 1)
+                nonzero += tl.sum((cc != 0.0).to(tl.int32), 1)
+    # A softmax is undefined when a logit is NaN or +inf or every logit is -inf: NaN row, as
+    # log_softmax's (RowStats::defined); so is a row whose label is out of range.
+    log_s = tl.log(s)
+    defined = (tl.abs(max_z) < float("inf")) & (tl.abs(log_s) < float("inf")) & label.in_range
+    max_z = ref
+    u_max = _one_minus_exp(-log_s)  # 1 - p at the max, whose lp is -log s
+    lp_sum = shifted - kf * log_s  # nce's D = sum lp, without a sum of z (that cancels for large m)
+
+    # Pass 2: the sums of the terms that need one (chunked rows: from the last chunk back, the most
+    # recently read, so that the second read is served from cache where it can be).
+    zero = tl.zeros_like(total_c)
+    sums0 = Sums(zero, zero, zero, zero)
+    sums1 = Sums(zero, zero, zero, zero)
+    if needs_pass(BASE0, DENSE) or (BASE1 != NO_TERM and needs_pass(BASE1, DENSE)):
+        if CHUNKED:
+            chunks = tl.cdiv(K, BLOCK_K)
+            for i in range(0, chunks):
+                start = (chunks - 1 - i) * BLOCK_K
+                zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+                cc = zc
+                if DENSE:
+                    cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
+                                       stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                valid = row_ok[:, None] & (start + cols < K)[None, :]
+                is_label = (start + cols)[None, :] == label.y[:, None]
+                lp = (zc - max_z[:, None]) - log_s[:, None]
+                p = tl.exp(lp)
+                if needs_pass(BASE0, DENSE):
+                    sums0 = _add_sums(sums0, _term_sums(BASE0, DENSE, p, lp, valid, cc, total_c, is_label,
+                                                        u_max[:, None], kf, prm, OFFICIAL))
+                if BASE1 != NO_TERM:
+                    if needs_pass(BASE1, DENSE):
+                        sums1 = _add_sums(sums1, _term_sums(BASE1, DENSE, p, lp, valid, cc, total_c, is_label,
+                                                            u_max[:, None], kf, prm, OFFICIAL))
+        else:
+            valid = row_ok[:, None] & (cols < K)[None, :]
+            is_label = cols[None, :] == label.y[:, None]
+            lp = (z - max_z[:, None]) - log_s[:, None]
+            p = tl.exp(lp)
+            if needs_pass(BASE0, DENSE):
+                sums0 = _term_sums(BASE0, DENSE, p, lp, valid, c, total_c, is_label, u_max[:, None], kf, prm,
+                                   OFFICIAL)
+            if BASE1 != NO_TERM:
+                if needs_pass(BASE1, DENSE):
+                    sums1 = _term_sums(BASE1, DENSE, p, lp, valid, c, total_c, is_label, u_max[:, None], kf, prm,
+                                       OFFICIAL)
+    z_y = zero
+    if not DENSE:  # one-hot rows: the label's own sums, from its logit
+        z_y = _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)
+        lp_y = (z_y - max_z) - log_s
+        p_y = tl.exp(lp_y)
+        sums0 = _label_sums(BASE0, sums0, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL)
+        if BASE1 != NO_TERM:
+            sums1 = _label_sums(BASE1, sums1, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL)
+    coefs0 = _coefs(BASE0, _from_bits(w0, ACC), sums0, lp_sum, total_c, kf)
+    coefs1 = Coefs(zero, zero, zero, zero)
+    if BASE1 != NO_TERM:
+        coefs1 = _coefs(BASE1, _from_bits(w1, ACC), sums1, lp_sum, total_c, kf)
+
+    # The row's value and Record: 0 where no label has a coefficient (ignored rows), NaN where
+    # the row is undefined (its gradient too: through log s and H).
+    counted = nonzero > 0
+    nan = zero + float("nan")
+    value = tl.where(counted, tl.where(defined, coefs0.value + coefs1.value, nan), 0.0)
+    value = tl.where(row_ok, value, 0.0)
+    bad = counted & ~defined
+    record = Record(tl.where(counted, tl.where(defined, max_z, nan), 0.0),
+                    tl.where(counted, tl.where(defined, log_s, nan), 0.0),
+                    tl.where(counted, total_c, 0.0),
+                    tl.where(counted, coefs0.alpha, 0.0), tl.where(counted, coefs0.beta, 0.0),
+                    tl.where(counted, coefs1.alpha, 0.0), tl.where(counted, coefs1.beta, 0.0),
+                    tl.where(counted, tl.where(bad, nan, coefs0.total_h + coefs1.total_h), 0.0))
+    if REDUCTION == 0:
+        tl.store(loss_ptr + rows, value, mask=row_ok)
+    if GRAD_MODE == 2:  # GRAD_IN_BACKWARD: the Record (the divisor's row comes below)
+        for j in tl.static_range(STATS):
+            tl.store(saved_ptr + rows * STATS + j, record[j], mask=row_ok)
+    if GRAD_MODE == 1:  # GRAD_IN_FORWARD: the gradient for an upstream gradient of 1
+        scale = zero + 1.0
+        if REDUCTION == 1:
+            divisor = tl.load(divisor_ptr).to(ACC)
+            scale = scale / tl.where(divisor == 0.0, 1.0, divisor)
+        g = _gradient(record, label, z_y, scale, kf, prm, BASE0, BASE1, DENSE, OFFICIAL)
+        if CHUNKED:
+            for start in range(0, K, BLOCK_K):
+                zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+                cc = zc
+                if DENSE:
+                    cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
+                                       stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                _store_gradient(saved_ptr, rows, row_ok, start, K, zc, cc, label.y, g, kf, prm, BASE0, BASE1, DENSE,
+                                OFFICIAL, BLOCK_K)
+        else:
+            _store_gradient(saved_ptr, rows, row_ok, 0, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
+                            BLOCK_K)
+
+    if REDUCTION != 0:
+        _reduce(loss_ptr, saved_ptr, partials_ptr, counter_ptr, R, value, label.weight, REDUCTION, GRAD_MODE, ACC)
+    elif GRAD_MODE == 2:
+        if pid == 0:  # the gradient's divisor: 1 without a mean
+            _store_divisor(saved_ptr, R, 1.0, ACC)
+
+
+_REDUCE_BLOCK = tl.constexpr(1024)  # parts summed at a time by the last program
+
+
+@triton.jit
+def _store_divisor(stats_ptr, R, divisor, ACC: tl.constexpr):
+    j = tl.arange(0, STATS)
+    tl.store(stats_ptr + R * STATS + j, tl.where(j == 0, divisor, 0.0).to(ACC))
+
+
+@triton.jit
+def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, REDUCTION: tl.constexpr,
+            GRAD_MODE: tl.constexpr, ACC: tl.constexpr):
+    """The sum of every row's loss (and of their weights, the mean's divisor), deterministically,
+    in the one launch: each program writes its part; the last to finish adds the parts up in
+    program order, writes the loss (and the divisor after the Records) and resets the counter.
+
+    Memory ordering. A program's part is stored (by whichever of its threads Triton picks), then
+    bar.sync orders every thread's earlier accesses before what thread 0 does next, and thread 0's
+    atomic increment is a release at GPU scope, which is cumulative: the part is visible at GPU
+    scope (in L2) before the new count is. The program that takes the last ticket acquires at GPU
+    scope, and Triton hands the ticket to its other threads through shared memory behind a
+    bar.sync, so their loads of the parts come after the acquire. Those loads are .cg (cached in
+    L2 only): an SM's L1 is not coherent, and a line of the parts buffer left there by an earlier
+    launch must not be read. The counter is set back to 0 by the last program (the next launch on
+    the stream starts after this one ends), so a persistent counter needs no clearing launch.
+    The parts are summed in program order, each program's rows in a fixed tree: the same bits
+    every run, whichever program finishes last."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tl.store(partials_ptr + pid, tl.sum(value.to(tl.float64), 0))
+    tl.store(partials_ptr + programs + pid, tl.sum(weight.to(tl.float64), 0))
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == programs - 1:
+        total = tl.zeros([], tl.float64)
+        divisor = tl.zeros([], tl.float64)
+        for start in range(0, programs, _REDUCE_BLOCK):
+            i = start + tl.arange(0, _REDUCE_BLOCK)
+            mask = i < programs
+            total += tl.sum(tl.load(partials_ptr + i, mask=mask, other=0.0, cache_modifier=".cg"), 0)
+            divisor += tl.sum(tl.load(partials_ptr + programs + i, mask=mask, other=0.0, cache_modifier=".cg"), 0)
+        if REDUCTION == 1:
+            divisor = tl.where(divisor == 0.0, 1.0, divisor)  # every row ignored: the mean is 0
+            total = total / divisor
+        else:
+            divisor = tl.zeros_like(divisor) + 1.0
+        tl.store(loss_ptr, total.to(ACC))
+        if GRAD_MODE == 2:
+            _store_divisor(stats_ptr, R, divisor, ACC)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+
+
+
+@triton.jit(do_not_specialize=FLOAT_ARGS)
+def _backward_kernel(
+    logits_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, grad_ptr,
+    R, K, stride_row, stride_col, stride_target_row, stride_target_col, stride_upstream, ignore_index,
+    w0: tl.int64, w1: tl.int64, gamma: tl.int64, q: tl.int64, a: tl.int64, log_min_prob: tl.int64,
+    clamp_min_powered: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
+    spread: tl.int64,
+    BASE0: tl.constexpr, BASE1: tl.constexpr, OFFICIAL: tl.constexpr, PROBS: tl.constexpr, WEIGHTED: tl.constexpr,
+    DENSE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
+):
+    """The gradient of ROWS rows from their Records, times the upstream gradient over the divisor
+    (the record after the last row): one read of the logits, one write of the gradient."""
+    ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < R
+    if not CHUNKED:
+        z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
+    prm = _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC)
+    keep_ = _from_bits(keep, ACC)
+    spread_ = _from_bits(spread, ACC)
+    kf = K.to(ACC)
+    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, keep_, PROBS, WEIGHTED,
+                   ACC)
+    # The rows' Records as one (ROWS, STATS) tile (32 or 64 contiguous bytes a row), then its columns.
+    j = tl.arange(0, STATS)[None, :]
+    stats = tl.load(stats_ptr + rows[:, None] * STATS + j, mask=row_ok[:, None], other=0.0)
+    record = Record(tl.sum(tl.where(j == 0, stats, 0.0), 1), tl.sum(tl.where(j == 1, stats, 0.0), 1),
+                    tl.sum(tl.where(j == 2, stats, 0.0), 1), tl.sum(tl.where(j == 3, stats, 0.0), 1),
+                    tl.sum(tl.where(j == 4, stats, 0.0), 1), tl.sum(tl.where(j == 5, stats, 0.0), 1),
+                    tl.sum(tl.where(j == 6, stats, 0.0), 1), tl.sum(tl.where(j == 7, stats, 0.0), 1))
+    upstream = tl.load(upstream_ptr + rows * stride_upstream, mask=row_ok, other=0.0).to(ACC)
+    scale = upstream / tl.load(stats_ptr + R * STATS)
+    z_y = tl.zeros_like(scale)
+    if not DENSE:
+        z_y = _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)
+    g = _gradient(record, label, z_y, scale, kf, prm, BASE0, BASE1, DENSE, OFFICIAL)
+    for start in range(0, K, BLOCK_K):
+        if CHUNKED:
+            z = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+        c = z
+        if DENSE:
+            c = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row, stride_target_col,
+                              label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+        _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
+                        BLOCK_K)

@@ -179,7 +179,6 @@ class RunLock:
 
     @classmethod
     def acquire(cls, path: Path) -> RunLock | None:
-        return cls(Path(path), {})
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex(),
