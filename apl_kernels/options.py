@@ -87,7 +87,11 @@ def check_inputs(input: Tensor, target: Tensor, weight: Tensor | None = None) ->
 
 
 def check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise if a label outside [0, K) is not ``ignore_index`` (reads the labels: a sync on GPUs)."""
+    """Raise if a label outside [0, K) is not ``ignore_index`` (reads the labels: a sync on GPUs).
+    Under ``torch.func.vmap`` the labels of every sample are checked at once, on the batched
+    tensor's storage (a data-dependent check of the per-sample view is not allowed there)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(target):
+        target = torch._C._functorch.get_unwrapped(target)
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         position = int(bad.nonzero()[0, 0])

@@ -36,6 +36,8 @@ class _OneMinusExp(torch.autograd.Function):
     (``result + 1``), which is 0 once p < 1e-16 in float64.
     """
 
+    generate_vmap_rule = True  # torch ops only: torch.func can batch it
+
     @staticmethod
     def forward(x: Tensor) -> Tensor:
         return -torch.expm1(x)
@@ -192,8 +194,8 @@ def target_coefficients(target: Tensor, num_classes: int, weight: Tensor | None,
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
     row_weight = valid.to(dtype) if w is None else torch.where(valid, w[safe], 0)
-    c = torch.zeros(target.shape[0], num_classes, dtype=dtype, device=target.device)
-    c.scatter_(1, safe[:, None], ((1 - label_smoothing) * row_weight)[:, None])
+    c = torch.zeros(target.shape[0], num_classes, dtype=dtype, device=target.device).scatter(
+        1, safe[:, None], ((1 - label_smoothing) * row_weight)[:, None])  # out of place: vmap batches it
     if label_smoothing:
         spread = label_smoothing / num_classes * (torch.ones(num_classes, dtype=dtype, device=target.device)
                                                   if w is None else w)

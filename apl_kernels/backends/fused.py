@@ -90,12 +90,19 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(output[1])
 
 
+def _in_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def _traced(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is being traced (fake, functional, a dispatch mode): no value is real."""
+    """Whether ``tensor`` is being traced (fake, functional, a dispatch mode, a torch.func
+    transform): no value is real, and nothing may be done in place."""
     return (
-        type(tensor) is not Tensor  # fake and functional tensors are subclasses
+        torch.compiler.is_compiling()  # first: Dynamo traces no further
+        or type(tensor) is not Tensor  # fake and functional tensors are subclasses
         or torch._C._len_torch_dispatch_stack() != 0
-        or torch.compiler.is_compiling()
+        or _in_transform()
     )
 
 
@@ -113,7 +120,9 @@ def _is_exactly_one(upstream: Tensor) -> bool:
 def _backward(ctx, grad_loss: Tensor | None, _grad_of_saved):
     if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
         return None, None, None, None, None, None
-    if torch.is_grad_enabled():
+    # torch.func's grad always differentiates with create_graph=True; elsewhere that means a
+    # double backward, which the saved gradient (a constant) cannot give.
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _in_transform():
         raise RuntimeError(
             "fused apl_kernels backends do not support double backward (create_graph=True); "
             "use backend='torch'"
@@ -135,34 +144,146 @@ def _backward(ctx, grad_loss: Tensor | None, _grad_of_saved):
     return saved_grad * scale, None, None, None, None, None
 
 
+class FusedFunction(torch.autograd.Function):
+    """The fused ops' autograd as a Function the torch.func transforms accept (the one that
+    ``torch.library.register_autograd`` generates for the ops has no ``setup_context`` of its
+    own): ``FusedFunction.apply(op, backward_op, logits, target, weight, bases, coefficients,
+    options)``. Under ``vmap`` it runs the op batched through the ops' vmap rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, backward_op, logits, target, weight, bases, coefficients, options):
+        return op(logits, target, weight, bases, coefficients, options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[2:], output)
+        ctx.backward_op = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_of_saved):
+        return (None, None) + _backward(ctx, grad_loss, grad_of_saved)
+
+
+# ---------------------------------------------------------------- vmap rules
+# Under vmap the samples' rows are rows of one call: the batch is flattened into the rows, the op
+# runs once with reduction "none", and each sample's reduction (and a mean's divisor, and the
+# gradient's 1/divisor) is applied to its own rows.
+
+
+def _batch_first(x: Tensor | None, dim: int | None, batch: int) -> Tensor | None:
+    if x is None:
+        return None
+    return x.movedim(dim, 0) if dim is not None else x.expand(batch, *x.shape)
+
+
+def _sample_divisors(target: Tensor, weight: Tensor | None, ignore_index: int, dtype) -> Tensor:
+    """Each sample's mean divisor (B,): the summed weight of its counted rows (rows, for
+    probability targets), 1 where that is 0."""
+    if target.is_floating_point():
+        return torch.full(target.shape[:1], float(target.shape[1]), dtype=dtype, device=target.device)
+    counted = target != ignore_index
+    row_weight = counted.to(dtype) if weight is None else torch.where(
+        counted, weight.to(dtype)[torch.where(counted, target, 0)], 0)
+    divisor = row_weight.sum(1)
+    return torch.where(divisor != 0, divisor, 1)
+
+
+def _vmap_forward(op):
+    def rule(info, in_dims, logits, target, weight, bases, coefficients, options):
+        if in_dims[2] is not None:
+            raise NotImplementedError("apl_kernels: vmap over class weights is not supported; batch the logits "
+                                      "and targets, not the weight")
+        batch = info.batch_size
+        logits, target = _batch_first(logits, in_dims[0], batch), _batch_first(target, in_dims[1], batch)
+        rows, classes = logits.shape[1:]
+        flat_options = list(options)
+        flat_options[REDUCTION] = REDUCTION_CODES["none"]
+        flat_target = target.reshape(batch * rows, *target.shape[2:])
+        loss, saved = op(logits.reshape(batch * rows, classes), flat_target, weight, bases, coefficients,
+                         flat_options)
+        loss = loss.view(batch, rows)
+        divisor = _sample_divisors(target, weight, options[IGNORE_INDEX], loss.dtype)
+        if options[REDUCTION] != REDUCTION_CODES["none"]:
+            loss = loss.sum(1)
+            if options[REDUCTION] == REDUCTION_CODES["mean"]:
+                loss = loss / divisor
+        mode = options[GRAD_MODE]
+        if mode == GRAD_IN_FORWARD:
+            saved = saved.view(batch, rows, classes)
+            if options[REDUCTION] == REDUCTION_CODES["mean"]:
+                saved = saved / divisor.to(saved.dtype)[:, None, None]
+        elif mode == GRAD_IN_BACKWARD:  # each sample's rows, then a record holding its divisor
+            record = torch.zeros(batch, 1, STATS, dtype=saved.dtype, device=saved.device)
+            record[:, 0, 0] = divisor
+            saved = torch.cat([saved[:-1].view(batch, rows, STATS), record], dim=1)
+        return (loss, saved), (0, 0 if mode != NO_GRAD else None)
+
+    return rule
+
+
+def _vmap_backward(backward_op):
+    def rule(info, in_dims, logits, target, weight, stats, grad_loss, bases, coefficients, options):
+        batch = info.batch_size
+        logits, target = _batch_first(logits, in_dims[0], batch), _batch_first(target, in_dims[1], batch)
+        stats, grad_loss = _batch_first(stats, in_dims[3], batch), _batch_first(grad_loss, in_dims[4], batch)
+        rows, classes = logits.shape[1:]
+        # Each row's upstream gradient: its own (reduction "none"), or its sample's, divided by the
+        # sample's divisor for a mean.
+        if options[REDUCTION] != REDUCTION_CODES["none"]:
+            if options[REDUCTION] == REDUCTION_CODES["mean"]:
+                grad_loss = grad_loss / stats[:, -1, 0].to(grad_loss.dtype)
+            grad_loss = grad_loss[:, None].expand(batch, rows)
+        flat_options = list(options)
+        flat_options[REDUCTION] = REDUCTION_CODES["none"]
+        flat_stats = torch.cat([stats[:, :-1].reshape(batch * rows, STATS), stats[:1, -1]], dim=0)
+        grad = backward_op(logits.reshape(batch * rows, classes), target.reshape(batch * rows, *target.shape[2:]),
+                           weight, flat_stats, grad_loss.reshape(batch * rows), bases, coefficients, flat_options)
+        return grad.view(batch, rows, classes), 0
+
+    return rule
+
+
+BACKWARD_OPS: dict = {}  # each registered fused op's <op>_backward (or None)
+
+
 def _op(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name).default
 
 
 def register(qualname: str, backward_qualname: str | None = None, fake: bool = True) -> None:
-    """Give fused op ``qualname`` its autograd (and fakes, unless the ops bring their own);
-    ``backward_qualname`` is its ``<op>_backward`` if it has one (GRAD_IN_BACKWARD)."""
+    """Give fused op ``qualname`` its autograd, vmap rules (and fakes, unless the ops bring their
+    own); ``backward_qualname`` is its ``<op>_backward`` if it has one (GRAD_IN_BACKWARD)."""
     if fake:
         torch.library.register_fake(qualname)(_fake)
         if backward_qualname:
             torch.library.register_fake(backward_qualname)(_fake_backward)
+    backward_op = _op(backward_qualname) if backward_qualname else None
+    BACKWARD_OPS[_op(qualname)] = backward_op
 
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        ctx.backward_op = _op(backward_qualname) if backward_qualname else None
+        ctx.backward_op = backward_op
 
     torch.library.register_autograd(qualname, _backward, setup_context=setup_context)
+    torch.library.register_vmap(qualname, _vmap_forward(_op(qualname)))
+    if backward_qualname:
+        torch.library.register_vmap(backward_qualname, _vmap_backward(backward_op))
 
 
 def backend_function(op: Callable, grad_mode: int) -> Callable:
-    """The backend function ``(logits, target, weight, spec, options) -> loss`` of ``op``; its
-    gradient is computed in forward or backward as ``grad_mode`` says."""
+    """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
+    ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
+    ``grad_mode`` says."""
+    backward_op = BACKWARD_OPS[op]
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
                    options: CallOptions) -> Tensor:
         wants_grad = torch.is_grad_enabled() and logits.requires_grad
-        loss, _ = op(logits, target, weight, *op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD))
+        arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD)
+        loss, _ = FusedFunction.apply(op, backward_op, logits, target, weight, *arguments)
         return loss
 
     fused_loss.op = op  # for callers that drive the op themselves (the fused linear + loss)
