@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -123,24 +122,19 @@ class LossSpec:
     params: tuple[tuple[str, float], ...]  # every name of PARAMETERS with its value
     official_grad: bool = False
     accepted: tuple[tuple[str, object], ...] = ()  # every accepted parameter's value, for repr
+    # What the fused backends pass to their op on every call, made once (plain attributes, not
+    # cached properties: torch.compile traces their reads).
+    base_indices: tuple[int, ...] = field(init=False, repr=False, compare=False)  # the kernels' enum values
+    weights: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    param_values: tuple[float, ...] = field(init=False, repr=False, compare=False)  # in PARAMETERS' order
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_indices", tuple(BASE_INDEX[base] for base, _ in self.terms))
+        object.__setattr__(self, "weights", tuple(float(weight) for _, weight in self.terms))
+        object.__setattr__(self, "param_values", tuple(float(value) for _, value in self.params))
 
     def param(self, name: str) -> float:
         return dict(self.params)[name]
-
-    # Cached: the fused backends pass these to their op on every call.
-    @cached_property
-    def base_indices(self) -> tuple[int, ...]:
-        """The terms' base losses as the kernels' enum values."""
-        return tuple(BASE_INDEX[base] for base, _ in self.terms)
-
-    @cached_property
-    def weights(self) -> tuple[float, ...]:
-        return tuple(float(weight) for _, weight in self.terms)
-
-    @cached_property
-    def param_values(self) -> tuple[float, ...]:
-        """The values of :data:`PARAMETERS`, in that order."""
-        return tuple(float(value) for _, value in self.params)
 
 
 def canonical_name(name: str) -> str:

@@ -33,10 +33,15 @@ from .functional import bind, compute, formula, signature_of, title
 from .options import DEFAULTS, FLOAT_DTYPES, CallOptions, check_target_range, check_weight
 from .reference import accumulation_dtype
 
-# CPU chunks: the number of rows whose logits (and gradient) are alive at once. Measured on 2 cores
-# of an AMD EPYC (AVX-512, 2 MiB L2 per core, 32 MiB L3), float32, H = 1024, forward + backward,
-# time per row relative to the fastest chunk (bench/results/linear-cpu.md, "Chunk size"):
-# TODO fill in from the measurement.
+# CPU chunks: a fixed number of rows, chosen by matmul efficiency, not by cache. Every chunk's three
+# matmuls stream the whole weight (K x H) and its gradient (read and written) for 6 R K H flops: about
+# 0.4 R flops per byte whatever K is, and 2 cores (~60 GFLOP/s, ~10-20 GB/s) need R in the hundreds to
+# stay compute bound. Measured (bench/results/linear-cpu.md, "Chunk size"; N = 2048, H = 1024,
+# K = 32000, float32, forward + backward, against materializing the logits: 8.5 s): 64 rows 12.8 s,
+# 128 rows 9.8 s, 256 rows 8.3 s, 512 rows 7.7 s, 1024 rows 7.8 s (timings of this shared machine vary
+# by 20 %). 256 rows is the smallest at the materialized path's speed; its logits and gradient take
+# 2 KiB per class (64 MiB at K = 32000: no chunk worth computing fits the 32 MiB L3 at such K, so the
+# cache does not decide), 1/16 of the materialized 1 GiB at N = 4096 (512 rows would be 1/8).
 CPU_CHUNK_ROWS = 256
 # CUDA chunks: Liger-Kernel's bound, the chunk's logits no larger than the hidden states (N x H
 # elements, so the transient memory is of the order of the input whatever K is), but at least
@@ -72,10 +77,12 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
                 backend: str, bases: list[int], coefficients: list[float], options: list[int], chunk_size: int,
                 needs: list[bool], row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The rows' summed (or per-row) losses and the gradients of hidden, weight and bias for an
-    upstream gradient of 1 (of ``row_scale`` per row, when given); a gradient not in ``needs`` is an
-    empty tensor. Never holds more than one chunk of logits and their gradient."""
+    upstream gradient of 1 (of ``row_scale`` per row, when given), ``chunk_size`` rows at a time (0:
+    the default); a gradient not in ``needs`` is an empty tensor. Never holds more than one chunk of
+    logits and their gradient."""
     op = backends.resolve(backend, hidden.device.type).load().op
     rows, classes = hidden.shape[0], weight.shape[0]
+    chunk_size = chunk_size or default_chunk_size(rows, hidden.shape[1], classes, hidden.device.type)
     acc = accumulation_dtype(hidden.dtype)
     reduced = options[fused.REDUCTION] != fused.REDUCTION_CODES["none"]
     grad_mode = fused.GRAD_IN_FORWARD if any(needs) else fused.NO_GRAD
@@ -103,20 +110,21 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             continue
         if row_scale is not None:
             grad.mul_(row_scale[start:end, None].to(grad.dtype))
-        grad = grad.to(weight.dtype)
         if needs[0]:
             torch.mm(grad, weight, out=grad_hidden[start:end])
         if needs[1]:
             grad_weight.addmm_(grad.t(), chunk)
         if needs[2]:
             grad_bias += grad.sum(0, dtype=acc)
-    grad_bias = grad_bias.to(weight.dtype)
+        del grad  # before the next chunk's logits: one chunk's logits and gradient at a time
     if options[fused.REDUCTION] == fused.REDUCTION_CODES["mean"]:
         divisor = _mean_divisor(target, class_weight, options[fused.IGNORE_INDEX], acc)
         loss = loss / divisor
+        # (N + K) H elements, against the loop's 6 N K H flops. (In a half type the divisor is rounded
+        # to it: one rounding of the result, as an upstream gradient in that type would make.)
         for grad in (grad_hidden, grad_weight, grad_bias):
-            grad.div_(divisor.to(grad.dtype))  # (N + K) H elements, against the loop's 6 N K H flops
-    return loss, grad_hidden, grad_weight, grad_bias
+            grad.div_(divisor)
+    return loss, grad_hidden, grad_weight, grad_bias.to(weight.dtype)
 
 
 @torch.library.custom_op("apl::linear_loss", mutates_args=())
@@ -207,7 +215,6 @@ class _LinearLoss(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.reduced = ctx.arguments[3][fused.REDUCTION] != fused.REDUCTION_CODES["none"]
-        ctx.has_bias = bias is not None
         if ctx.reduced:
             ctx.save_for_backward(*output[1:])
         else:  # recomputed in backward from the inputs (nothing of N x K is kept)
@@ -232,13 +239,10 @@ class _LinearLoss(torch.autograd.Function):
                 grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
         else:
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
-            with torch.no_grad():  # (torch.func.grad runs backward with grad mode on; nothing here is differentiated)
+            with torch.no_grad():  # (torch.func.grad runs backward in grad mode; nothing here is differentiated)
                 grads = _linear_loss_backward_op(hidden, weight, bias, target, class_weight, grad_loss,
                                                  *ctx.arguments)
-        grads = [g if need else None for g, need in zip(grads, ctx.arguments[-1])]
-        if not ctx.has_bias:
-            grads[2] = None
-        return (*grads, None, None, None)
+        return (*(g if need else None for g, need in zip(grads, ctx.arguments[-1])), None, None, None)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -282,12 +286,26 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
 
 
 @torch.compiler.assume_constant_result
-def _constant_spec(name: str, params: tuple) -> LossSpec:
-    """make_spec for code that torch.compile traces: Dynamo cannot trace make_spec (or the spec's
-    cached properties), so it calls this once and keeps the spec as a constant."""
-    spec = make_spec(name, **dict(params))
-    fused.op_arguments(spec, DEFAULTS, fused.NO_GRAD)  # fills the spec's cached properties
+def _constant_call(name: str, params: tuple, reduction: str, ignore_index: int, label_smoothing: float,
+                   backend: str) -> tuple[LossSpec, CallOptions]:
+    """The spec and options of a call, for code that torch.compile traces: Dynamo cannot trace their
+    checks, so it calls this once and keeps both as constants."""
+    return _make_spec(name, **dict(params)), CallOptions(reduction, ignore_index, label_smoothing, backend)
+
+
+def _make_spec(name: str, **params) -> LossSpec:
+    """make_spec, with the cached properties that the op's arguments read filled in (Dynamo cannot
+    fill them: they take a lock)."""
+    spec = make_spec(name, **params)
+    fused.op_arguments(spec, DEFAULTS, fused.NO_GRAD)
     return spec
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(backend: str, device_type: str) -> str:
+    """The backend that computes for ``device_type``, resolved (and loaded: a C++ extension may
+    compile) outside any graph that torch.compile traces."""
+    return backends.resolve(backend, device_type).name
 
 
 def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bias: Tensor | None = None,
@@ -342,15 +360,14 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
     """
     _check_chunk_size(chunk_size)
     _check_inputs(hidden, weight, bias, target, class_weight)
-    options = CallOptions(reduction, ignore_index, label_smoothing, backend)
-    spec = _constant_spec(name, tuple(params.items()))
+    spec, options = _constant_call(name, tuple(params.items()), reduction, ignore_index, label_smoothing, backend)
     return _linear_loss(spec, hidden, weight, bias, target, class_weight, options, chunk_size)
 
 
 def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                  class_weight: Tensor | None, options: CallOptions, chunk_size: int | None) -> Tensor:
-    chosen = backends.resolve(options.backend, hidden.device.type)
-    if chosen.name == "torch":
+    chosen = _backend_name(options.backend, hidden.device.type)
+    if chosen == "torch":
         return compute(spec, F.linear(hidden, weight, bias), target, class_weight, options)
     if not target.is_floating_point():
         target = target.long()
@@ -359,13 +376,18 @@ def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | 
         if hidden.device.type == "cpu" and not torch.compiler.is_compiling() \
                 and torch._C._functorch.peek_interpreter_stack() is None:
             check_target_range(target, weight.shape[0], options.ignore_index)
+    # Under autocast, as F.linear then a loss: matmuls in the autocast dtype, the loss in float32.
+    autocast = hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(hidden.device.type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (x if x is None else x.to(dtype) for x in (hidden, weight, bias))
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad]
-    rows = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device.type)
-    arguments = (chosen.name, *fused.op_arguments(spec, options, fused.GRAD_IN_FORWARD), rows, needs)
+    # (0: the op picks the default from the real shapes, which a compiled graph may only know symbolically.)
+    arguments = (chosen, *fused.op_arguments(spec, options, fused.GRAD_IN_FORWARD), chunk_size or 0, needs)
     loss = _LinearLoss.apply(hidden, weight, bias, target, class_weight, arguments)[0]
-    return loss.to(hidden.dtype)
+    return loss.to(accumulation_dtype(hidden.dtype) if autocast else hidden.dtype)
 
 
 class LinearLoss(nn.Module):
@@ -396,7 +418,7 @@ class LinearLoss(nn.Module):
         check_weight(class_weight)
         _check_chunk_size(chunk_size)
         name = canonical_name(name)
-        self.spec: LossSpec = make_spec(name, **bind(name, args, params))
+        self.spec: LossSpec = _make_spec(name, **bind(name, args, params))
         self.chunk_size = chunk_size
         self.register_buffer("class_weight", class_weight)
 

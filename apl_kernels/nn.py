@@ -30,6 +30,7 @@ class Loss(nn.Module):
         super().__init__()
         self.options = CallOptions(reduction, ignore_index, label_smoothing, backend)
         backends.check_name(backend)
+        backends.preload(backend)  # now rather than in a first call that torch.compile may trace
         check_weight(weight)
         name = canonical_name(name)
         self.spec: LossSpec = make_spec(name, **bind(name, args, params))

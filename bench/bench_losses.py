@@ -13,6 +13,9 @@ timing. Implementations:
   any loss over softmax;
 * ``copy``: a copy of the logits' bytes into the gradient's, the memory floor.
 
+Targets are class indices, and for ``nce+rce`` also class probabilities (N, K) (``target``
+``probabilities`` in the report: mixup-style soft targets read alongside the logits).
+
 Each result carries in ``extra_info`` the bytes a fused forward plus backward
 must move (read the logits, write the gradient) and the bytes the
 implementation saves for backward; on CUDA, the peak allocated memory.
@@ -28,16 +31,17 @@ import torch
 import apl_kernels as ak
 from apl_kernels import reference
 from apl_kernels.catalogue import make_spec
+from apl_kernels.options import CallOptions
+from apl_kernels.testing.cases import SPEED_SHAPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Quick mode (the test suite runs benchmarks once each, with timing disabled): every
 # implementation and dtype once, at the two smallest shapes, for one loss.
 QUICK = os.environ.get("APL_BENCH_QUICK") == "1"
-SHAPES = {
-    "cpu": [(128, 10), (4096, 10), (8192, 100), (4096, 1000), (1024, 32000)],
-    "cuda": [(65536, 10), (65536, 100), (16384, 1000), (4096, 32000), (1024, 128000)],
-}[DEVICE][: 2 if QUICK else None]
-LOSSES = ["nfl+rce"] if QUICK else ["nce+mae", "nce+rce", "nfl+rce", "ngce+mae"]
+SHAPES = SPEED_SHAPES[DEVICE][: 2 if QUICK else None]
+LOSSES = ["nfl+rce"] if QUICK else ["nce+mae", "nce+rce", "nfl+rce", "ngce+mae", "nce+agce", "nce+nnce"]
+# (loss, target kind): class indices for every loss, and probability targets for one.
+CASES = [(name, "index") for name in LOSSES] + [("nce+rce", "probabilities")]
 DTYPES = [torch.float32, torch.bfloat16]
 MODES = ["forward", "forward+backward"]
 # (Triton kernels on CPU tensors are the interpreter's: they are tested, never timed.)
@@ -50,11 +54,14 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def inputs(shape, dtype):
+def inputs(shape, dtype, target_kind="index"):
     n, k = shape
     g = torch.Generator(device=DEVICE).manual_seed(0)
     logits = (torch.randn(n, k, generator=g, device=DEVICE) * 3).to(dtype)
-    target = torch.randint(0, k, (n,), generator=g, device=DEVICE)
+    if target_kind == "probabilities":
+        target = torch.softmax(torch.randn(n, k, generator=g, device=DEVICE), dim=1).to(dtype)
+    else:
+        target = torch.randint(0, k, (n,), generator=g, device=DEVICE)
     return logits, target
 
 
@@ -69,7 +76,7 @@ def loss_function(impl: str, name: str, dtype):
     spec = make_spec(name)
 
     def eager(logits, target):
-        return reference.reference_loss(logits, target, spec, "mean", -100)
+        return reference.reference_loss(logits, target, None, spec, CallOptions())
 
     if impl == "eager":
         return eager
@@ -114,7 +121,8 @@ def record(benchmark, fn, logits, target, mode, impl):
         torch.cuda.reset_peak_memory_stats()
     benchmark.extra_info.update(
         device=DEVICE, impl=impl, n=n, k=k, dtype=str(logits.dtype).replace("torch.", ""), mode=mode,
-        bytes_moved=2 * n * k * logits.element_size() + n * 8,
+        # read the logits and the targets, write the gradient
+        bytes_moved=2 * n * k * logits.element_size() + target.numel() * target.element_size(),
     )
     benchmark(step, fn, logits, target, mode)
     if DEVICE == "cuda":
@@ -123,15 +131,24 @@ def record(benchmark, fn, logits, target, mode, impl):
         benchmark.extra_info["saved_bytes"] = saved_bytes(fn, logits, target)
 
 
+def one_shape_per_k(shapes):
+    """The largest shape of each K (probability targets are timed once per K)."""
+    return [s for s in shapes if not any(o[1] == s[1] and o[0] > s[0] for o in shapes)]
+
+
+PARAMS = [(name, kind, shape) for name, kind in CASES
+          for shape in (SHAPES if kind == "index" else one_shape_per_k(SHAPES))]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("name,target_kind,shape", PARAMS,
+                         ids=[f"{n}-{k}-{s[0]}x{s[1]}" for n, k, s in PARAMS])
 @pytest.mark.parametrize("impl", FUSED + BASELINES)
-def test_loss(benchmark, impl, name, shape, dtype, mode):
+def test_loss(benchmark, impl, name, target_kind, shape, dtype, mode):
     benchmark.group = f"{shape[0]}x{shape[1]} {str(dtype).replace('torch.', '')} {mode}"
-    benchmark.extra_info["loss"] = name
-    logits, target = inputs(shape, dtype)
+    benchmark.extra_info["loss"] = name if target_kind == "index" else f"{name} ({target_kind})"
+    logits, target = inputs(shape, dtype, target_kind)
     record(benchmark, loss_function(impl, name, dtype), logits, target, mode, impl)
 
 

@@ -329,7 +329,7 @@ template <typename S>
 APL_HD RowCoefs<S> row_coefs(const LossParams& params, const TermSums<S>* sums, const RowStats<S>& row,
                              S total_c, int64_t K) {
   RowCoefs<S> k;
-  for (int t = 0; t < params.num_terms; ++t) {
+  for (int t = 0; t < kMaxTerms && t < params.num_terms; ++t) {  // a constant bound: nvcc unrolls it
     const S w = S(params.weight[t]);
     const TermSums<S>& sum = sums[t];
     const int family = family_of(params.base[t]);

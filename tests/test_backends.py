@@ -17,8 +17,8 @@ from apl_kernels.backends import fused
 from apl_kernels.catalogue import FOCAL, make_spec, members
 from apl_kernels.options import CallOptions
 from cases import (
-    FUSED, FUSED_IDS, INTERPRETED, LOSS_CASES, LOSS_IDS, TARGET_MODES, check_parity, make_target, random_logits,
-    random_target, run, sample_inputs,
+    FUSED, FUSED_IDS, INTERPRETED, LOSS_CASES, LOSS_IDS, TARGET_MODES, check_parity, gradient_roundings, is_interpreted,
+    make_target, random_logits, random_target, run, sample_inputs,
 )
 
 F = ak.functional
@@ -27,10 +27,6 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1, 2), (9, 3), (33, 10), (17, 100), (6, 1000), (3, 4099)]
 INTERPRETED_SHAPES = [(3, 2), (3, 10), (3, 100), (2, 1000), (2, 5000)]
 MODES = ("none", "random-upstream", "mean", "sum")
-
-
-def is_interpreted(device, backend):
-    return backend == "triton" and device == "cpu"
 
 
 def upstream_for(mode, n, dtype, seed):
@@ -42,16 +38,6 @@ def upstream_for(mode, n, dtype, seed):
     if mode == "sum":
         return "sum", torch.tensor(2.5, dtype=dtype)
     return mode, "sum"
-
-
-def gradient_roundings(device, backend, dtype, upstream):
-    """How often a backend rounds its gradient to a half dtype: once as the kernel writes it, once
-    more where the C++ kernel's saved gradient is scaled by an upstream gradient other than 1
-    (GRAD_IN_FORWARD; the GPU kernels fold the upstream in, in float32), and twice where the Triton
-    interpreter converts to bfloat16 by truncating (up to a whole unit; see
-    test_triton_kernel.test_interpreter_truncates_float32_to_bfloat16)."""
-    roundings = 1 + (backend == "cpp" and not isinstance(upstream, str))
-    return roundings + (is_interpreted(device, backend) and dtype == torch.bfloat16)
 
 
 def combos(index, device, backend):

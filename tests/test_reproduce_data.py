@@ -5,6 +5,7 @@ Every dataset here is small and written in the real on-disk format (tests/reprod
 then read through the loader users run.
 """
 
+import urllib.error
 import urllib.request
 
 import numpy as np

@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from .. import reference
 
 
@@ -42,6 +44,11 @@ class Backend:
 
     def load(self) -> Callable:
         if self._fn is None and self.error is None:
+            if torch.compiler.is_compiling():  # loading compiles and opens a library: not traceable
+                raise RuntimeError(
+                    f"apl_kernels: backend {self.name!r} is loaded on first use, which torch.compile cannot "
+                    f"trace: use a loss module (it loads its backend when it is made), call the loss once "
+                    f"before compiling, or call apl_kernels.backends.preload({self.name!r}) first")
             try:
                 self._fn = self.loader()
             except BackendUnavailable as err:
@@ -142,3 +149,16 @@ def resolve(name: str, device_type: str) -> Backend:
             f"{err}; available for {device_type} tensors: {', '.join(available_backends(device_type))}"
         ) from None
     return backend
+
+
+def preload(name: str = "auto") -> None:
+    """Load now the backend(s) that ``name`` picks for this machine's devices (CPU, and CUDA when a
+    GPU is visible), so that no first call has to: loss modules call it when they are made, which
+    lets ``torch.compile`` trace their first call."""
+    device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device_type in device_types:
+        if name == "auto" or _REGISTRY[name].serves(device_type):
+            try:
+                resolve(name, device_type)
+            except ValueError:
+                pass  # unavailable here: the call that needs it says why

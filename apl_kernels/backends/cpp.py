@@ -40,7 +40,8 @@ except ImportError:  # Windows: builds are not serialized, but each still instal
 from . import BackendUnavailable, fused
 
 OP = "apl::fused_loss"
-LIBRARIES = {"cpu": ("apl_kernels_cpu", ("apl_cpu.cpp",)), "cuda": ("apl_kernels_cuda", ("apl_cuda.cu",))}
+LIBRARIES = {"cpu": ("apl_kernels_cpu", ("apl_cpu.cpp",)),
+             "cuda": ("apl_kernels_cuda", ("apl_cuda.cu", "apl_cuda_emulation.cpp"))}
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 _loaded: dict[str, Path] = {}

@@ -11,12 +11,10 @@ that is how they are tested without a GPU. The interpreter runs every ``@triton.
 Python, so the helpers below are few and work on whole tiles.
 """
 
-from __future__ import annotations
-
 import contextlib
 import math
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -68,6 +66,8 @@ STATS = tl.constexpr(fused.STATS)
 # specialized, keeps one compiled kernel whatever their values (0.0's bits would otherwise be an i32).
 FLOAT_ARGS = ("w0", "w1", "gamma", "q", "a", "log_min_prob", "clamp_min_powered", "nnfl_b", "agce_top", "aul_bottom",
               "keep", "spread")
+# Never specialized on their values (ignore_index is typed int64 by annotation too).
+UNSPECIALIZED = FLOAT_ARGS + ("ignore_index",)
 
 
 def float_bits(x: float) -> int:
@@ -78,8 +78,11 @@ def float_bits(x: float) -> int:
 
 
 class Params(NamedTuple):
-    """The loss's parameters in the accumulation dtype, and what LossParams::derive computes from
-    them once per call: 1e-7^q, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q."""
+    """The call's floats in the accumulation dtype (FLOAT_ARGS): the terms' weights, the loss's
+    parameters with what LossParams::derive computes from them once per call (ln m, 1e-7^q,
+    B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q), and the label smoothing's 1 - eps and eps / K."""
+    w0: tl.tensor
+    w1: tl.tensor
     gamma: tl.tensor
     q: tl.tensor
     a: tl.tensor
@@ -88,6 +91,8 @@ class Params(NamedTuple):
     nnfl_b: tl.tensor
     agce_top: tl.tensor
     aul_bottom: tl.tensor
+    keep: tl.tensor
+    spread: tl.tensor
 
 
 class Label(NamedTuple):
@@ -170,29 +175,15 @@ def _one_minus_exp(x):
 
 
 @triton.jit
-def _power(u, gamma):
-    """u^gamma for u in [0, 1]: exact forms for the common gammas (a uniform branch: gamma is one
-    value per call), else exp(gamma log u) (log 0 = -inf gives 0)."""
-    if gamma == 2.0:
-        r = u * u
-    elif gamma == 0.5:
-        r = tl.sqrt(u)
-    elif gamma == 1.0:
-        r = u
-    elif gamma == 0.0:
-        r = tl.zeros_like(u) + 1.0
-    else:
-        r = tl.exp(gamma * tl.log(u))
-    return r
-
-
-@triton.jit
 def _focal(p, lp, u_max, gamma, OFFICIAL: tl.constexpr):
     """f = -u^g lp and d = df/dlp = -u^g + g u^(g-1) p lp, u = 1 - p (du/dlp = -p); official_grad
     holds u^g constant. The second term is 0 (its limit) where u = 0 or p = 0; elsewhere
     u^(g-1) = u^g / u. u is 1 - p where p <= 1/2, else the row's max, whose 1 - p is u_max."""
     u = tl.where(p > 0.5, u_max, 1.0 - p)
-    u_gamma = _power(u, gamma)
+    # u^g = 2^(g log2 u), and 0^g = 0 (1 for g = 0). Branch-free: a (uniform) branch on gamma's
+    # common values would hold every element's u live across it, and spill at 16 elements a thread.
+    positive = u > 0.0
+    u_gamma = tl.where(positive, tl.exp2(gamma * tl.log2(tl.where(positive, u, 1.0))), tl.where(gamma == 0.0, 1.0, 0.0))
     d = -u_gamma
     if not OFFICIAL:
         defined = (u > 0.0) & (p > 0.0)
@@ -204,7 +195,7 @@ def _focal(p, lp, u_max, gamma, OFFICIAL: tl.constexpr):
 def _element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
     """V and V' = dV/dlp of base BASE at elements of probability p, log-probability lp (the table
     of apl_rowmath.h); u_max is 1 - p at the row's max (one expm1 per row), kf = K."""
-    zero = tl.zeros_like(lp)
+    zero = tl.full(lp.shape, 0.0, lp.dtype)
     clamped = p >= _CLAMP_MIN  # mask[j]
     if BASE == CE:
         value = -lp
@@ -276,7 +267,7 @@ def _term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c
     label (skipping it rather than subtracting p[y] ~ 1 later) and the other terms' label sums come
     from the label alone (_label_sums); normalized and negative terms add sum V, sum V'."""
     value, derivative = _element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
-    zero = tl.zeros_like(total_c)
+    zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     weighted = zero
     weighted_derivative = zero
     plain = zero
@@ -320,7 +311,7 @@ def _coefs(BASE: tl.constexpr, w, sums, lp_sum, total_c, kf):
     """row_coefs of apl_rowmath.h for one term of weight w. nce's D = sum lp and sum V' = K come
     from the row's statistics. A masked class makes nce's and nfl's D infinite: value and gradient
     0, their limits."""
-    zero = tl.zeros_like(total_c)
+    zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     if family_of(BASE) == LOCAL or family_of(BASE) == REVERSE:
         value = w * sums.weighted
         alpha = zero
@@ -396,8 +387,8 @@ def _gradient(record, label, z_y, scale, kf, prm, BASE0: tl.constexpr, BASE1: tl
     u_max = _one_minus_exp(-record.log_s)
     zero = (record.alpha0 == 0.0) & (record.beta0 == 0.0) & (record.alpha1 == 0.0) & (record.beta1 == 0.0) & (
         record.total_h == 0.0)
-    constant = tl.zeros_like(scale)
-    at_label = tl.zeros_like(scale)
+    constant = tl.full(scale.shape, 0.0, scale.dtype)
+    at_label = tl.full(scale.shape, 0.0, scale.dtype)
     if not DENSE:
         lp_y = (z_y - record.max_z) - record.log_s
         p_y = tl.exp(lp_y)
@@ -419,15 +410,17 @@ def _gradient(record, label, z_y, scale, kf, prm, BASE0: tl.constexpr, BASE1: tl
 
 
 @triton.jit
-def _from_bits(bits, ACC: tl.constexpr):
-    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-
-
-@triton.jit
-def _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC: tl.constexpr):
-    return Params(_from_bits(gamma, ACC), _from_bits(q, ACC), _from_bits(a, ACC), _from_bits(log_min_prob, ACC),
-                  _from_bits(clamp_min_powered, ACC), _from_bits(nnfl_b, ACC), _from_bits(agce_top, ACC),
-                  _from_bits(aul_bottom, ACC))
+def _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread,
+            ACC: tl.constexpr):
+    """Params from FLOAT_ARGS's float64 bits (as int64: the interpreter passes small ones as int32)."""
+    F64: tl.constexpr = tl.float64
+    return Params(w0.to(tl.int64).to(F64, bitcast=True).to(ACC), w1.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  gamma.to(tl.int64).to(F64, bitcast=True).to(ACC), q.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  a.to(tl.int64).to(F64, bitcast=True).to(ACC), log_min_prob.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  clamp_min_powered.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  nnfl_b.to(tl.int64).to(F64, bitcast=True).to(ACC), agce_top.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  aul_bottom.to(tl.int64).to(F64, bitcast=True).to(ACC), keep.to(tl.int64).to(F64, bitcast=True).to(ACC),
+                  spread.to(tl.int64).to(F64, bitcast=True).to(ACC))
 
 
 @triton.jit
@@ -445,7 +438,7 @@ def _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target, ignore_index,
            WEIGHTED: tl.constexpr, ACC: tl.constexpr):
     """The rows' Label (index targets; probability rows count 1 in a mean). A label outside [0, K)
     is never used as an address: its row is NaN."""
-    ones = tl.zeros_like(rows).to(ACC) + 1.0
+    ones = tl.full(rows.shape, 1.0, ACC)
     if PROBS:
         y = rows * 0 - 1  # matches no class
         kept = row_ok
@@ -471,7 +464,7 @@ def _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_row, st
     c = w ((1 - eps) t + eps / K); smoothed labels, c = eps / K w + [j == y] (1 - eps) w[y]."""
     cols = start + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    w = tl.zeros([BLOCK_K], ACC) + 1.0
+    w = tl.full([BLOCK_K], 1.0, ACC)
     if WEIGHTED:
         w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     mask = row_ok[:, None] & col_ok[None, :]
@@ -495,10 +488,10 @@ def _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC: tl.conste
 # ---------------------------------------------------------------- the kernels
 
 
-@triton.jit(do_not_specialize=FLOAT_ARGS)
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, loss_ptr, saved_ptr, partials_ptr, counter_ptr, divisor_ptr,
-    R, K, stride_row, stride_col, stride_target_row, stride_target_col, ignore_index,
+    R, K, stride_row, stride_col, stride_target_row, stride_target_col, ignore_index: tl.int64,
     w0: tl.int64, w1: tl.int64, gamma: tl.int64, q: tl.int64, a: tl.int64, log_min_prob: tl.int64,
     clamp_min_powered: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
     spread: tl.int64,
@@ -513,11 +506,9 @@ def _forward_kernel(
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
     z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
-    prm = _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC)
-    keep_ = _from_bits(keep, ACC)
-    spread_ = _from_bits(spread, ACC)
+    prm = _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread, ACC)
     kf = K.to(ACC)
-    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, keep_, PROBS, WEIGHTED,
+    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, prm.keep, PROBS, WEIGHTED,
                    ACC)
     cols = tl.arange(0, BLOCK_K)
 
@@ -527,7 +518,7 @@ def _forward_kernel(
     c = z  # (unused unless DENSE)
     if DENSE:
         c = _coefficients(target_ptr, weight_ptr, rows, row_ok, 0, K, stride_target_row, stride_target_col, label,
-                          keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                          prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
         total_c = tl.sum(c, 1)
         nonzero = tl.sum((c != 0.0).to(tl.int32), 1)
     else:
@@ -549,7 +540,7 @@ def _forward_kernel(
             ref = new_ref
             if DENSE:
                 cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                   stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                                   stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
                 total_c += tl.sum(cc, 1)
                 nonzero += tl.sum((cc != 0.0).to(tl.int32), 1)
     # A softmax is undefined when a logit is NaN or +inf or every logit is -inf: NaN row, as
@@ -562,7 +553,7 @@ def _forward_kernel(
 
     # Pass 2: the sums of the terms that need one (chunked rows: from the last chunk back, the most
     # recently read, so that the second read is served from cache where it can be).
-    zero = tl.zeros_like(total_c)
+    zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     sums0 = Sums(zero, zero, zero, zero)
     sums1 = Sums(zero, zero, zero, zero)
     if needs_pass(BASE0, DENSE) or (BASE1 != NO_TERM and needs_pass(BASE1, DENSE)):
@@ -574,7 +565,7 @@ def _forward_kernel(
                 cc = zc
                 if DENSE:
                     cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                       stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                                       stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
                 valid = row_ok[:, None] & (start + cols < K)[None, :]
                 is_label = (start + cols)[None, :] == label.y[:, None]
                 lp = (zc - max_z[:, None]) - log_s[:, None]
@@ -606,10 +597,10 @@ def _forward_kernel(
         sums0 = _label_sums(BASE0, sums0, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL)
         if BASE1 != NO_TERM:
             sums1 = _label_sums(BASE1, sums1, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL)
-    coefs0 = _coefs(BASE0, _from_bits(w0, ACC), sums0, lp_sum, total_c, kf)
+    coefs0 = _coefs(BASE0, prm.w0, sums0, lp_sum, total_c, kf)
     coefs1 = Coefs(zero, zero, zero, zero)
     if BASE1 != NO_TERM:
-        coefs1 = _coefs(BASE1, _from_bits(w1, ACC), sums1, lp_sum, total_c, kf)
+        coefs1 = _coefs(BASE1, prm.w1, sums1, lp_sum, total_c, kf)
 
     # The row's value and Record: 0 where no label has a coefficient (ignored rows), NaN where
     # the row is undefined (its gradient too: through log s and H).
@@ -641,7 +632,7 @@ def _forward_kernel(
                 cc = zc
                 if DENSE:
                     cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                       stride_target_col, label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
+                                       stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
                 _store_gradient(saved_ptr, rows, row_ok, start, K, zc, cc, label.y, g, kf, prm, BASE0, BASE1, DENSE,
                                 OFFICIAL, BLOCK_K)
         else:
@@ -689,8 +680,8 @@ def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, RE
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == programs - 1:
-        total = tl.zeros([], tl.float64)
-        divisor = tl.zeros([], tl.float64)
+        total = tl.full([], 0.0, tl.float64)
+        divisor = tl.full([], 0.0, tl.float64)
         for start in range(0, programs, _REDUCE_BLOCK):
             i = start + tl.arange(0, _REDUCE_BLOCK)
             mask = i < programs
@@ -700,7 +691,7 @@ def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, RE
             divisor = tl.where(divisor == 0.0, 1.0, divisor)  # every row ignored: the mean is 0
             total = total / divisor
         else:
-            divisor = tl.zeros_like(divisor) + 1.0
+            divisor = tl.full([], 1.0, tl.float64)
         tl.store(loss_ptr, total.to(ACC))
         if GRAD_MODE == 2:
             _store_divisor(stats_ptr, R, divisor, ACC)
@@ -708,10 +699,10 @@ def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, RE
 
 
 
-@triton.jit(do_not_specialize=FLOAT_ARGS)
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _backward_kernel(
     logits_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, grad_ptr,
-    R, K, stride_row, stride_col, stride_target_row, stride_target_col, stride_upstream, ignore_index,
+    R, K, stride_row, stride_col, stride_target_row, stride_target_col, stride_upstream, ignore_index: tl.int64,
     w0: tl.int64, w1: tl.int64, gamma: tl.int64, q: tl.int64, a: tl.int64, log_min_prob: tl.int64,
     clamp_min_powered: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
     spread: tl.int64,
@@ -725,11 +716,9 @@ def _backward_kernel(
     row_ok = rows < R
     if not CHUNKED:
         z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
-    prm = _params(gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, ACC)
-    keep_ = _from_bits(keep, ACC)
-    spread_ = _from_bits(spread, ACC)
+    prm = _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread, ACC)
     kf = K.to(ACC)
-    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, keep_, PROBS, WEIGHTED,
+    label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, prm.keep, PROBS, WEIGHTED,
                    ACC)
     # The rows' Records as one (ROWS, STATS) tile (32 or 64 contiguous bytes a row), then its columns.
     j = tl.arange(0, STATS)[None, :]
@@ -740,16 +729,319 @@ def _backward_kernel(
                     tl.sum(tl.where(j == 6, stats, 0.0), 1), tl.sum(tl.where(j == 7, stats, 0.0), 1))
     upstream = tl.load(upstream_ptr + rows * stride_upstream, mask=row_ok, other=0.0).to(ACC)
     scale = upstream / tl.load(stats_ptr + R * STATS)
-    z_y = tl.zeros_like(scale)
+    z_y = tl.full(scale.shape, 0.0, scale.dtype)
     if not DENSE:
         z_y = _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)
     g = _gradient(record, label, z_y, scale, kf, prm, BASE0, BASE1, DENSE, OFFICIAL)
-    for start in range(0, K, BLOCK_K):
-        if CHUNKED:
+    if CHUNKED:
+        for start in range(0, K, BLOCK_K):
             z = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+            c = z
+            if DENSE:
+                c = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row, stride_target_col,
+                                  label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
+            _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
+                            BLOCK_K)
+    else:
         c = z
         if DENSE:
-            c = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row, stride_target_col,
-                              label, keep_, spread_, PROBS, WEIGHTED, ACC, BLOCK_K)
-        _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
-                        BLOCK_K)
+            c = _coefficients(target_ptr, weight_ptr, rows, row_ok, 0, K, stride_target_row, stride_target_col,
+                              label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
+        _store_gradient(grad_ptr, rows, row_ok, 0, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL, BLOCK_K)
+
+
+# ---------------------------------------------------------------- the launch table
+
+WARP = 32
+MAX_WARPS = 32
+# Per accumulation dtype (float32, float64): elements of the logits a thread holds (registers: a
+# float64 takes two), rows of at most ON_CHIP classes (ON_CHIP_DENSE with coefficients held beside
+# them) kept in registers from their one read to their last use, and the chunk that longer rows
+# stream through. docs/kernels.md ("Triton", "Launch table") gives the reasoning.
+PER_THREAD = {False: 16, True: 8}
+ON_CHIP = {False: 16384, True: 4096}
+ON_CHIP_DENSE = {False: 8192, True: 2048}
+CHUNK = {False: 8192, True: 4096}
+
+
+class Launch(NamedTuple):
+    rows: int  # rows per program
+    block: int  # classes per tile: the whole row, or a chunk (a power of two)
+    warps: int
+    chunked: bool  # the row streams through chunks of `block` classes
+
+
+def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, backward: bool = False) -> Launch:
+    """Rows per program, tile, warps and path for rows of ``num_classes`` classes of ``dtype``.
+    The backward reads each element once whatever the tile, so it streams every row longer than a
+    chunk: holding a load's and a store's 64-bit address for each of 16 elements, a 32-warp
+    program (64 registers a thread) would spill."""
+    wide = dtype == torch.float64
+    block = triton.next_power_of_2(num_classes)
+    limit = (ON_CHIP_DENSE if dense else ON_CHIP)[wide]
+    chunked = block > (min(limit, CHUNK[wide]) if backward else limit)
+    if chunked:
+        block = CHUNK[wide]
+    tile = WARP * PER_THREAD[wide] * 4  # small rows: four warps of them per program
+    rows = max(1, tile // block)
+    warps = min(MAX_WARPS, max(1, rows * block // (WARP * PER_THREAD[wide])))
+    return Launch(rows, block, warps, chunked)
+
+
+# ---------------------------------------------------------------- the ops' arguments
+
+NONE, MEAN, SUM = (fused.REDUCTION_CODES[r] for r in ("none", "mean", "sum"))
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FOCAL_INDICES = frozenset(BASE_INDEX[name] for name in FOCAL)
+
+
+class Call(NamedTuple):
+    """A call of the ops, decoded from their lists and checked (apl_op.h's OpCall)."""
+    bases: tuple
+    weights: tuple
+    gamma: float
+    q: float
+    a: float
+    min_prob: float
+    label_smoothing: float
+    ignore_index: int
+    reduction: int
+    official_grad: bool
+    grad_mode: int
+    probabilities: bool  # (R, K) class probabilities, not (R,) labels
+    dense: bool  # coefficients on every label: probabilities, or label smoothing
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype in _FLOAT_DTYPES
+
+
+def decode_call(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coefficients, options) -> Call:
+    """The op's arguments checked with apl_op.h's decode_call's rules, errors and messages (so that
+    both backends' ops raise the same exception for the same bad input), and the device."""
+    if logits.dim() != 2:
+        raise ValueError(f"apl: logits must be 2-D (rows, classes); got {logits.dim()} dims")
+    if logits.shape[1] < 2:
+        raise ValueError(f"apl: the number of classes must be >= 2; got {logits.shape[1]}")
+    if not _is_float(logits.dtype):
+        raise TypeError(f"apl: logits must be float16, bfloat16, float32 or float64; got {logits.dtype}")
+    probabilities = target.dim() == 2
+    if probabilities:
+        if target.shape != logits.shape or not _is_float(target.dtype):
+            raise ValueError(f"apl: probability targets must be floating with the logits' shape {list(logits.shape)}; "
+                             f"got {target.dtype} of shape {list(target.shape)}")
+    else:
+        if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+            raise ValueError(f"apl: target must be 1-D with one label per row of logits, or 2-D probabilities; got "
+                             f"shape {list(target.shape)} for logits of shape {list(logits.shape)}")
+        if target.dtype != torch.int64:
+            raise TypeError(f"apl: labels must be int64; got {target.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"apl: logits are on {logits.device} but target is on {target.device}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != logits.shape[1] or not _is_float(weight.dtype):
+            raise ValueError(f"apl: weight must be 1-D floating with one weight per class ({logits.shape[1]}); got "
+                             f"{weight.dtype} of shape {list(weight.shape)}")
+        if weight.device != logits.device:
+            raise ValueError(f"apl: weight is on {weight.device} but logits are on {logits.device}")
+    terms = len(bases)
+    if not 1 <= terms <= 2 or len(coefficients) != terms + len(PARAMETERS) + 1:
+        raise ValueError(f"apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma, q, a, "
+                         f"min_prob and label_smoothing; got {terms} bases and {len(coefficients)} coefficients")
+    if len(options) != 4:
+        raise ValueError(f"apl: options must be [ignore_index, reduction, official_grad, grad_mode]; got "
+                         f"{len(options)} values")
+    for base, w in zip(bases, coefficients):
+        if not 0 <= base < len(BASE_LOSSES):
+            raise ValueError(f"apl: unknown base loss index {base}")
+        if not math.isfinite(w):
+            raise ValueError(f"apl: weights must be finite, got {w}")
+    gamma, q, a, min_prob, label_smoothing = (float(x) for x in coefficients[terms:])
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"apl: gamma must be finite and >= 0, got {gamma}")
+    if not (math.isfinite(q) and q >= 1e-30):
+        raise ValueError(f"apl: q must be finite and >= 1e-30, got {q}")
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"apl: a must be finite and > 0, got {a}")
+    if not 0 < min_prob < 1:
+        raise ValueError(f"apl: min_prob must be in (0, 1), got {min_prob}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"apl: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if BASE_INDEX["aul"] in bases and a <= 1:
+        raise ValueError(f"apl: aul needs a > 1, got {a}")
+    ignore_index, reduction, official_grad, grad_mode = (int(x) for x in options)
+    if reduction not in (NONE, MEAN, SUM):
+        raise ValueError(f"apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got {reduction}")
+    if official_grad not in (0, 1):
+        raise ValueError(f"apl: official_grad (options[2]) must be 0 or 1; got {official_grad}")
+    if grad_mode not in (fused.NO_GRAD, fused.GRAD_IN_FORWARD, fused.GRAD_IN_BACKWARD):
+        raise ValueError(f"apl: the gradient mode (options[3]) must be 0, 1 or 2; got {grad_mode}")
+    if logits.device.type != "cuda" and not (INTERPRETED and logits.device.type == "cpu"):
+        raise ValueError(f"apl::triton_loss runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 set "
+                         f"before apl_kernels is imported); got a {logits.device.type} tensor")
+    return Call(tuple(int(b) for b in bases), tuple(float(w) for w in coefficients[:terms]), gamma, q, a, min_prob,
+                label_smoothing, ignore_index, reduction, bool(official_grad), grad_mode, probabilities,
+                probabilities or label_smoothing != 0)
+
+
+def _power_or_inf(x: float, y: float) -> float:
+    try:
+        return x**y
+    except OverflowError:  # as std::pow: (a + 1)^q of a parameter no loss of this call uses
+        return math.inf
+
+
+def kernel_arguments(call: Call, num_classes: int) -> tuple[tuple, dict]:
+    """The kernels' float arguments (FLOAT_ARGS, as bits: LossParams with what derive() computes)
+    and the constexprs that choose their specialization."""
+    log_min_prob = math.log(call.min_prob)
+    values = (call.weights[0], call.weights[-1], call.gamma, call.q, call.a, log_min_prob, CLAMP_MIN**call.q,
+              -((1 - call.min_prob) ** call.gamma) * log_min_prob, _power_or_inf(call.a + 1, call.q),
+              _power_or_inf(call.a - 1, call.q) if call.a > 1 else 0.0, 1 - call.label_smoothing,
+              call.label_smoothing / num_classes)
+    meta = dict(BASE0=call.bases[0], BASE1=call.bases[1] if len(call.bases) == 2 else NO_TERM.value,
+                OFFICIAL=call.official_grad and any(b in _FOCAL_INDICES for b in call.bases),
+                PROBS=call.probabilities, DENSE=call.dense)
+    return tuple(float_bits(v) for v in values), meta
+
+
+def _launch_meta(launch: Launch) -> dict:
+    return dict(ROWS=launch.rows, BLOCK_K=launch.block, CHUNKED=launch.chunked, num_warps=launch.warps)
+
+
+# ---------------------------------------------------------------- launching
+
+
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    """Every kernel launch of the ops (the tests count them here)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def _on_device(tensor: Tensor):
+    """Triton launches on the current device: make it the logits' (logits on cuda:1 while cuda:0
+    is current). Traced calls launch nothing (a compiled graph guards its own devices)."""
+    if tensor.device.type != "cuda" or fused._traced(tensor):
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
+
+
+_COUNTERS: dict = {}
+
+
+def _counter(logits: Tensor) -> Tensor:
+    """The int32 ticket counter of the in-kernel reduction, 0 between launches: the last program of
+    each launch sets it back. One per (device, stream), since kernels on two streams may run at
+    once; created (zeroed) once. A traced call (torch.compile, fake tensors) or a CUDA graph's
+    capture gets its own, zeroed in the graph, which must not capture a tensor of the eager world."""
+    device = logits.device
+    if fused._traced(logits) or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    counter = _COUNTERS.get((device, stream))
+    if counter is None:
+        counter = _COUNTERS[(device, stream)] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _mean_divisor(target: Tensor, weight: Optional[Tensor], call: Call) -> Tensor:
+    """GRAD_IN_FORWARD's mean divides the gradient it writes, so needs its divisor before the
+    kernel: the summed weight of the counted rows, on the device (0 becomes 1 in the kernel)."""
+    if call.probabilities:
+        return torch.full((), float(target.shape[0]), dtype=torch.float64, device=target.device)
+    kept = target != call.ignore_index
+    if weight is None:
+        return kept.sum(dtype=torch.float64)
+    num_classes = weight.shape[0]
+    in_range = (target >= 0) & (target < num_classes)
+    w = torch.where(in_range, weight[target.clamp(0, num_classes - 1)].double(), 1.0)
+    return torch.where(kept, w, 0.0).sum()
+
+
+def _strides(logits: Tensor, target: Tensor, call: Call) -> tuple:
+    return (logits.stride(0), logits.stride(1), target.stride(0), target.stride(1) if call.probabilities else 0)
+
+
+# On GPUs the ops are triton_ops: torch.compile traces their bodies and sees the kernels. Under the
+# interpreter a kernel cannot be traced (wrap_triton hands back the interpreted function, which would
+# run on fake tensors): there they are opaque custom ops with fused.py's fakes, so that opcheck and
+# aot_autograd still run them.
+_define_op = torch.library.custom_op if INTERPRETED else torch.library.triton_op
+
+
+@_define_op("apl::triton_loss", mutates_args=())
+def triton_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases: list[int], coefficients: list[float],
+                options: list[int]) -> tuple[Tensor, Tensor]:
+    """The fused op of ``fused.py`` computed by one launch of the Triton forward kernel.
+
+    Strided logits and targets are read in place (their strides go to the kernel); the loss is
+    float32 (float64 for float64 logits)."""
+    call = decode_call(logits, target, weight, bases, coefficients, options)
+    rows, num_classes = logits.shape[0], int(logits.shape[1])  # the kernels specialize on K (a guard when traced)
+    acc = accumulation_dtype(logits.dtype)
+    loss = logits.new_empty((rows,) if call.reduction == NONE else (), dtype=acc)
+    if call.grad_mode == fused.GRAD_IN_BACKWARD:
+        saved = logits.new_empty((rows + 1, fused.STATS), dtype=acc)
+    elif call.grad_mode == fused.GRAD_IN_FORWARD:
+        saved = logits.new_empty((rows, num_classes))
+    else:
+        saved = logits.new_empty((0,))
+    if rows == 0:  # nothing to launch: a reduced loss is 0, the divisor 1
+        loss.zero_()
+        if call.grad_mode == fused.GRAD_IN_BACKWARD:
+            saved.copy_(torch.eye(1, fused.STATS, dtype=acc, device=logits.device))
+        return loss, saved
+    launch = launch_config(num_classes, logits.dtype, call.dense)
+    programs = triton.cdiv(rows, launch.rows)
+    floats, meta = kernel_arguments(call, num_classes)
+    with _on_device(logits):
+        partials = counter = divisor = None
+        if call.reduction != NONE:
+            partials = logits.new_empty((2 * programs,), dtype=torch.float64)
+            counter = _counter(logits)
+        if call.grad_mode == fused.GRAD_IN_FORWARD and call.reduction == MEAN:
+            divisor = _mean_divisor(target, weight, call)
+        _launch(_forward_kernel, (programs,), logits, target, weight, loss,
+                saved if call.grad_mode != fused.NO_GRAD else None, partials, counter, divisor,
+                rows, num_classes, *_strides(logits, target, call), call.ignore_index, *floats,
+                **meta, WEIGHTED=weight is not None, REDUCTION=call.reduction, GRAD_MODE=call.grad_mode,
+                **_launch_meta(launch))
+    return loss, saved
+
+
+@_define_op("apl::triton_loss_backward", mutates_args=())
+def triton_loss_backward(logits: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor, grad_loss: Tensor,
+                         bases: list[int], coefficients: list[float], options: list[int]) -> Tensor:
+    """``fused.py``'s backward op: the gradient from the forward's Records (``stats``) times
+    ``grad_loss`` (a scalar, or one value per row with any stride), in one launch."""
+    call = decode_call(logits, target, weight, bases, coefficients, options)
+    rows, num_classes = logits.shape[0], int(logits.shape[1])
+    acc = accumulation_dtype(logits.dtype)
+    if stats.shape != (rows + 1, fused.STATS) or stats.dtype != acc or not stats.is_contiguous():
+        raise ValueError(f"apl: stats must be the forward's contiguous ({rows + 1}, {fused.STATS}) {acc} records; "
+                         f"got {stats.dtype} of shape {list(stats.shape)}")
+    if grad_loss.shape != ((rows,) if call.reduction == NONE else ()) or not _is_float(grad_loss.dtype):
+        raise ValueError(f"apl: grad_loss must be floating with the loss's shape; got {grad_loss.dtype} of shape "
+                         f"{list(grad_loss.shape)}")
+    grad = logits.new_empty((rows, num_classes))
+    if rows == 0:
+        return grad
+    launch = launch_config(num_classes, logits.dtype, call.dense, backward=True)
+    floats, meta = kernel_arguments(call, num_classes)
+    with _on_device(logits):
+        _launch(_backward_kernel, (triton.cdiv(rows, launch.rows),), logits, target, weight, stats, grad_loss, grad,
+                rows, num_classes, *_strides(logits, target, call), grad_loss.stride(0) if grad_loss.dim() else 0,
+                call.ignore_index, *floats, **meta, WEIGHTED=weight is not None, **_launch_meta(launch))
+    return grad
+
+
+fused.register("apl::triton_loss", "apl::triton_loss_backward", fake=INTERPRETED)
+
+
+def load():
+    """The backend function of ``backend="triton"``, or BackendUnavailable saying why not."""
+    if not INTERPRETED and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "no CUDA device (set TRITON_INTERPRET=1 before importing apl_kernels to run the "
+            "Triton kernels on CPU tensors, slowly, as the tests do)"
+        )
+    return fused.backend_function(torch.ops.apl.triton_loss.default, fused.GRAD_IN_BACKWARD)

@@ -96,11 +96,6 @@ def status(out: Path, run: RunConfig, repair: bool = False) -> str:
     return "started" if checkpoint_path(out, run).exists() else "to run"
 
 
-def finished(out: Path, run: RunConfig) -> bool:
-    """Whether ``run`` has its result file; raise if that file is of other settings."""
-    return status(out, run) == "done"
-
-
 def run_line(run: RunConfig, record: dict, index: int, total: int) -> str:
     """One line for a finished run: which, its clean test accuracy, its time."""
     what = f"[{index}/{total}] {run.loss} {cell_label(run.noise, run.rate)} seed {run.seed}"

@@ -125,7 +125,7 @@ def notes(rows: list[dict], records: list[dict]) -> list[str]:
                 lines.append(f"{title}: trained {', '.join(map(str, epochs))} epoch(s), the published "
                              f"setting is {published_epochs}: differences from the paper are not like for like.")
         for kind in dict.fromkeys(r["noise"] for r in dataset_rows):
-            for variant in {r["variant"] for r in dataset_rows}:
+            for variant in sorted({r["variant"] for r in dataset_rows}):
                 lines += dataset_notes(dataset, kind, variant)
         for row in dataset_rows:
             lines += published(dataset, row["loss"], row["noise"], row["variant"]).notes
@@ -135,8 +135,10 @@ def notes(rows: list[dict], records: list[dict]) -> list[str]:
     later = [loss for loss in LATER_LOSSES if loss in losses]
     if later:
         lines.append(f"{', '.join(later)}: no published numbers are available here (Active Negative Loss, "
-                     "NeurIPS 2023; asymmetric losses, ICML 2021), so their rows show none; ANL trains "
-                     "with weight decay 0 and the L1 penalty delta * sum|theta| of its published configs.")
+                     "NeurIPS 2023; asymmetric losses, ICML 2021), so their rows show none.")
+    if losses & {"nce+nnce", "nfl+nnfl"}:
+        lines.append("NCE+NNCE and NFL+NNFL (ANL) train with weight decay 0 and the L1 penalty "
+                     "delta * sum|theta| over every parameter, as their published configs.")
     if "nrce" in losses:
         scales = sorted({rec["config"]["loss_params"].get("scale", 1.0) for rec in records
                          if rec["config"]["loss"] == "nrce"})
@@ -209,8 +211,7 @@ def headline(rows: list[dict]) -> str:
     seeds = max(r["seeds"] + r["diverged"] for r in rows)
     with_paper = any(r["paper_mean"] is not None for r in rows)
     lines = [f"Clean test accuracy (%) at the last epoch, {dataset}, {plural(seeds, 'seed')}"
-             + (" (mean); in brackets ours minus the paper's number:" if with_paper else
-                (" (mean):" if seeds > 1 else ":"))]
+             + (" (mean)" if seeds > 1 else "") + ("; in brackets ours minus the paper's number:" if with_paper else ":")]
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     by_cell = {(r["loss"], r["noise"], r["rate"]): r for r in rows}
     columns = list(dict.fromkeys((r["noise"], r["rate"]) for r in rows))

@@ -202,14 +202,6 @@ def dataset_notes(dataset: str, noise: str, variant: str) -> tuple[str, ...]:
     return tuple(row["note"] for row in _matching(dataset, NOISE_ROWS[noise], "*", variant))
 
 
-def loss_params(loss: str, noise: str, num_classes: int = 10, dataset: str = PAPER_DATASET,
-                variant: str = "paper") -> dict:
-    """The published loss parameters of ``loss`` (a shortcut for ``published(...).params``)."""
-    if datasets.DATASETS[dataset].num_classes != num_classes:
-        raise ValueError(f"{dataset} has {datasets.DATASETS[dataset].num_classes} classes, not {num_classes}")
-    return published(dataset, loss, noise, variant).params
-
-
 # --------------------------------------------------------------------------------------------
 # Presets
 

@@ -65,6 +65,27 @@ FUSED = [("cpu", "cpp")] + ([("cuda", "triton"), ("cuda", "cuda")] if CUDA else 
 FUSED_IDS = [f"{backend}-{device}" for device, backend in FUSED]
 
 
+def is_interpreted(device: str, backend: str) -> bool:
+    """Whether ``backend`` runs its Triton kernels under the interpreter (CPU tensors)."""
+    return backend == "triton" and device == "cpu"
+
+
+def gradient_roundings(device: str, backend: str, dtype: torch.dtype, upstream) -> int:
+    """How often a backend rounds its gradient to a half dtype: once as the kernel writes it, once
+    more where the C++ kernel's saved gradient is scaled by an upstream gradient other than 1
+    (GRAD_IN_FORWARD; the GPU kernels fold the upstream in, in float32), and twice where the Triton
+    interpreter converts to bfloat16 by truncating (up to a whole unit; see
+    tests/test_triton_kernel.py)."""
+    roundings = 1 + (backend == "cpp" and not isinstance(upstream, str))
+    return roundings + (is_interpreted(device, backend) and dtype == torch.bfloat16)
+
+
+# The shapes timed on each device: bench/bench_losses.py and `python -m apl_kernels.check` (the CUDA
+# ones are the README's bandwidth table's).
+SPEED_SHAPES = {"cpu": [(128, 10), (4096, 10), (8192, 100), (4096, 1000), (1024, 32000)],
+                "cuda": [(65536, 10), (65536, 100), (16384, 1000), (4096, 32000), (1024, 128000)]}
+
+
 def random_logits(n: int, k: int, seed: int, dtype=torch.float64, spread: bool = True) -> torch.Tensor:
     """Logits with rows of every character: moderate, confident (p < 1e-7 somewhere), near-uniform."""
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,264 @@
+"""Peak memory and time of the fused linear + loss: ``python bench/run_linear.py``.
+
+Forward plus backward of ``loss(hidden @ weight.T + bias, target)`` (``nce+rce``, mean) with
+gradients for hidden, weight and bias, three ways:
+
+* ``linear``: ``apl_kernels.linear.linear_loss`` (rows in chunks; backend ``auto``);
+* ``materialized``: ``F.linear`` then the fused loss (``apl_loss``, backend ``auto``) on the whole
+  (N, K) logits;
+* ``eager``: ``F.linear`` then the PyTorch reference loss (``backend="torch"``).
+
+Peak memory is measured above the inputs, the weights and their gradients: the peak of the
+memory allocated during one forward plus backward, less the bytes of the three gradients it
+leaves in ``.grad``. On CPU it is read from torch.profiler's allocation records (every allocation
+and free of CPU tensor memory through torch's allocator, the C++ kernel's included, in order;
+buffers that a BLAS library allocates for itself are not seen); on CUDA from
+``torch.cuda.max_memory_allocated``. Times are medians of forward plus backward (the gradients
+reset to None before each run), fewer repetitions at large K; ratios compare medians of one run
+(this shared machine's timings vary up to 1.5x between runs).
+
+    python bench/run_linear.py                # bench/results/linear-<device>.md and .png (~15 min on 2 cores)
+    python bench/run_linear.py --quick        # tiny shapes, a smoke test: bench/results/partial/
+    python bench/run_linear.py --out DIR      # write elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import apl_kernels.functional as AF  # noqa: E402
+from apl_kernels.linear import default_chunk_size, linear_loss  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+LOSS = "nce+rce"
+RESULTS = ROOT / "bench" / "results"
+METHODS = {
+    "linear": lambda h, w, b, t, chunk: linear_loss(h, w, t, LOSS, bias=b, chunk_size=chunk),
+    "materialized": lambda h, w, b, t, chunk: AF.apl_loss(F.linear(h, w, b), t, LOSS),
+    "eager": lambda h, w, b, t, chunk: AF.apl_loss(F.linear(h, w, b), t, LOSS, backend="torch"),
+}
+# (N, H, K, timed repetitions): the issue's two shapes, and a sweep of K at N = 2048 for the plot.
+HEADLINE = [(4096, 1024, 32000, 3), (2048, 1024, 128000, 2)]
+SWEEP = [(2048, 1024, 8000, 3), (2048, 1024, 16000, 3), (2048, 1024, 32000, 2), (2048, 1024, 64000, 1)]
+# Rows per chunk of the linear path, for the choice of the CPU default (linear.CPU_CHUNK_ROWS).
+CHUNKS = [((2048, 1024, 32000, 2), (64, 128, 256, 512, 1024)), ((1024, 1024, 128000, 1), (64, 128, 256, 512))]
+QUICK = [(64, 32, 100, 1), (64, 32, 400, 1)], [((64, 32, 400, 1), (16, 64))]
+
+
+def inputs(n: int, h: int, k: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, device=DEVICE).to(DTYPE).requires_grad_()
+    weight = (torch.randn(k, h, generator=g, device=DEVICE) / h**0.5).to(DTYPE).requires_grad_()
+    bias = torch.zeros(k, device=DEVICE, dtype=DTYPE).requires_grad_()
+    target = torch.randint(0, k, (n,), generator=g, device=DEVICE)
+    return hidden, weight, bias, target
+
+
+def step(method: str, tensors: tuple, chunk: int | None = None) -> None:
+    """One forward plus backward, from gradients of None (so every run allocates them)."""
+    hidden, weight, bias, target = tensors
+    for x in (hidden, weight, bias):
+        x.grad = None
+    METHODS[method](hidden, weight, bias, target, chunk).backward()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocations(fn) -> list[tuple[int, int]]:
+    """(bytes, address) of every CPU allocation (bytes > 0) and free (bytes < 0) while ``fn()`` runs, in
+    order, from torch.profiler's memory records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    records = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    return [(r["Bytes"], r["Addr"]) for r in sorted(records, key=lambda r: r["Ev Idx"])]
+
+
+def peak_memory(fn, kept: list[torch.Tensor]) -> int:
+    """Peak bytes allocated while ``fn()`` runs above what existed before, not counting the tensors
+    ``kept()`` returns afterwards (the gradients: as if they had existed before, as the inputs did).
+    On CUDA their bytes are subtracted from the peak instead, which undercounts a path whose peak
+    comes before its gradients exist (the materialized ones): the ratios there favour them."""
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() - base - sum(x.numel() * x.element_size() for x in kept())
+    records = allocations(fn)
+    # The allocation of a kept tensor is the last one at its address (earlier ones there were freed).
+    last = {address: i for i, (size, address) in enumerate(records) if size > 0}
+    skipped = {last[x.data_ptr()] for x in kept() if x.data_ptr() in last}
+    live: set[int] = set()  # frees of memory allocated before fn() ran are not counted either
+    total = peak = 0
+    for i, (size, address) in enumerate(records):
+        if i in skipped or (size < 0 and address not in live):
+            continue
+        (live.add if size > 0 else live.discard)(address)
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def measure(n: int, h: int, k: int, reps: int, runs: list[tuple[str, int | None]]) -> list[dict]:
+    """Each (method, rows per chunk) of ``runs`` at one shape, on the same inputs: a profiled run
+    for the peak (also the warm-up), then ``reps`` timed rounds that alternate the runs, so that a
+    change of the machine's load between rounds reaches every run alike."""
+    tensors = inputs(n, h, k)
+    peaks = [peak_memory(lambda: step(method, tensors, chunk), lambda: [x.grad for x in tensors[:3]])
+             for method, chunk in runs]
+    times = [[] for _ in runs]
+    for _ in range(reps):
+        for (method, chunk), record in zip(runs, times):
+            start = time.perf_counter()
+            step(method, tensors, chunk)
+            record.append(time.perf_counter() - start)
+    del tensors
+    gc.collect()
+    results = [{"method": method, "n": n, "h": h, "k": k, "chunk": chunk, "median": statistics.median(record),
+                "times": record, "peak": peak} for (method, chunk), record, peak in zip(runs, times, peaks)]
+    for result in results:
+        print(json.dumps(result), flush=True)
+    return results
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def comparison_table(results: list[dict]) -> list[str]:
+    lines = ["| N x H x K | method | median (s) | x materialized | peak above inputs and grads | / materialized |",
+             "|---|---|---:|---:|---:|---:|"]
+    for (n, h, k) in sorted({(r["n"], r["h"], r["k"]) for r in results}, key=lambda s: (s[2], s[0])):
+        rows = {r["method"]: r for r in results if (r["n"], r["h"], r["k"]) == (n, h, k) and r["chunk"] is None}
+        base = rows["materialized"]
+        for method, r in rows.items():
+            lines.append(f"| {n} x {h} x {k} | {method} | {r['median']:.2f} | {r['median'] / base['median']:.3f} | "
+                         f"{mib(r['peak'])} | {r['peak'] / base['peak']:.3f} |")
+    return lines
+
+
+def chunk_table(results: list[dict]) -> list[str]:
+    lines = ["| N x H x K | rows per chunk | median (s) | x fastest | peak above inputs and grads |",
+             "|---|---:|---:|---:|---:|"]
+    for shape in sorted({(r["n"], r["h"], r["k"]) for r in results}, key=lambda s: s[2]):
+        rows = [r for r in results if (r["n"], r["h"], r["k"]) == shape]
+        fastest = min(r["median"] for r in rows)
+        for r in sorted(rows, key=lambda r: r["chunk"]):
+            lines.append(f"| {' x '.join(map(str, shape))} | {r['chunk']} | {r['median']:.2f} | "
+                         f"{r['median'] / fastest:.3f} | {mib(r['peak'])} |")
+    return lines
+
+
+def verdicts(results: list[dict]) -> list[str]:
+    """The issue's targets, met or not, from this run's numbers."""
+    by = {(r["method"], r["n"], r["k"]): r for r in results if r["chunk"] is None}
+    lines = []
+    for n, _, k, _ in HEADLINE:
+        if ("linear", n, k) not in by:
+            continue
+        lin, mat = by[("linear", n, k)], by[("materialized", n, k)]
+        ratio, slowdown = lin["peak"] / mat["peak"], lin["median"] / mat["median"]
+        lines.append(f"- N = {n}, K = {k}: peak {mib(lin['peak'])} = {ratio:.3f} of the materialized path's "
+                     f"{mib(mat['peak'])}" + (f" (target at most 1/8 = 0.125: {'met' if ratio <= 0.125 else 'NOT met'})"
+                                              if k == 32000 else "")
+                     + f"; time {slowdown:.3f} x the materialized path's (target at most 1.15: "
+                       f"{'met' if slowdown <= 1.15 else 'NOT met'}).")
+    sweep = sorted((r for r in results if r["method"] == "linear" and r["chunk"] is None
+                    and r["n"] == sweep_rows(results)),
+                   key=lambda r: r["k"])
+    if sweep:
+        beyond = [r["peak"] - 2 * default_chunk_size(r["n"], r["h"], r["k"], DEVICE) * r["k"] * 4 for r in sweep]
+        lines.append(f"- Peak against K at N = {sweep[0]['n']}: the linear path's peak less one chunk's logits and "
+                     f"gradient (2 x rows x K x 4 bytes) is " + ", ".join(
+                         f"{mib(b)} (K = {r['k']})" for b, r in zip(beyond, sweep)) + ": independent of K "
+                     f"beyond one chunk {'(met)' if max(beyond) - min(beyond) < 2**20 else '(NOT met)'}.")
+    return lines
+
+
+def sweep_rows(results: list[dict]) -> int:
+    """The N of the sweep over K: the one measured at most values of K."""
+    return Counter(r["n"] for r in results).most_common(1)[0][0]
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = sweep_rows(results)
+    fig, (memory, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in METHODS:
+        rows = sorted((r for r in results if r["method"] == method and r["n"] == n and r["chunk"] is None),
+                      key=lambda r: r["k"])
+        ks = [r["k"] for r in rows]
+        memory.plot(ks, [r["peak"] / 2**20 for r in rows], marker="o", label=method)
+        speed.plot(ks, [r["median"] for r in rows], marker="o", label=method)
+    memory.set(xscale="log", yscale="log", xlabel="K (classes)", ylabel="peak MiB above inputs and gradients",
+               title=f"Peak memory, N = {n}, H = 1024, {str(DTYPE).removeprefix('torch.')}")
+    speed.set(xscale="log", yscale="log", xlabel="K (classes)", ylabel="forward + backward, median (s)",
+              title=f"Time, {DEVICE}")
+    for ax in (memory, speed):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a result")
+    parser.add_argument("--out", type=Path, help="output directory (default bench/results, or partial/ with --quick)")
+    args = parser.parse_args(argv)
+    shapes, chunks = QUICK if args.quick else (SWEEP + HEADLINE, CHUNKS)
+    out = args.out or (RESULTS / "partial" if args.quick else RESULTS)
+    load = [os.getloadavg()[0]]  # this machine is shared: the report says how busy it was
+    results = [r for n, h, k, reps in shapes for r in measure(n, h, k, reps, [(m, None) for m in METHODS])]
+    chunk_results = [r for (n, h, k, reps), sizes in chunks
+                     for r in measure(n, h, k, reps, [("linear", rows) for rows in sizes])]
+    load.append(os.getloadavg()[0])
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"linear-{DEVICE}"
+    plot(results, out / f"{name}.png")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    text = "\n".join([
+        f"# Fused linear + loss: peak memory and time ({device}, {str(DTYPE).removeprefix('torch.')}, torch "
+        f"{torch.__version__})", "",
+        f"Written by `python bench/run_linear.py`. Forward plus backward of `{LOSS}` (mean) of "
+        f"`hidden @ weight.T + bias`, gradients for all three; method and measurement in the script's docstring. "
+        f"Load average (1 min) at the start and the end: {load[0]:.1f}, {load[1]:.1f}.",
+        "", "## Targets", "", *verdicts(results), "", "## Results", "", *comparison_table(results), "",
+        f"![peak memory and time against K]({name}.png)", "", "## Chunk size", "",
+        "The linear path at fixed rows per chunk (the default is "
+        f"`default_chunk_size`: {default_chunk_size(4096, 1024, 32000, DEVICE)} rows here).", "",
+        *chunk_table(chunk_results), "",
+        "Raw results (JSON lines):", "", "```", *(json.dumps(r) for r in results + chunk_results), "```", ""])
+    (out / f"{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

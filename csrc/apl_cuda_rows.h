@@ -1,0 +1,761 @@
+// What the CUDA kernels do to rows and blocks, written once for two executors of a group of G
+// threads that shares a row: the device (apl_cuda.cu: one thread is one lane, the group's
+// reductions are warp shuffles and, for G = 512, shared memory) and the host emulation
+// (apl_cuda_emulation.cpp: one caller plays every lane in turn and computes each reduction in the
+// order the device's butterfly does). A Group offers size() (G), count() (lanes this executor
+// plays: 1 on the device), lane(i), leader() (plays lane 0), reduce(values of its lanes) (the
+// group's combine() of them, the same value for every lane) and, for whole blocks, arrive() and
+// load_partial() (the last-block protocol of finish_reduction). The math is apl_rowmath.h's;
+// docs/kernels.md ("CUDA C++") explains the design and counts its bytes.
+//
+// Control flow: whatever decides a branch around a reduction is the same for every lane of the
+// group (a row's label, its reduced statistics, the call's flags), so every lane reaches the same
+// reductions. Reductions combine commutatively, bit for bit, so that every lane of a butterfly
+// ends with the same value.
+
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "apl_op.h"
+
+// Loops with a constant trip count that nvcc must unroll (their arrays then stay in registers).
+#if defined(__CUDACC__)
+#define APL_UNROLL _Pragma("unroll")
+#else
+#define APL_UNROLL
+#endif
+
+namespace apl {
+namespace gpu {
+
+constexpr int kBlockThreads = 512;
+constexpr int kWarp = 32;
+constexpr int kWarps = kBlockThreads / kWarp;
+
+enum FloatType : int { kF16 = 0, kBF16, kF32, kF64 };
+// A row's outcome: counted, zero (ignored, or no coefficient on any label: loss and gradient 0),
+// undefined (no softmax, or a label outside [0, K): NaN).
+enum RowState : int { kCounted = 0, kZero, kUndefined };
+
+template <typename S>
+APL_HD S infinity() {
+  return S(INFINITY);
+}
+template <typename S>
+APL_HD S quiet_nan() {
+  return S(NAN);
+}
+
+// N running sums, added lane by lane.
+template <typename S, int N>
+struct Sums {
+  S v[N];
+  APL_HD Sums() {
+APL_UNROLL
+    for (int i = 0; i < N; ++i) v[i] = S(0);
+  }
+};
+
+template <typename S, int N>
+APL_HD Sums<S, N> combine(const Sums<S, N>& a, const Sums<S, N>& b) {
+  Sums<S, N> c;
+APL_UNROLL
+  for (int i = 0; i < N; ++i) c.v[i] = a.v[i] + b.v[i];
+  return c;
+}
+
+// The online pass over part of a row: its max, sum exp(z - max), sum (z - max) and number of
+// elements. A default Online is the identity of combine().
+template <typename S>
+struct Online {
+  S max = -infinity<S>(), sum_exp = S(0), shifted = S(0), count = S(0);
+
+  // max as the reference of `shifted`: 0 while no element is finite, so that -inf - max is -inf.
+  APL_HD S reference() const { return max == -infinity<S>() ? S(0) : max; }
+
+  // One exp per element: exp(x - max) adds to the sum, or, when x is a new max, exp(max - x)
+  // rescales the sum to it (exp(-inf) = 0 the first time). An element of -inf adds exp(-inf) = 0
+  // and a shifted -inf; a NaN makes the sum NaN (the row is then undefined), never the max.
+  APL_HD void add(S x) {
+    const bool grows = x > max;
+    const S e = Math<S>::exp(grows ? max - x : x - reference());
+    if (grows) {
+      shifted = count == S(0) ? S(0) : shifted + count * (max - x);
+      sum_exp = sum_exp * e + S(1);
+      max = x;
+    } else {
+      shifted += x - reference();
+      sum_exp += e;
+    }
+    count += S(1);
+  }
+
+  // The sums moved to the reference max m (a part without elements adds 0, even where m is inf).
+  APL_HD S sum_exp_at(S m) const { return sum_exp == S(0) ? S(0) : sum_exp * Math<S>::exp(max - m); }
+  APL_HD S shifted_at(S m, S m_reference) const {
+    return count == S(0) ? S(0) : shifted + count * (reference() - m_reference);
+  }
+};
+
+// Commutative bit for bit: fmax, and each side's terms formed before the one addition.
+template <typename S>
+APL_HD Online<S> combine(const Online<S>& a, const Online<S>& b) {
+  Online<S> c;
+  c.max = std::fmax(a.max, b.max);
+  const S reference = c.reference();
+  c.sum_exp = a.sum_exp_at(c.max) + b.sum_exp_at(c.max);
+  c.shifted = a.shifted_at(c.max, reference) + b.shifted_at(c.max, reference);
+  c.count = a.count + b.count;
+  return c;
+}
+
+// What one vector load or store moves: 4 elements at most (16 bytes of float32, 8 of half types,
+// whose 16-byte packs of 8 elements, unrolled, exceed the 64 registers a thread has), 16 bytes
+// of float64.
+template <typename scalar_t>
+constexpr int pack_bytes() {
+  return sizeof(scalar_t) >= 4 ? 16 : 4 * static_cast<int>(sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+struct alignas(pack_bytes<scalar_t>()) Pack {
+  static constexpr int kSize = pack_bytes<scalar_t>() / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// Elements of p from the pack boundary at or below it.
+template <typename scalar_t>
+APL_HD int pack_shift(const scalar_t* p) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(p) % pack_bytes<scalar_t>() / sizeof(scalar_t));
+}
+
+// A row as units of V = Pack::kSize elements: unit u holds the elements j = u V + k - shift
+// (k < V) that lie in [0, K). With `vector` (a row of stride 1), shift = pack_shift(row), so that
+// a full unit is one aligned pack whatever the row's alignment; otherwise shift = 0 and units are
+// read element by element. Indices within a row are 32-bit (prepare_forward checks K).
+template <typename scalar_t>
+struct RowSpan {
+  static constexpr int V = Pack<scalar_t>::kSize;
+  int K;
+  int shift;
+  bool vector;
+  APL_HD int units() const { return (shift + K + V - 1) / V; }
+  APL_HD int element(int u, int k) const { return u * V + k - shift; }
+  APL_HD bool full(int u) const { return u * V >= shift && u * V + V <= shift + K; }
+};
+
+// Unit u of a row whose element j is row[j * stride]: one vector load where the unit is full and
+// the span is vector, else element by element (zero outside the row, which nothing reads).
+template <typename scalar_t>
+APL_HD Pack<scalar_t> load_unit(const scalar_t* row, int64_t stride, const RowSpan<scalar_t>& span, int u) {
+  if (span.vector && span.full(u)) return *reinterpret_cast<const Pack<scalar_t>*>(row + (u * span.V - span.shift));
+  Pack<scalar_t> pack;
+APL_UNROLL
+  for (int k = 0; k < span.V; ++k) {
+    const int j = span.element(u, k);
+    pack.v[k] = j >= 0 && j < span.K ? row[j * stride] : scalar_t(0);
+  }
+  return pack;
+}
+
+// Stores unit u into a row of stride 1 (element j at row[j]): one vector store where the unit is
+// full and `vector` says row + j is aligned as the span's units are.
+template <typename scalar_t>
+APL_HD void store_unit(scalar_t* row, const RowSpan<scalar_t>& span, int u, const Pack<scalar_t>& pack,
+                       bool vector) {
+  if (vector && span.full(u)) {
+    *reinterpret_cast<Pack<scalar_t>*>(row + (u * span.V - span.shift)) = pack;
+    return;
+  }
+APL_UNROLL
+  for (int k = 0; k < span.V; ++k) {
+    const int j = span.element(u, k);
+    if (j >= 0 && j < span.K) row[j] = pack.v[k];
+  }
+}
+
+// Everything a kernel reads and writes, passed by value as a __grid_constant__ (so the loss
+// parameters are read from the parameter bank, never copied to local memory).
+template <typename scalar_t>
+struct Args {
+  using S = at::opmath_type<scalar_t>;
+  // Logits (R, K), any strides.
+  const scalar_t* logits;
+  int64_t rows, K, row_stride, col_stride;
+  // Labels (R,) of any stride, or else probabilities (R, K) of any floating type and strides.
+  const int64_t* labels;
+  int64_t label_stride;
+  const void* probabilities;
+  int probability_type;
+  int64_t probability_row_stride, probability_col_stride;
+  // Class weights (K,) of any floating type and stride, or null.
+  const void* weight;
+  int weight_type;
+  int64_t weight_stride;
+  LossParams params;
+  int64_t ignore_index;
+  int reduction;
+  bool dense;       // coefficients on every label (OpCall::dense)
+  bool needs_pass;  // some term needs the sums pass (term_needs_pass)
+  S keep;           // 1 - label_smoothing
+  S eps_over_k;     // label_smoothing / K
+  // The launch: threads per row, blocks, and the rows kept in shared memory between passes.
+  int group;
+  int64_t blocks;
+  bool cache;
+  int64_t cache_row;  // elements per cached row, whole packs
+  // The mean's divisor when the host knows it (> 0: probability targets, or 1 for other
+  // reductions); else finish_reduction sums it.
+  S known_divisor;
+  // Outputs: per-row losses (reduction none), the reduced loss, row records, the gradient
+  // (backward), and the reduction's counter and block partials.
+  S* row_loss;
+  S* loss;
+  RowRecord<S>* records;
+  scalar_t* grad;
+  unsigned* counter;
+  Sums<S, 2>* partials;
+  // Backward: the upstream gradient, element r at upstream[r * upstream_stride] (null: 1).
+  const S* upstream;
+  int64_t upstream_stride;
+};
+
+template <typename S>
+APL_HD S load_float(const void* base, int type, int64_t i) {
+  switch (type) {
+    case kF16: return S(static_cast<float>(static_cast<const c10::Half*>(base)[i]));
+    case kBF16: return S(static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]));
+    case kF32: return S(static_cast<const float*>(base)[i]);
+    default: return S(static_cast<const double*>(base)[i]);
+  }
+}
+
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD S class_weight(const Args<scalar_t>& a, int64_t j) {
+  return a.weight ? load_float<S>(a.weight, a.weight_type, j * a.weight_stride) : S(1);
+}
+
+// What label smoothing puts on label j: eps / K w[j] (apl_cpu.cpp's Coefficients::spread).
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD S spread(const Args<scalar_t>& a, int64_t j) {
+  return a.eps_over_k * class_weight(a, j);
+}
+
+// c[j] of row r: w[j] ((1 - eps) t[j]) + eps / K w[j] for probabilities, eps / K w[j] plus
+// label_c = (1 - eps) w[y] at the label y for labels (reference.target_coefficients).
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD S coefficient(const Args<scalar_t>& a, int64_t r, int j, int y, S label_c) {
+  if (a.probabilities) {
+    const S t = load_float<S>(a.probabilities, a.probability_type,
+                              r * a.probability_row_stride + j * a.probability_col_stride);
+    return a.keep * class_weight(a, j) * t + spread(a, j);
+  }
+  return j == y ? spread(a, j) + label_c : spread(a, j);
+}
+
+template <typename scalar_t>
+APL_HD RowSpan<scalar_t> logits_span(const Args<scalar_t>& a, const scalar_t* z) {
+  const bool vector = a.col_stride == 1;
+  return {static_cast<int>(a.K), vector ? pack_shift(z) : 0, vector};
+}
+
+// The shared-memory rows of group `group` of a block: logits, then (probability targets) c.
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void row_caches(const Args<scalar_t>& a, unsigned char* memory, int group, scalar_t** cache, S** c_cache) {
+  *cache = reinterpret_cast<scalar_t*>(memory) + group * a.cache_row;
+  const int64_t rows_per_block = kBlockThreads / a.group;
+  *c_cache = a.probabilities ? reinterpret_cast<S*>(memory + rows_per_block * a.cache_row * sizeof(scalar_t)) +
+                                   group * a.cache_row
+                             : nullptr;
+}
+
+// ------------------------------------------------------------------ gradient
+
+// The gradient's per-row coefficients (apl_cpu.cpp's pass 4), grad = sum_t coef_t V'_t - p H:
+// dense rows coef_t = alpha_t + beta_t omega_t; one-hot rows, away from the label, off_label[t]
+// (alpha_t, plus beta_t C for reverse terms) for the terms with a pass (`stored`) plus nce's alpha
+// (`constant`) where nce has none, and at the label label_coef[t] = alpha_t + beta_t C (reverse:
+// alpha_t) for every term.
+template <typename S>
+struct GradCoefs {
+  S total_h, total_c;
+  S constant = 0;
+  S alpha[kMaxTerms], beta[kMaxTerms];  // dense rows
+  S off_label[kMaxTerms], label_coef[kMaxTerms];  // one-hot rows
+  bool stored[kMaxTerms];
+
+  APL_HD GradCoefs(const LossParams& params, const RowCoefs<S>& k, S c, bool dense)
+      : total_h(k.total_h), total_c(c) {
+APL_UNROLL
+    for (int t = 0; t < kMaxTerms; ++t) {
+      const bool used = t < params.num_terms;
+      const bool reverse = used && family_of(params.base[t]) == kReverse;
+      stored[t] = used && term_needs_pass(params.base[t], dense);
+      alpha[t] = k.alpha[t];
+      beta[t] = k.beta[t];
+      off_label[t] = k.alpha[t] + (reverse ? k.beta[t] * total_c : S(0));
+      label_coef[t] = k.alpha[t] + (reverse ? S(0) : k.beta[t] * total_c);
+      if (used && !stored[t] && params.base[t] == kNCE) constant += off_label[t];
+    }
+  }
+};
+
+// d loss / d z at an element of probability p, log-probability lp and coefficient c (dense rows).
+template <bool kDense, typename S>
+APL_HD S gradient_element(const LossParams& params, const GradCoefs<S>& gc, const RowStats<S>& row, S p, S lp, S c,
+                          bool at_label, int64_t K) {
+  S g = (at_label ? S(0) : gc.constant) - p * gc.total_h;
+APL_UNROLL
+  for (int t = 0; t < kMaxTerms; ++t) {
+    if (t >= params.num_terms || !(kDense || at_label || gc.stored[t])) continue;
+    const int base = params.base[t];
+    const S coef = kDense     ? gc.alpha[t] + gc.beta[t] * omega<S, S>(base, c, gc.total_c)
+                   : at_label ? gc.label_coef[t]
+                              : gc.off_label[t];
+    g += coef * element<S, S>(base, p, lp, row, params, K).derivative;
+  }
+  return g;
+}
+
+// Writes row r's gradient (coefficients k, already scaled) into `out` (stride 1), reading the row
+// from `src` (element j at src[j * stride]) and, for probability targets, c from c_cached when it
+// is there. Zero and undefined rows are still read (their logits may load while their state is
+// being learnt) and get 0 and NaN. One loop each for dense and one-hot rows: each keeps only its
+// own coefficients in registers.
+template <bool kDense, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
+                          const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row,
+                          const GradCoefs<S>& gc, S label_c, int y, int state, scalar_t* out) {
+  const bool vector_store = pack_shift(out) == span.shift;
+  for (int i = 0; i < g.count(); ++i) {
+    for (int u = g.lane(i); u < span.units(); u += g.size()) {
+      const Pack<scalar_t> pack = load_unit(src, stride, span, u);
+      Pack<scalar_t> grad;
+APL_UNROLL
+      for (int e = 0; e < span.V; ++e) {
+        const int j = span.element(u, e);
+        grad.v[e] = scalar_t(0);
+        if (j < 0 || j >= span.K) continue;
+        const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
+        const S p = Math<S>::exp(lp);
+        const S c = !kDense ? S(0) : c_cached ? c_cached[j] : coefficient(a, r, j, y, label_c);
+        const S value = gradient_element<kDense>(a.params, gc, row, p, lp, c, !kDense && j == y, span.K);
+        grad.v[e] = static_cast<scalar_t>(state == kCounted ? value : state == kZero ? S(0) : quiet_nan<S>());
+      }
+      store_unit(out, span, u, grad, vector_store);
+    }
+  }
+}
+
+template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
+                          const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row,
+                          const RowCoefs<S>& k, S total_c, S label_c, int y, int state, scalar_t* out) {
+  const GradCoefs<S> gc(a.params, k, total_c, a.dense);
+  if (a.dense) {
+    gradient_loop<true>(g, a, r, span, src, stride, c_cached, row, gc, label_c, y, state, out);
+  } else {
+    gradient_loop<false>(g, a, r, span, src, stride, c_cached, row, gc, label_c, y, state, out);
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+// The one-hot sums of the terms that take no pass: omega = c is label_c at the label, 0 elsewhere.
+template <typename S>
+APL_HD void label_terms(const LossParams& params, S z_label, const RowStats<S>& row, S label_c, int64_t K,
+                        TermSums<S>* sums) {
+  const S lp = (z_label - row.max_z) - row.log_s;
+  const S p = Math<S>::exp(lp);
+APL_UNROLL
+  for (int t = 0; t < kMaxTerms; ++t) {
+    if (t >= params.num_terms || family_of(params.base[t]) == kReverse) continue;
+    const Element<S> at = element<S, S>(params.base[t], p, lp, row, params, K);
+    sums[t].weighted = label_c == S(0) ? S(0) : label_c * at.value;
+    sums[t].weighted_derivative = label_c * at.derivative;
+  }
+}
+
+// The sums pass (apl_cpu.cpp's term_pass, both terms at once) over a row read from `src`.
+template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void sum_terms(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
+                      const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row, S total_c,
+                      S label_c, int y, TermSums<S>* sums) {
+  Sums<S, 4 * kMaxTerms> part[Group::kOwned];
+  for (int i = 0; i < g.count(); ++i) {
+    for (int u = g.lane(i); u < span.units(); u += g.size()) {
+      const Pack<scalar_t> pack = load_unit(src, stride, span, u);
+APL_UNROLL
+      for (int e = 0; e < span.V; ++e) {
+        const int j = span.element(u, e);
+        if (j < 0 || j >= span.K) continue;
+        const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
+        const S p = Math<S>::exp(lp);
+        const S c = !a.dense ? S(0) : c_cached ? c_cached[j] : coefficient(a, r, j, y, label_c);
+APL_UNROLL
+        for (int t = 0; t < kMaxTerms; ++t) {
+          if (t >= a.params.num_terms || !term_needs_pass(a.params.base[t], a.dense)) continue;
+          const int base = a.params.base[t];
+          const int family = family_of(base);
+          const Element<S> el = element<S, S>(base, p, lp, row, a.params, span.K);
+          S* s = part[i].v + 4 * t;  // weighted, weighted_derivative, plain, plain_derivative
+          if (a.dense) {
+            // A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
+            const S w = omega<S, S>(base, c, total_c);
+            s[0] += w != S(0) ? w * el.value : S(0);
+            s[1] += w * el.derivative;
+          } else if (family == kReverse && j != y) {
+            s[0] += total_c * el.value;
+            s[1] += total_c * el.derivative;
+          }
+          if (family == kNormalized || family == kNegative) {
+            s[2] += el.value;
+            s[3] += el.derivative;
+          }
+        }
+      }
+    }
+  }
+  const Sums<S, 4 * kMaxTerms> total = g.reduce(part);
+APL_UNROLL
+  for (int t = 0; t < kMaxTerms; ++t) {
+    sums[t] = {total.v[4 * t], total.v[4 * t + 1], total.v[4 * t + 2], total.v[4 * t + 3]};
+  }
+}
+
+template <typename S>
+APL_HD RowRecord<S> make_record(int state, const RowStats<S>& row, S total_c, const RowCoefs<S>& k) {
+  if (state == kZero) return {S(0), infinity<S>(), S(0), S(0), S(0), S(0), S(0), S(0)};  // log s = inf: zero
+  if (state == kUndefined) {
+    const S nan = quiet_nan<S>();
+    return {nan, nan, nan, nan, nan, nan, nan, nan};
+  }
+  return {row.max_z, row.log_s, total_c, k.alpha[0], k.beta[0], k.alpha[1], k.beta[1], k.total_h};
+}
+
+// The record after the last row: the divisor the backward divides the gradient by.
+template <typename S>
+APL_HD RowRecord<S> divisor_record(S divisor) {
+  return {divisor, S(0), S(0), S(0), S(0), S(0), S(0), S(0)};
+}
+
+// Row r (nothing when r >= rows): pass 1 reads the row once (online max and sums, and the sums of
+// c), keeping it in `cache` (and c in c_cache) when given; the sums pass, when a term needs one,
+// reads it again from there, or else from memory. Writes the row's loss (reduction none) and
+// record (unless NO_GRAD); returns its loss and its part of a mean's divisor.
+template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD Sums<S, 2> forward_row(const Group& g, const Args<scalar_t>& a, int64_t r, scalar_t* cache, S* c_cache) {
+  Sums<S, 2> out;
+  if (r >= a.rows) return out;
+  const scalar_t* z = a.logits + r * a.row_stride;
+  const RowSpan<scalar_t> span = logits_span(a, z);
+  // The label is not waited for: nothing of pass 1 but one comparison depends on it.
+  const int64_t label = a.labels ? a.labels[r * a.label_stride] : -1;
+  const bool ignored = a.labels && label == a.ignore_index;
+  const bool in_range = !a.labels || (label >= 0 && label < a.K);
+  const int y = a.labels && in_range ? static_cast<int>(label) : -1;  // never an index outside the row
+  scalar_t* cached = cache ? cache + span.shift : nullptr;  // element j at cached[j], units aligned
+  S* c_cached = c_cache ? c_cache + span.shift : nullptr;
+  Online<S> online[Group::kOwned];
+  Sums<S, 3> extra[Group::kOwned];  // z[y]; sum of c (labels: of the spread); number of c != 0
+  for (int i = 0; i < g.count(); ++i) {
+    for (int u = g.lane(i); u < span.units(); u += g.size()) {
+      const Pack<scalar_t> pack = load_unit(z, a.col_stride, span, u);
+      if (cached) store_unit(cached, span, u, pack, span.vector);
+APL_UNROLL
+      for (int e = 0; e < span.V; ++e) {
+        const int j = span.element(u, e);
+        if (j < 0 || j >= span.K) continue;
+        const S x = static_cast<S>(pack.v[e]);
+        online[i].add(x);
+        if (j == y) extra[i].v[0] = x;
+        if (a.dense) {
+          const S c = a.labels ? spread(a, j) : coefficient(a, r, j, y, S(0));
+          extra[i].v[1] += c;
+          extra[i].v[2] += c != S(0) ? S(1) : S(0);
+          if (c_cached) c_cached[j] = c;
+        }
+      }
+    }
+  }
+  const Online<S> stats = g.reduce(online);
+  const Sums<S, 3> sums_c = g.reduce(extra);
+  RowStats<S> row;
+  row.max_z = stats.max;
+  row.set_sum_exp(stats.sum_exp);
+  row.sum_shifted = stats.shifted;
+  const S label_weight = a.labels && in_range && !ignored ? class_weight(a, y) : S(0);
+  const S label_c = a.keep * label_weight;
+  const S total_c = a.labels ? label_c + (a.dense ? sums_c.v[1] : S(0)) : sums_c.v[1];
+  const bool any_c = a.labels ? label_c != S(0) || (a.dense && sums_c.v[1] != S(0)) : sums_c.v[2] != S(0);
+  const int state = ignored || (in_range && !any_c) ? kZero : !in_range || !row.defined() ? kUndefined : kCounted;
+  RowCoefs<S> k;
+  if (state == kCounted) {
+    TermSums<S> sums[kMaxTerms];
+    if (a.needs_pass) {
+      sum_terms(g, a, r, span, cached ? cached : z, cached ? 1 : a.col_stride, c_cached, row, total_c, label_c, y,
+                sums);
+    }
+    if (!a.dense) label_terms(a.params, sums_c.v[0], row, label_c, a.K, sums);
+    k = row_coefs<S>(a.params, sums, row, total_c, a.K);
+  }
+  out.v[0] = state == kCounted ? k.value : state == kZero ? S(0) : quiet_nan<S>();
+  out.v[1] = a.labels ? label_weight : S(1);
+  if (g.leader()) {
+    if (a.row_loss) a.row_loss[r] = out.v[0];
+    if (a.records) a.records[r] = make_record(state, row, total_c, k);
+  }
+  return out;
+}
+
+// After a block's rows (reduction mean or sum; `mine`: the values of the lanes this executor
+// plays, a row's loss and divisor part at its group's lane 0, zeros elsewhere). Deterministic
+// without a second launch: each block stores its fixed-order sum in its own slot of `partials`
+// and takes a ticket; the block that takes the last ticket sums every slot in a fixed order (lane
+// l adds slots l, l + 512, ... in turn, then a fixed tree), so the result does not depend on which
+// block finishes last. The ordering that makes the slots visible to it is arrive()'s: see
+// DeviceGroup in apl_cuda.cu.
+template <class Block, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void finish_reduction(const Block& b, const Args<scalar_t>& a, const Sums<S, 2>* mine) {
+  if (!b.arrive(a.partials, b.reduce(mine), a.counter, a.blocks)) return;
+  Sums<S, 2> part[Block::kOwned];
+  for (int i = 0; i < b.count(); ++i) {
+    for (int64_t slot = b.lane(i); slot < a.blocks; slot += b.size()) {
+      part[i] = combine(part[i], b.load_partial(a.partials + slot));
+    }
+  }
+  const Sums<S, 2> total = b.reduce(part);
+  if (!b.leader()) return;
+  const S divisor = a.known_divisor > S(0) ? a.known_divisor
+                    : total.v[1] != S(0)   ? total.v[1]
+                                           : S(1);  // every row ignored: the mean is 0
+  *a.loss = a.reduction == kMean ? total.v[0] / divisor : total.v[0];
+  if (a.records) a.records[a.rows] = divisor_record(divisor);
+}
+
+// Reduction none: the record after the last row says "divide by 1" (block 0's lane 0 writes it).
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void finish_unreduced(const Args<scalar_t>& a) {
+  if (a.records) a.records[a.rows] = divisor_record(S(1));
+}
+
+// ------------------------------------------------------------------ backward
+
+// Row r's gradient from its record, times the upstream gradient over the mean's divisor (the
+// record after the last row), reading the row once. Nothing is branched on before the row's
+// loads: the record, the label and the logits load together.
+template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
+  if (r >= a.rows) return;
+  const RowRecord<S> record = a.records[r];
+  const int64_t label = a.labels ? a.labels[r * a.label_stride] : -1;
+  const bool counted_label = a.labels && label != a.ignore_index && label >= 0 && label < a.K;
+  const int y = counted_label ? static_cast<int>(label) : -1;
+  RowStats<S> row;
+  row.max_z = record.max_z;
+  row.set_log_sum_exp(record.log_s);
+  const int state = record.log_s == infinity<S>() ? kZero : row.defined() ? kCounted : kUndefined;
+  RowCoefs<S> k;
+  k.alpha[0] = record.alpha0;
+  k.beta[0] = record.beta0;
+  k.alpha[1] = record.alpha1;
+  k.beta[1] = record.beta1;
+  k.total_h = record.total_h;
+  k.scale_gradient((a.upstream ? a.upstream[r * a.upstream_stride] : S(1)) / a.records[a.rows].max_z);
+  // One-hot rows: label_c = C. Smoothed labels: c[y] = spread + (1 - eps) w[y].
+  const S label_c = !a.dense ? record.total_c : counted_label ? a.keep * class_weight(a, y) : S(0);
+  const scalar_t* z = a.logits + r * a.row_stride;
+  gradient_pass(g, a, r, logits_span(a, z), z, a.col_stride, static_cast<const S*>(nullptr), row, k, record.total_c,
+                label_c, y, state, a.grad + r * a.K);
+}
+
+// ------------------------------------------------------------------ launch plan (host)
+
+struct Launch {
+  int group;          // threads per row: 4, 32 or 512
+  int64_t blocks;     // of kBlockThreads threads
+  bool cache;         // rows kept in shared memory for the passes after the first
+  int64_t cache_row;  // elements per cached row
+  int64_t shared_memory;  // dynamic shared memory per block, bytes
+};
+
+// Threads per row from the row's units of V elements: 4 lanes for up to 16 units (K <= 64; 32 in
+// float64), a warp for up to 512 (K <= 2048; 1024), else a block; `forced` (the emulation's tests)
+// chooses instead. Rows read again after pass 1 (`second_read`) stay in shared memory when a
+// block's rows fit in `shared_limit` bytes, moving a warp's rows to a block each where only that
+// fits; longer rows are read again from memory.
+inline Launch plan_launch(int64_t rows, int64_t K, int V, int element_size, int acc_size, bool second_read,
+                          bool probabilities, int64_t shared_limit, int forced) {
+  const int64_t units = (K + V - 1) / V;
+  Launch l{};
+  l.group = forced ? forced : units <= 16 ? 4 : units <= 512 ? kWarp : kBlockThreads;
+  l.cache_row = (K + 2 * V - 2) / V * V;  // shift + K <= K + V - 1 elements, in whole packs
+  const int64_t row_bytes = l.cache_row * (element_size + (probabilities ? acc_size : 0));
+  const auto block_bytes = [&] { return kBlockThreads / l.group * row_bytes; };
+  if (second_read && shared_limit > 0) {
+    if (!forced && l.group < kBlockThreads && block_bytes() > shared_limit) l.group = kBlockThreads;
+    l.cache = block_bytes() <= shared_limit;
+  }
+  l.shared_memory = l.cache ? block_bytes() : 0;
+  const int64_t rows_per_block = kBlockThreads / l.group;
+  l.blocks = std::max<int64_t>(1, (rows + rows_per_block - 1) / rows_per_block);
+  return l;
+}
+
+inline int float_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kFloat: return kF32;
+    default: return kF64;
+  }
+}
+
+// The arguments every kernel of a call shares: inputs, loss parameters, targets.
+template <typename scalar_t>
+Args<scalar_t> input_args(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                          const OpCall& call) {
+  using S = at::opmath_type<scalar_t>;
+  Args<scalar_t> a{};
+  a.logits = logits.const_data_ptr<scalar_t>();
+  a.rows = logits.size(0);
+  a.K = logits.size(1);
+  a.row_stride = logits.stride(0);
+  a.col_stride = logits.stride(1);
+  if (call.probabilities) {
+    a.probabilities = target.const_data_ptr();
+    a.probability_type = float_type(target.scalar_type());
+    a.probability_row_stride = target.stride(0);
+    a.probability_col_stride = target.stride(1);
+  } else {
+    a.labels = target.const_data_ptr<int64_t>();
+    a.label_stride = target.stride(0);
+  }
+  if (weight.has_value()) {
+    a.weight = weight->const_data_ptr();
+    a.weight_type = float_type(weight->scalar_type());
+    a.weight_stride = weight->stride(0);
+  }
+  a.params = call.params;
+  a.ignore_index = call.ignore_index;
+  a.reduction = static_cast<int>(call.reduction);
+  a.dense = call.dense;
+  for (int t = 0; t < call.params.num_terms; ++t) a.needs_pass |= term_needs_pass(call.params.base[t], call.dense);
+  a.keep = static_cast<S>(1 - call.params.label_smoothing);
+  a.eps_over_k = static_cast<S>(call.params.label_smoothing / static_cast<double>(a.K));
+  return a;
+}
+
+// A forward call on the host side: its arguments, launch, outputs and workspace (the counter,
+// which the caller zeroes before the launch, then the blocks' partials). GRAD_IN_FORWARD keeps
+// its records in `records` for the backward kernel that follows (finish_forward).
+template <typename scalar_t>
+struct ForwardCall {
+  Args<scalar_t> args;
+  Launch launch;
+  at::Tensor loss, records, workspace;
+};
+
+template <typename scalar_t>
+ForwardCall<scalar_t> prepare_forward(const at::Tensor& logits, const at::Tensor& target,
+                                      const c10::optional<at::Tensor>& weight, const OpCall& call,
+                                      int64_t shared_limit, int forced_group) {
+  using S = at::opmath_type<scalar_t>;
+  ForwardCall<scalar_t> f;
+  Args<scalar_t>& a = f.args;
+  a = input_args<scalar_t>(logits, target, weight, call);
+  TORCH_CHECK_VALUE(a.K <= (int64_t(1) << 30), "apl: the CUDA kernels take at most 2^30 classes; got ", a.K);
+  f.launch = plan_launch(a.rows, a.K, Pack<scalar_t>::kSize, sizeof(scalar_t), sizeof(S), a.needs_pass,
+                         call.probabilities, shared_limit, forced_group);
+  a.group = f.launch.group;
+  a.blocks = f.launch.blocks;
+  a.cache = f.launch.cache;
+  a.cache_row = f.launch.cache_row;
+  const auto acc_options = logits.options().dtype(accumulation_type(logits));
+  f.loss = call.reduction == kNone ? at::empty({a.rows}, acc_options) : at::empty({}, acc_options);
+  f.records = at::empty({call.grad_mode == kNoGrad ? 0 : a.rows + 1, kStats}, acc_options);
+  if (call.grad_mode != kNoGrad) a.records = reinterpret_cast<RowRecord<S>*>(f.records.template mutable_data_ptr<S>());
+  a.known_divisor = call.reduction != kMean ? S(1) : call.probabilities ? S(std::max<int64_t>(a.rows, 1)) : S(0);
+  constexpr int64_t kHeader = 16;  // the counter
+  f.workspace = at::empty({kHeader + a.blocks * static_cast<int64_t>(sizeof(Sums<S, 2>))},
+                          logits.options().dtype(at::kByte));
+  unsigned char* memory = f.workspace.template mutable_data_ptr<unsigned char>();
+  a.counter = reinterpret_cast<unsigned*>(memory);
+  a.partials = reinterpret_cast<Sums<S, 2>*>(memory + kHeader);
+  if (call.reduction == kNone) {
+    a.row_loss = f.loss.template mutable_data_ptr<S>();
+  } else {
+    a.loss = f.loss.template mutable_data_ptr<S>();
+  }
+  return f;
+}
+
+// A backward call on the host side; an undefined grad_loss is an upstream gradient of 1.
+template <typename scalar_t>
+struct BackwardCall {
+  Args<scalar_t> args;
+  Launch launch;
+  at::Tensor grad, upstream;
+};
+
+template <typename scalar_t>
+BackwardCall<scalar_t> prepare_backward(const at::Tensor& logits, const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                        const at::Tensor& grad_loss, const OpCall& call, int forced_group) {
+  using S = at::opmath_type<scalar_t>;
+  BackwardCall<scalar_t> b;
+  Args<scalar_t>& a = b.args;
+  a = input_args<scalar_t>(logits, target, weight, call);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == a.rows + 1 && stats.size(1) == kStats &&
+                        stats.scalar_type() == accumulation_type(logits) && stats.is_contiguous() &&
+                        stats.device() == logits.device(),
+                    "apl: stats must be the forward's contiguous (rows + 1, ", kStats, ") ",
+                    accumulation_type(logits), " tensor on the logits' device; got ", stats.scalar_type(),
+                    " of shape ", stats.sizes(), " on ", stats.device());
+  a.records = reinterpret_cast<RowRecord<S>*>(const_cast<S*>(stats.template const_data_ptr<S>()));
+  if (grad_loss.defined()) {
+    const bool reduced = call.reduction != kNone;
+    TORCH_CHECK_VALUE(reduced ? grad_loss.numel() == 1 : grad_loss.dim() == 1 && grad_loss.size(0) == a.rows,
+                      "apl: grad_loss must be a scalar for a reduced loss and (rows,) for reduction none; got "
+                      "shape ", grad_loss.sizes());
+    // A copy only where the upstream gradient is on another device or of another dtype.
+    b.upstream = grad_loss.to(logits.device(), accumulation_type(logits));
+    a.upstream = b.upstream.template const_data_ptr<S>();
+    a.upstream_stride = reduced ? 0 : b.upstream.stride(0);
+  }
+  b.launch = plan_launch(a.rows, a.K, Pack<scalar_t>::kSize, sizeof(scalar_t), sizeof(S), false, false, 0,
+                         forced_group);
+  a.group = b.launch.group;
+  a.blocks = b.launch.blocks;
+  b.grad = at::empty(logits.sizes(), logits.options());
+  a.grad = b.grad.template mutable_data_ptr<scalar_t>();
+  return b;
+}
+
+// The op's forward for either executor (run_forward and run_backward launch, or emulate, a
+// prepared call): NO_GRAD returns no gradient, GRAD_IN_BACKWARD the records, and GRAD_IN_FORWARD
+// the gradient of the backward kernel run right away with an upstream gradient of 1.
+template <typename scalar_t, class RunForward, class RunBackward>
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& logits, const at::Tensor& target,
+                                              const c10::optional<at::Tensor>& weight, const OpCall& call,
+                                              int64_t shared_limit, int forced_group, RunForward run_forward,
+                                              RunBackward run_backward) {
+  const ForwardCall<scalar_t> f = prepare_forward<scalar_t>(logits, target, weight, call, shared_limit, forced_group);
+  run_forward(f);
+  if (call.grad_mode == kNoGrad) return {f.loss, at::empty({0}, logits.options())};
+  if (call.grad_mode == kGradInBackward) return {f.loss, f.records};
+  const BackwardCall<scalar_t> b =
+      prepare_backward<scalar_t>(logits, target, weight, f.records, at::Tensor(), call, forced_group);
+  run_backward(b);
+  return {f.loss, b.grad};
+}
+
+}  // namespace gpu
+}  // namespace apl

@@ -1,0 +1,567 @@
+"""The Triton kernels' own checks; what every fused backend shares (parity with the reference, call
+semantics, autograd, the ops' errors, opcheck) is in test_backends.py.
+
+Here: the element math and the launch table; the chunked row path and the gradient computed in
+forward (GRAD_IN_FORWARD), which test_backends.py's shapes and autograd never reach; the bytes each
+path moves (counted per element in the interpreter, against the table of docs/kernels.md) and the
+launches per call; the device guard; and, in subprocesses without the interpreter, the compile of
+the main specializations to sm_90 cubins (registers, spills, stable argument types) and Inductor's
+access analysis of the kernels. Without a GPU the kernels run under TRITON_INTERPRET=1, which
+tests/conftest.py sets before triton is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import apl_kernels as ak
+from apl_kernels import backends
+from apl_kernels.backends import fused
+from apl_kernels.backends import triton as triton_backend
+from apl_kernels.catalogue import make_spec
+from apl_kernels.options import CallOptions
+from cases import check_parity, make_target, random_logits, random_target
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = triton_backend.INTERPRETED
+ROOT = Path(__file__).resolve().parent.parent
+assert CUDA or INTERPRETED, "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="counts the interpreter's loads and stores")
+# The interpreter evaluates both sides of every tl.where with NumPy (0 * inf in the unused side at
+# masked classes, log 0): its warnings are not results.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def op_arguments(name, reduction="mean", grad_mode=fused.GRAD_IN_BACKWARD, label_smoothing=0.0, **params):
+    return fused.op_arguments(make_spec(name, **params), CallOptions(reduction, label_smoothing=label_smoothing),
+                              grad_mode)
+
+
+def use_small_tiles(monkeypatch):
+    """Rows of more than 64 classes (32 with dense coefficients) stream through chunks of 16 (8 in
+    float64): the chunked path at sizes the interpreter runs quickly, with a partial last chunk."""
+    monkeypatch.setattr(triton_backend, "ON_CHIP", {False: 64, True: 64})
+    monkeypatch.setattr(triton_backend, "ON_CHIP_DENSE", {False: 32, True: 32})
+    monkeypatch.setattr(triton_backend, "CHUNK", {False: 16, True: 8})
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    use_small_tiles(monkeypatch)
+
+
+# ---------------------------------------------------------------- element math, launch table, interpreter
+
+
+@triton.jit
+def _one_minus_exp_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(out_ptr + offsets, triton_backend._one_minus_exp(x), mask=offsets < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_minus_exp_matches_expm1(dtype):
+    # Both branches (series for |x| < ln 2, 1 - exp(x) below), their boundary, tiny x, -inf.
+    x = -torch.cat([
+        torch.logspace(-37 if dtype == torch.float32 else -300, 1.5, 1900, dtype=torch.float64),
+        torch.linspace(0.69, 0.70, 100, dtype=torch.float64),
+        torch.tensor([0.0, math.log(2), float("inf")], dtype=torch.float64),
+    ]).to(dtype).to(DEVICE)
+    out = torch.empty_like(x)
+    _one_minus_exp_kernel[(1,)](x, out, len(x), BLOCK=triton.next_power_of_2(len(x)))
+    x, out = x.cpu(), out.cpu()
+    want = -torch.expm1(x.double())
+    # Series: Horner rounding, ~2 ulp; below -ln 2: exp's error times p/(1 - p) <= 1, and GPU
+    # exp is the approximate ex2 (~2 ulp): at most 4 ulp; torch.expm1 itself is within 1.
+    four_units = 4 * torch.finfo(dtype).eps / 2
+    error = (out.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert error.max() <= four_units, (error.max(), x[error.argmax()])
+    assert out[-1] == 1 and out[-3] == 0
+
+
+def test_launch_table():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        wide = dtype == torch.float64
+        for dense in (False, True):
+            on_chip = (triton_backend.ON_CHIP_DENSE if dense else triton_backend.ON_CHIP)[wide]
+            for k in (2, 10, 100, 1000, 2049, 4096, 5000, 16384, 16385, 32000, 50257, 262144):
+                launch = triton_backend.launch_config(k, dtype, dense)
+                assert launch.block & (launch.block - 1) == 0 and launch.warps & (launch.warps - 1) == 0
+                # Whole rows up to the on-chip limit, else chunks; several rows a program at small K.
+                assert launch.chunked == (triton.next_power_of_2(k) > on_chip)
+                assert launch.block == (triton_backend.CHUNK[wide] if launch.chunked else triton.next_power_of_2(k))
+                assert launch.rows == 1 or launch.rows * launch.block == 4 * 32 * triton_backend.PER_THREAD[wide]
+                # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program).
+                per_thread = launch.rows * launch.block // (32 * launch.warps)
+                assert per_thread == triton_backend.PER_THREAD[wide] or (launch.warps == 1 and per_thread < 16)
+                assert 1 <= launch.warps <= triton_backend.MAX_WARPS
+
+
+@triton.jit
+def _to_bfloat16_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets).to(tl.bfloat16))
+
+
+@pytest.mark.skipif(CUDA, reason="GPUs convert float32 to bfloat16 rounding to nearest even")
+def test_interpreter_truncates_float32_to_bfloat16():
+    # Why test_backends.gradient_roundings counts bfloat16 twice under the interpreter (its
+    # cast_impl drops the low bits): when this fails, the interpreter rounds, and the allowance can go.
+    x = torch.tensor([1 + 2.0**-8 + 2.0**-10, -(3 + 2.0**-7 + 2.0**-9)])  # above the midpoints
+    out = torch.empty(2, dtype=torch.bfloat16)
+    _to_bfloat16_kernel[(1,)](x, out, BLOCK=2)
+    assert torch.equal(x.to(torch.bfloat16), torch.tensor([1 + 2.0**-7, -(3 + 2.0**-6)], dtype=torch.bfloat16))
+    assert torch.equal(out, torch.tensor([1.0, -3.0], dtype=torch.bfloat16))
+
+
+def test_families_match_the_header():
+    """The Triton constants follow catalogue.BASE_INDEX; the families must be apl_rowmath.h's."""
+    header = (ROOT / "csrc" / "apl_rowmath.h").read_text()
+    body = header[header.index("constexpr int family_of"):header.index("default: return kLocal")]
+    cases = re.findall(r"((?:case k\w+:\s*)+)return k(\w+);", body)
+    want = {name[1:].lower(): family for labels, family in cases for name in re.findall(r"k\w+", labels)}
+    families = ("Local", "Reverse", "Normalized", "Negative")
+    for index, name in enumerate(ak.catalogue.BASE_LOSSES):
+        assert families[triton_backend.family_of(index)] == want.get(name, "Local"), name
+
+
+# ---------------------------------------------------------------- paths test_backends.py does not reach
+
+CHUNKED_CASES = [("nfl+nnfl", {}), ("nce+rce", {}), ("ngce+mae", {"q": 0.3}), ("ce", {}), ("nce+agce", {}),
+                 ("fl+nrce", {"official_grad": True})]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name,params", CHUNKED_CASES, ids=[n for n, _ in CHUNKED_CASES])
+def test_chunked_rows_match_the_reference(name, params, small_tiles, seed):
+    """Rows longer than the on-chip limit: online max and sum, a second pass (last chunk first)
+    for the terms that need one, the gradient chunk by chunk; every target mode and reduction."""
+    for j, (dtype, mode, reduction) in enumerate([(torch.float64, "index", "mean"), (torch.float32, "weighted", "none"),
+                                                  (torch.float64, "smoothed", "sum"),
+                                                  (torch.float32, "probabilities", "mean")]):
+        k = 100 if mode in ("index", "weighted") else 50  # 7 chunks of 16, or 7 of 8 (dense)
+        z = random_logits(3, k, seed + j, dtype=dtype)
+        target, options = make_target(mode, 3, k, seed + j)
+        assert triton_backend.launch_config(k, dtype, mode in ("smoothed", "probabilities")).chunked
+        check_parity(z, target, name, params, "triton", "cpu", reduction, **options)
+
+
+def gradient_in_forward_and_backward(z, target, weight, args):
+    """The GRAD_IN_FORWARD op's loss and saved gradient, and the GRAD_IN_BACKWARD op's loss and
+    backward gradient for an upstream gradient of 1."""
+    bases, coefficients, options = args
+    in_forward, in_backward = ([*options[:3], mode] for mode in (fused.GRAD_IN_FORWARD, fused.GRAD_IN_BACKWARD))
+    forward_loss, saved = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_forward)
+    loss, stats = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_backward)
+    ones = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
+    grad = torch.ops.apl.triton_loss_backward(z, target, weight, stats, ones, bases, coefficients, in_backward)
+    return (forward_loss, saved), (loss, grad)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["on-chip", "chunked"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradient_in_forward_equals_gradient_in_backward(reduction, chunked, monkeypatch, seed):
+    """GRAD_IN_FORWARD (what the fused linear + loss calls on chunks) writes, for an upstream
+    gradient of 1 and divided by the mean's divisor, the gradient that backward writes."""
+    if chunked:
+        if not INTERPRETED:
+            pytest.skip("small tiles are for the interpreter")
+        use_small_tiles(monkeypatch)
+    k = 100 if chunked else 30
+    for j, (name, mode) in enumerate([("nfl+rce", "index"), ("nce+nnce", "weighted"), ("ngce", "probabilities"),
+                                      ("nce+agce", "smoothed")]):
+        z = random_logits(6, k, seed + j, dtype=torch.float64)
+        target, options = make_target(mode, 6, k, seed + j)
+        if mode != "probabilities":
+            target[1] = -100  # an ignored row
+        weight = options.get("weight")
+        args = op_arguments(name, reduction, label_smoothing=options.get("label_smoothing", 0.0))
+        (forward_loss, saved), (loss, grad) = gradient_in_forward_and_backward(
+            z.to(DEVICE), target.to(DEVICE), None if weight is None else weight.to(DEVICE), args)
+        torch.testing.assert_close(forward_loss, loss, rtol=0, atol=0)
+        torch.testing.assert_close(saved, grad, rtol=1e-15, atol=1e-300)
+        assert saved.shape == z.shape and saved.dtype == z.dtype and saved.is_contiguous()
+
+
+def test_out_of_range_label_in_a_mean_makes_the_loss_nan_and_its_row_only(seed):
+    z = random_logits(4, 6, seed, dtype=torch.float32).to(DEVICE)
+    y = torch.tensor([1, 6, 5, -100], device=DEVICE)  # 6 is out of range: never read
+    args = op_arguments("nce+rce")
+    loss, stats = torch.ops.apl.triton_loss(z, y, None, *args)
+    grad = torch.ops.apl.triton_loss_backward(z, y, None, stats, torch.ones((), device=DEVICE), *args)
+    assert torch.isnan(loss) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(grad[[0, 2]]).all() and torch.all(grad[3] == 0)
+
+
+def test_the_reduction_counter_is_reset_and_kept(seed):
+    """The last program sets the persistent counter back to 0: the next call needs no clearing."""
+    z = random_logits(40, 9, seed, dtype=torch.float32).to(DEVICE)
+    y = random_target(40, 9, seed).to(DEVICE)
+    args = op_arguments("nfl+rce", "sum", fused.NO_GRAD)
+    first = torch.ops.apl.triton_loss(z, y, None, *args)[0]
+    counters = dict(triton_backend._COUNTERS)
+    assert counters and all(int(c) == 0 for c in counters.values())
+    second = torch.ops.apl.triton_loss(z, y, None, *args)[0]
+    assert torch.equal(first, second) and triton_backend._COUNTERS == counters
+
+
+# ---------------------------------------------------------------- launches, bytes, device
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch of the ops, by kernel name, with the launch's arguments."""
+    seen = []
+    launch = triton_backend._launch
+
+    def recording(kernel, grid, *args, **meta):
+        seen.append((kernel.fn.__name__, dict(zip(kernel.arg_names, args)), meta))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_backend, "_launch", recording)
+    return seen
+
+
+# aten ops that allocate or view: no kernel launch on a GPU.
+NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided"}
+
+
+def aten_launches(fn):
+    """The aten ops that ``fn`` runs outside the Triton kernels (each would be a launch on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    kernels = [(e.time_range.start, e.time_range.end) for e in profile.events() if e.name == "apl::triton_launch"]
+    return [e.name for e in profile.events() if e.name.startswith("aten::") and e.name not in NO_LAUNCH
+            and not any(start <= e.time_range.start <= end for start, end in kernels)]
+
+
+def test_launches_per_call(launches, monkeypatch, seed):
+    """A forward plus backward is two launches, an evaluation forward one; nothing else runs on the
+    device (the reduction's counter is created once per stream, before this count)."""
+    launch = triton_backend._launch
+
+    def marked(kernel, grid, *args, **meta):
+        with torch.profiler.record_function("apl::triton_launch"):
+            launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_backend, "_launch", marked)
+    z = random_logits(20, 9, seed, dtype=torch.float32).to(DEVICE)
+    y = random_target(20, 9, seed).to(DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        args = op_arguments("nfl+rce", reduction)
+        loss, stats = torch.ops.apl.triton_loss(z, y, None, *args)  # creates the counter
+        launches.clear()
+        upstream = torch.ones(loss.shape, device=DEVICE)
+        assert aten_launches(lambda: torch.ops.apl.triton_loss(z, y, None, *args)) == []
+        assert aten_launches(lambda: torch.ops.apl.triton_loss_backward(z, y, None, stats, upstream, *args)) == []
+        no_grad = op_arguments("nfl+rce", reduction, fused.NO_GRAD)
+        assert aten_launches(lambda: torch.ops.apl.triton_loss(z, y, None, *no_grad)) == []
+        assert [name for name, _, _ in launches] == ["_forward_kernel", "_backward_kernel", "_forward_kernel"]
+        # Through autograd: the forward and backward kernels, once each; the logits read in place.
+        launches.clear()
+        x = z.t().contiguous().t().requires_grad_()
+        ak.functional.nfl_rce(x, y, reduction=reduction, backend="triton").sum().backward()
+        assert [name for name, _, _ in launches] == ["_forward_kernel", "_backward_kernel"]
+        assert all(arguments["logits_ptr"] is x for _, arguments, _ in launches)
+        launches.clear()
+        with torch.no_grad():
+            ak.functional.nfl_rce(z, y, reduction=reduction, backend="triton")
+        assert [(name, meta["GRAD_MODE"]) for name, _, meta in launches] == [("_forward_kernel", fused.NO_GRAD)]
+
+
+def test_launches_happen_on_the_logits_device(monkeypatch, seed):
+    """Triton launches on the current device: every launch runs inside the logits' device guard,
+    and the guard of a tensor on cuda:1 selects cuda:1 (as far as this can be seen without a GPU)."""
+    guarded = []
+
+    class Guard:
+        def __init__(self, tensor):
+            self.device = tensor.device
+
+        def __enter__(self):
+            guarded.append(self.device)
+
+        def __exit__(self, *exc):
+            guarded.append(None)
+
+    monkeypatch.setattr(triton_backend, "_on_device", Guard)
+    launch = triton_backend._launch
+    monkeypatch.setattr(triton_backend, "_launch", lambda *a, **m: (launch(*a, **m), guarded.append("launch")))
+    z = random_logits(4, 9, seed, dtype=torch.float32).to(DEVICE).requires_grad_()
+    ak.functional.nce_rce(z, random_target(4, 9, seed).to(DEVICE), backend="triton").backward()
+    assert guarded == [z.device, "launch", None] * 2
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "_traced", lambda tensor: False)
+
+    class OnSecondGPU:
+        device = torch.device("cuda", 1)
+
+    guard = triton_backend._on_device(OnSecondGPU())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+# Which docs/kernels.md row each measured path is: (loss, target mode, grad mode, K), run with the
+# small_tiles fixture (more than 64 classes, or 32 dense, are chunked).
+BYTE_PATHS = {
+    "forward, one-hot, on chip": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 50),
+    "forward, one-hot, chunked, no term with a pass": ("nce+mae", "index", fused.GRAD_IN_BACKWARD, 100),
+    "forward, one-hot, chunked, a term with a pass": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 100),
+    "forward, probabilities, on chip": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 20),
+    "forward, probabilities, chunked": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 50),
+    "forward without gradient (evaluation), one-hot, on chip": ("nfl+rce", "index", fused.NO_GRAD, 50),
+    "backward, one-hot": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 100),
+    "backward, probabilities": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 50),
+    "GRAD_IN_FORWARD, one-hot, on chip": ("nfl+rce", "index", fused.GRAD_IN_FORWARD, 50),
+    "GRAD_IN_FORWARD, one-hot, chunked, a term with a pass": ("nfl+rce", "index", fused.GRAD_IN_FORWARD, 100),
+}
+
+
+def docs_byte_table() -> dict[str, tuple[int, int, int]]:
+    """docs/kernels.md's byte table: per path, the multiples of N K b (logits read, gradient
+    written) and of N K b_t (probability targets read)."""
+    text = (ROOT / "docs" / "kernels.md").read_text()
+    table = text[text.index("| Path | Logits read"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = tuple(int(c.split()[0]) if c[0].isdigit() else 0 for c in cells[1:4])
+    return rows
+
+
+@needs_interpreter
+def test_bytes_moved_match_the_docs_table(launches, monkeypatch, small_tiles, seed):
+    """Every load and store of the kernels, counted per element in the interpreter: the N K terms
+    of each path are the docs table's, the rest is O(N)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    accesses = []
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def counted(kind, real):
+        def access(ptrs, value_or_mask, *rest):
+            mask = rest[0] if kind == "write" else value_or_mask
+            size = ptrs.get_element_ty().primitive_bitwidth // 8
+            accesses.append((kind, ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)], size))
+            return real(ptrs, value_or_mask, *rest)
+        return access
+
+    monkeypatch.setattr(builder, "create_masked_load", counted("read", load))
+    monkeypatch.setattr(builder, "create_masked_store", counted("write", store))
+    table = docs_byte_table()
+    assert set(table) == set(BYTE_PATHS)
+    n = 5
+    for path, (name, mode, grad_mode, k) in BYTE_PATHS.items():
+        z = random_logits(n, k, seed, dtype=torch.bfloat16)
+        target = make_target(mode, n, k, seed)[0]
+        target = target.float() if mode == "probabilities" else target  # b_t = 4
+        args = op_arguments(name, "mean", grad_mode)
+        loss, saved = torch.ops.apl.triton_loss(z, target, None, *args)
+        launches.clear()
+        accesses.clear()
+        if path.startswith("backward"):
+            torch.ops.apl.triton_loss_backward(z, target, None, saved, torch.ones(()), *args)
+        else:
+            torch.ops.apl.triton_loss(z, target, None, *args)
+        (_, arguments, meta), = launches
+        totals = Counter()
+        for kind, addresses, size in accesses:
+            for arg, tensor in arguments.items():
+                if isinstance(tensor, torch.Tensor):
+                    start = tensor.untyped_storage().data_ptr()
+                    inside = (addresses >= start) & (addresses < start + tensor.untyped_storage().nbytes())
+                    totals[arg, kind] += int(inside.sum()) * size
+        logits_reads, grad_writes, target_reads = table[path]
+        one_hot = mode == "index"
+        where = f"{path}: {dict(totals)}"
+        # The one-hot paths read each row's label logit once more (N b: O(N)).
+        assert totals["logits_ptr", "read"] == (logits_reads * k + one_hot) * n * 2, where
+        assert totals["grad_ptr", "write"] + (grad_mode == fused.GRAD_IN_FORWARD) * totals["saved_ptr", "write"] \
+            == grad_writes * n * k * 2, where
+        assert totals["target_ptr", "read"] == (target_reads * n * k * 4 if not one_hot else 8 * n), where
+        programs = triton.cdiv(n, meta["ROWS"])
+        rest = sum(v for (arg, kind), v in totals.items() if arg not in ("logits_ptr", "target_ptr", "grad_ptr")
+                   and not (arg == "saved_ptr" and grad_mode == fused.GRAD_IN_FORWARD))
+        assert rest <= 48 * (n + 1) + 64 * programs, where  # records, weights, losses, partials: O(N)
+
+
+# ---------------------------------------------------------------- GPU-only
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_auto_picks_triton_for_cuda_tensors():
+    assert backends.resolve("auto", "cuda").name == "triton"
+
+
+# ---------------------------------------------------------------- without the interpreter: sm_90
+
+# Run in a subprocess without TRITON_INTERPRET: a stub driver gives Triton's launcher an sm_90
+# target, and the ops' own host code runs with _launch compiling (JITFunction.run with warmup)
+# instead of launching.
+STUB_DRIVER = """
+import json, os, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+
+class StubDriver:
+    def get_current_device(self):
+        return 0
+    def get_current_stream(self, device=None):
+        return 0
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+triton.runtime.driver.set_active(StubDriver())
+from apl_kernels.backends import fused, triton as tb
+from apl_kernels.catalogue import make_spec
+from apl_kernels.options import CallOptions
+tb.INTERPRETED = True  # the ops' checks then take CPU tensors
+launches = []
+tb._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+
+def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, **params):
+    launches.clear()
+    z = torch.empty(4, k, dtype=getattr(torch, dtype))
+    y = torch.zeros(4, k) if target == "probabilities" else torch.zeros(4, dtype=torch.long)
+    options = CallOptions(reduction, ignore_index, label_smoothing=0.1 * (target == "smoothed"))
+    args = fused.op_arguments(make_spec(name, **params), options, grad_mode)
+    tb.triton_loss(z, y, None, *args)
+    if grad_mode == fused.GRAD_IN_BACKWARD:
+        acc = torch.float64 if dtype == "float64" else torch.float32
+        grad_loss = torch.empty(4 if reduction == "none" else (), dtype=acc)
+        tb.triton_loss_backward(z, y, None, torch.empty(5, fused.STATS, dtype=acc), grad_loss, *args)
+    return list(launches)
+"""
+
+COMPILE_SCRIPT = STUB_DRIVER + """
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def resources(kernel):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in (f.split(":") for f in out.split("Function")[1].split() if ":" in f)
+            if value.isdigit()}
+
+def compile_all(config):
+    kernels = []
+    for kernel, grid, args, meta in call(*config):
+        compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
+        kernels.append((kernel, compiled, meta))
+    return kernels
+
+for config in json.loads(sys.argv[1]):
+    for kernel, compiled, meta in compile_all(config):
+        print(json.dumps({"config": config, "kernel": kernel.fn.__name__, "warps": meta["num_warps"],
+                          "block": meta["BLOCK_K"], "rows": meta["ROWS"], **resources(compiled)}), flush=True)
+# Floats and ignore_index never change the specialization: weights and gamma of 0.0 (whose bits
+# would otherwise be an i32), ignore_index 1 (an int equal to 1 would otherwise be a constant).
+kernel = tb._forward_kernel
+assert {p.name for p in kernel.params if p.do_not_specialize} == set(tb.UNSPECIALIZED), kernel.do_not_specialize
+compiled = lambda: sum(len(cache[0]) for cache in kernel.device_caches.values())
+before = compiled()
+for params, ignore_index in (({"gamma": 0.0, "alpha": 0.0}, 1), ({"gamma": 3.5, "beta": 1e-300}, -2**40)):
+    for forward, grid, args, meta in call(*json.loads(sys.argv[1])[0], ignore_index=ignore_index, **params):
+        if forward is kernel:
+            forward.run(*args, grid=grid, warmup=True, **meta)
+assert compiled() == before, (before, compiled())
+print("stable ok")
+"""
+
+
+def subprocess_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def run_script(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=1200)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result.stdout
+
+
+has_ptxas = pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    and shutil.which("ptxas") is None, reason="no ptxas to compile for a GPU")
+
+# The specializations that matter: the on-chip limit of each accumulation dtype with the heaviest
+# pair (32 warps for float32: a 64-register cap), a chunked vocabulary-sized row, dense targets at
+# their limit, small rows tiled several to a program, the gradient in forward: (name, dtype, K,
+# target, reduction, grad mode).
+COMPILE_CONFIGS = [
+    ("nfl+nnfl", "float32", 16000, "index", "mean", fused.GRAD_IN_BACKWARD),
+    ("nfl+nnfl", "bfloat16", 50257, "index", "mean", fused.GRAD_IN_BACKWARD),
+    ("ngce+rce", "float64", 4000, "index", "sum", fused.GRAD_IN_BACKWARD),
+    ("nce+agce", "float32", 8000, "probabilities", "mean", fused.GRAD_IN_BACKWARD),
+    ("nce+aul", "float16", 10, "index", "none", fused.GRAD_IN_BACKWARD),
+    ("fl+nrce", "float32", 1000, "smoothed", "sum", fused.GRAD_IN_FORWARD),
+    ("ce", "float64", 50000, "index", "mean", fused.NO_GRAD),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every other test compiles and runs the kernels")
+@has_ptxas
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile the main
+    specializations to sm_90 cubins through the ops' own host code, and check that none spills
+    (ptxas's stack frame is 0) and that argument values do not change the specialization."""
+    out = run_script(COMPILE_SCRIPT, json.dumps(COMPILE_CONFIGS))
+    kernels = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(kernels) == sum(1 + (c[-1] == fused.GRAD_IN_BACKWARD) for c in COMPILE_CONFIGS), out
+    assert "stable ok" in out, out
+    for kernel in kernels:
+        assert kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel  # no spills
+        assert kernel["REG"] <= 65536 // (32 * kernel["warps"]), kernel
+
+
+ACCESS_SCRIPT = STUB_DRIVER + """
+from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+for config in json.loads(sys.argv[1]):
+    for kernel, grid, args, meta in call(*config):
+        accesses = identify_accessed_tensors(kernel, {**dict(zip(kernel.arg_names, args)), **meta}, {})
+        print(json.dumps([config, kernel.fn.__name__, sorted(d.name for d in accesses.read_writes.writes)]))
+"""
+
+ACCESS_CONFIGS = [
+    (("nfl+rce", "float32", 100, "index", "mean", fused.GRAD_IN_BACKWARD),
+     {"_forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"], "_backward_kernel": ["grad_ptr"]}),
+    (("nce+nnce", "bfloat16", 50000, "probabilities", "none", fused.GRAD_IN_BACKWARD),
+     {"_forward_kernel": ["loss_ptr", "saved_ptr"], "_backward_kernel": ["grad_ptr"]}),
+    (("nfl+rce", "float32", 50000, "index", "sum", fused.GRAD_IN_FORWARD),
+     {"_forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"]}),
+    (("ce", "float32", 10, "index", "none", fused.NO_GRAD), {"_forward_kernel": ["loss_ptr"]}),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="Inductor's analysis runs in every torch.compile test on a GPU")
+def test_inductor_sees_only_the_outputs_written():
+    """torch.compile clones every tensor a user kernel writes: Inductor's access analysis of the
+    kernels (their TTIR for sm_90) must find the outputs written, never the logits or targets."""
+    out = run_script(ACCESS_SCRIPT, json.dumps([config for config, _ in ACCESS_CONFIGS]))
+    written = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
+    want = [(config, kernel, names) for config, kernels in ACCESS_CONFIGS for kernel, names in kernels.items()]
+    assert [(tuple(c), k, w) for c, k, w in written] == want, out
