@@ -95,7 +95,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     # Gradients not needed are empty tensors (distinct ones: a custom op's outputs must not alias).
     grad_hidden = hidden.new_empty(hidden.shape if needs[0] else 0)  # contiguous
     grad_weight = weight.new_zeros(weight.shape if needs[1] else 0)
-    grad_bias = weight.new_zeros(classes if needs[2] else 0, dtype=acc)
+    grad_bias = weight.new_zeros(classes if needs[2] else 0)
+    ones = weight.new_ones(min(chunk_size, rows) if needs[2] else 0)  # the bias' gradient as a matmul (GEMV)
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
         chunk = hidden[start:end]
@@ -114,8 +115,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             torch.mm(grad, weight, out=grad_hidden[start:end])
         if needs[1]:
             grad_weight.addmm_(grad.t(), chunk)
-        if needs[2]:
-            grad_bias += grad.sum(0, dtype=acc)
+        if needs[2]:  # (4 times as fast as grad.sum(0) here)
+            grad_bias.addmv_(grad.t(), ones[:end - start])
         del grad  # before the next chunk's logits: one chunk's logits and gradient at a time
     if options[fused.REDUCTION] == fused.REDUCTION_CODES["mean"]:
         divisor = _mean_divisor(target, class_weight, options[fused.IGNORE_INDEX], acc)
@@ -124,7 +125,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
         # to it: one rounding of the result, as an upstream gradient in that type would make.)
         for grad in (grad_hidden, grad_weight, grad_bias):
             grad.div_(divisor)
-    return loss, grad_hidden, grad_weight, grad_bias.to(weight.dtype)
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
 @torch.library.custom_op("apl::linear_loss", mutates_args=())

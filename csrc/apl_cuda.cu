@@ -3,13 +3,13 @@
 // the design and its bytes: docs/kernels.md, "CUDA C++").
 //
 // Blocks of 512 threads; a row is shared by a group of 4, 32 or 512 threads (plan_launch), each
-// lane taking 16-byte units of the row in turn. The forward reads each row once (online max and
-// sum, one exp per element), keeping it in shared memory when a later pass needs it, and writes
-// per-row records; a reduced loss and a mean's divisor are summed by the last block to finish, in
-// a fixed order. The backward (GRAD_IN_BACKWARD) reads each row once more and writes its gradient
-// times the upstream gradient over the divisor. Two launches per forward plus backward (a memset
-// zeroes the counter of a reduced forward), on the current stream, with no host synchronization
-// and no atomics in the math: results are bitwise reproducible.
+// lane taking units of the row (one vector load each) in turn. The forward reads each row once
+// (online max and sum, one exp per element), keeping it in shared memory when a later pass needs
+// it, and writes per-row records; a reduced loss and a mean's divisor are summed by the last block
+// to finish, in a fixed order. The backward (GRAD_IN_BACKWARD) reads each row once more and writes
+// its gradient times the upstream gradient over the divisor. Two launches per forward plus
+// backward (a memset zeroes the counter of a reduced forward), on the current stream, with no
+// host synchronization and no atomics in the math: results are bitwise reproducible.
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

@@ -111,6 +111,29 @@ void poison(const at::Tensor& t) {
   if (t.numel()) std::memset(t.data_ptr(), 0xff, t.numel() * t.element_size());
 }
 
+// Groups of a block run one after another here, at once on the device: a group that wrote past
+// its shared-memory rows would go unseen, so the rows of the groups still to run, and the bytes
+// past the block's shared memory, must be as poisoned as they started.
+template <typename scalar_t>
+void check_untouched(const Args<scalar_t>& a, unsigned char* memory, int next_group, int64_t shared_memory,
+                     int64_t buffer_bytes) {
+  using S = at::opmath_type<scalar_t>;
+  scalar_t* cache;
+  S* c_cache;
+  row_caches(a, memory, next_group, &cache, &c_cache);
+  const int64_t rows_per_block = kBlockThreads / a.group;
+  const auto poisoned = [](const void* from, const void* to) {
+    for (auto p = static_cast<const unsigned char*>(from); p < to; ++p) {
+      if (*p != 0xff) return false;
+    }
+    return true;
+  };
+  const unsigned char* c_area = memory + rows_per_block * a.cache_row * sizeof(scalar_t);
+  TORCH_CHECK(poisoned(cache, c_area) && poisoned(c_cache ? static_cast<void*>(c_cache) : memory + shared_memory,
+                                                  memory + buffer_bytes),
+              "apl emulation: a group wrote into another group's shared memory");
+}
+
 template <typename scalar_t>
 void emulate_forward(const ForwardCall<scalar_t>& f) {
   using S = at::opmath_type<scalar_t>;
@@ -130,6 +153,9 @@ void emulate_forward(const ForwardCall<scalar_t>& f) {
       S* c_cache = nullptr;
       if (a.cache) row_caches(a, memory.data()->bytes, group, &cache, &c_cache);
       mine[group * a.group] = forward_row(HostGroup{a.group, block}, a, block * rows_per_block + group, cache, c_cache);
+      if (a.cache) {
+        check_untouched(a, memory.data()->bytes, group + 1, f.launch.shared_memory, memory.size() * sizeof(Chunk));
+      }
     }
     if (a.reduction == kNone) {
       if (block == 0) finish_unreduced(a);

@@ -32,6 +32,14 @@
 #define APL_UNROLL
 #endif
 
+// The host emulation checks what would fault on the device: a vector access off its alignment.
+#if defined(__CUDA_ARCH__)
+#define APL_CHECK_ALIGNED(p)
+#else
+#define APL_CHECK_ALIGNED(p) \
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % alignof(decltype(*(p))) == 0, "apl emulation: a misaligned vector access")
+#endif
+
 namespace apl {
 namespace gpu {
 
@@ -104,11 +112,12 @@ struct Online {
   }
 };
 
-// Commutative bit for bit: fmax, and each side's terms formed before the one addition.
+// Commutative bit for bit: each side's terms are formed before the one addition, and the max is
+// fmax plus 0 (a max is never NaN; fmax may return either of -0 and +0, and -0 + 0 is +0).
 template <typename S>
 APL_HD Online<S> combine(const Online<S>& a, const Online<S>& b) {
   Online<S> c;
-  c.max = std::fmax(a.max, b.max);
+  c.max = std::fmax(a.max, b.max) + S(0);
   const S reference = c.reference();
   c.sum_exp = a.sum_exp_at(c.max) + b.sum_exp_at(c.max);
   c.shifted = a.shifted_at(c.max, reference) + b.shifted_at(c.max, reference);
@@ -130,54 +139,59 @@ struct alignas(pack_bytes<scalar_t>()) Pack {
   scalar_t v[kSize];
 };
 
-// Elements of p from the pack boundary at or below it.
+// Whether a vector access may start at p.
 template <typename scalar_t>
-APL_HD int pack_shift(const scalar_t* p) {
-  return static_cast<int>(reinterpret_cast<uintptr_t>(p) % pack_bytes<scalar_t>() / sizeof(scalar_t));
+APL_HD bool aligned(const scalar_t* p) {
+  return reinterpret_cast<uintptr_t>(p) % pack_bytes<scalar_t>() == 0;
 }
 
-// A row as units of V = Pack::kSize elements: unit u holds the elements j = u V + k - shift
-// (k < V) that lie in [0, K). With `vector` (a row of stride 1), shift = pack_shift(row), so that
-// a full unit is one aligned pack whatever the row's alignment; otherwise shift = 0 and units are
-// read element by element. Indices within a row are 32-bit (prepare_forward checks K).
+// A row as units of V = Pack::kSize elements: unit u holds the elements j = u V + k (k < V) below
+// K, whatever the row's layout, so that a lane's elements, and so the order of every sum, depend on
+// j alone: strided, shifted and contiguous copies of a row give the same bits. A full unit of a
+// row that starts aligned with stride 1 is one vector access; other units go element by element.
+// Indices within a row are 32-bit (prepare_forward checks K).
 template <typename scalar_t>
 struct RowSpan {
   static constexpr int V = Pack<scalar_t>::kSize;
   int K;
-  int shift;
-  bool vector;
-  APL_HD int units() const { return (shift + K + V - 1) / V; }
-  APL_HD int element(int u, int k) const { return u * V + k - shift; }
-  APL_HD bool full(int u) const { return u * V >= shift && u * V + V <= shift + K; }
+  APL_HD int units() const { return (K + V - 1) / V; }
+  APL_HD int element(int u, int k) const { return u * V + k; }
+  APL_HD bool full(int u) const { return u * V + V <= K; }
 };
 
 // Unit u of a row whose element j is row[j * stride]: one vector load where the unit is full and
-// the span is vector, else element by element (zero outside the row, which nothing reads).
+// `vector` (stride 1, row aligned), else element by element (zero past K, which nothing reads).
 template <typename scalar_t>
-APL_HD Pack<scalar_t> load_unit(const scalar_t* row, int64_t stride, const RowSpan<scalar_t>& span, int u) {
-  if (span.vector && span.full(u)) return *reinterpret_cast<const Pack<scalar_t>*>(row + (u * span.V - span.shift));
+APL_HD Pack<scalar_t> load_unit(const scalar_t* row, int64_t stride, bool vector, const RowSpan<scalar_t>& span,
+                                int u) {
+  if (vector && span.full(u)) {
+    const Pack<scalar_t>* pack = reinterpret_cast<const Pack<scalar_t>*>(row + u * span.V);
+    APL_CHECK_ALIGNED(pack);
+    return *pack;
+  }
   Pack<scalar_t> pack;
 APL_UNROLL
   for (int k = 0; k < span.V; ++k) {
     const int j = span.element(u, k);
-    pack.v[k] = j >= 0 && j < span.K ? row[j * stride] : scalar_t(0);
+    pack.v[k] = j < span.K ? row[j * stride] : scalar_t(0);
   }
   return pack;
 }
 
-// Stores unit u into a row of stride 1 (element j at row[j]): one vector store where the unit is
-// full and `vector` says row + j is aligned as the span's units are.
+// Stores unit u into a row of stride 1: one vector store where the unit is full and `vector` (the
+// row aligned).
 template <typename scalar_t>
-APL_HD void store_unit(scalar_t* row, const RowSpan<scalar_t>& span, int u, const Pack<scalar_t>& pack,
-                       bool vector) {
+APL_HD void store_unit(scalar_t* row, bool vector, const RowSpan<scalar_t>& span, int u, const Pack<scalar_t>& pack) {
   if (vector && span.full(u)) {
-    *reinterpret_cast<Pack<scalar_t>*>(row + (u * span.V - span.shift)) = pack;
+    Pack<scalar_t>* to = reinterpret_cast<Pack<scalar_t>*>(row + u * span.V);
+    APL_CHECK_ALIGNED(to);
+    *to = pack;
     return;
   }
 APL_UNROLL
   for (int k = 0; k < span.V; ++k) {
     const int j = span.element(u, k);
-    if (j >= 0 && j < span.K) row[j] = pack.v[k];
+    if (j < span.K) row[j] = pack.v[k];
   }
 }
 
@@ -260,10 +274,10 @@ APL_HD S coefficient(const Args<scalar_t>& a, int64_t r, int j, int y, S label_c
   return j == y ? spread(a, j) + label_c : spread(a, j);
 }
 
+// Whether row z of the logits is read in vector loads.
 template <typename scalar_t>
-APL_HD RowSpan<scalar_t> logits_span(const Args<scalar_t>& a, const scalar_t* z) {
-  const bool vector = a.col_stride == 1;
-  return {static_cast<int>(a.K), vector ? pack_shift(z) : 0, vector};
+APL_HD bool vector_row(const Args<scalar_t>& a, const scalar_t* z) {
+  return a.col_stride == 1 && aligned(z);
 }
 
 // The shared-memory rows of group `group` of a block: logits, then (probability targets) c.
@@ -331,38 +345,38 @@ APL_UNROLL
 // own coefficients in registers.
 template <bool kDense, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
-                          const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row,
+                          const scalar_t* src, int64_t stride, bool vector, const S* c_cached, const RowStats<S>& row,
                           const GradCoefs<S>& gc, S label_c, int y, int state, scalar_t* out) {
-  const bool vector_store = pack_shift(out) == span.shift;
+  const bool vector_store = aligned(out);
   for (int i = 0; i < g.count(); ++i) {
     for (int u = g.lane(i); u < span.units(); u += g.size()) {
-      const Pack<scalar_t> pack = load_unit(src, stride, span, u);
+      const Pack<scalar_t> pack = load_unit(src, stride, vector, span, u);
       Pack<scalar_t> grad;
 APL_UNROLL
       for (int e = 0; e < span.V; ++e) {
         const int j = span.element(u, e);
         grad.v[e] = scalar_t(0);
-        if (j < 0 || j >= span.K) continue;
+        if (j >= span.K) continue;
         const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
         const S p = Math<S>::exp(lp);
         const S c = !kDense ? S(0) : c_cached ? c_cached[j] : coefficient(a, r, j, y, label_c);
         const S value = gradient_element<kDense>(a.params, gc, row, p, lp, c, !kDense && j == y, span.K);
         grad.v[e] = static_cast<scalar_t>(state == kCounted ? value : state == kZero ? S(0) : quiet_nan<S>());
       }
-      store_unit(out, span, u, grad, vector_store);
+      store_unit(out, vector_store, span, u, grad);
     }
   }
 }
 
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
-                          const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row,
+                          const scalar_t* src, int64_t stride, bool vector, const S* c_cached, const RowStats<S>& row,
                           const RowCoefs<S>& k, S total_c, S label_c, int y, int state, scalar_t* out) {
   const GradCoefs<S> gc(a.params, k, total_c, a.dense);
   if (a.dense) {
-    gradient_loop<true>(g, a, r, span, src, stride, c_cached, row, gc, label_c, y, state, out);
+    gradient_loop<true>(g, a, r, span, src, stride, vector, c_cached, row, gc, label_c, y, state, out);
   } else {
-    gradient_loop<false>(g, a, r, span, src, stride, c_cached, row, gc, label_c, y, state, out);
+    gradient_loop<false>(g, a, r, span, src, stride, vector, c_cached, row, gc, label_c, y, state, out);
   }
 }
 
@@ -386,16 +400,16 @@ APL_UNROLL
 // The sums pass (apl_cpu.cpp's term_pass, both terms at once) over a row read from `src`.
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void sum_terms(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
-                      const scalar_t* src, int64_t stride, const S* c_cached, const RowStats<S>& row, S total_c,
-                      S label_c, int y, TermSums<S>* sums) {
+                      const scalar_t* src, int64_t stride, bool vector, const S* c_cached, const RowStats<S>& row,
+                      S total_c, S label_c, int y, TermSums<S>* sums) {
   Sums<S, 4 * kMaxTerms> part[Group::kOwned];
   for (int i = 0; i < g.count(); ++i) {
     for (int u = g.lane(i); u < span.units(); u += g.size()) {
-      const Pack<scalar_t> pack = load_unit(src, stride, span, u);
+      const Pack<scalar_t> pack = load_unit(src, stride, vector, span, u);
 APL_UNROLL
       for (int e = 0; e < span.V; ++e) {
         const int j = span.element(u, e);
-        if (j < 0 || j >= span.K) continue;
+        if (j >= span.K) continue;
         const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
         const S p = Math<S>::exp(lp);
         const S c = !a.dense ? S(0) : c_cached ? c_cached[j] : coefficient(a, r, j, y, label_c);
@@ -455,24 +469,23 @@ APL_HD Sums<S, 2> forward_row(const Group& g, const Args<scalar_t>& a, int64_t r
   Sums<S, 2> out;
   if (r >= a.rows) return out;
   const scalar_t* z = a.logits + r * a.row_stride;
-  const RowSpan<scalar_t> span = logits_span(a, z);
+  const RowSpan<scalar_t> span{static_cast<int>(a.K)};
+  const bool vector = vector_row(a, z);
   // The label is not waited for: nothing of pass 1 but one comparison depends on it.
   const int64_t label = a.labels ? a.labels[r * a.label_stride] : -1;
   const bool ignored = a.labels && label == a.ignore_index;
   const bool in_range = !a.labels || (label >= 0 && label < a.K);
   const int y = a.labels && in_range ? static_cast<int>(label) : -1;  // never an index outside the row
-  scalar_t* cached = cache ? cache + span.shift : nullptr;  // element j at cached[j], units aligned
-  S* c_cached = c_cache ? c_cache + span.shift : nullptr;
   Online<S> online[Group::kOwned];
   Sums<S, 3> extra[Group::kOwned];  // z[y]; sum of c (labels: of the spread); number of c != 0
   for (int i = 0; i < g.count(); ++i) {
     for (int u = g.lane(i); u < span.units(); u += g.size()) {
-      const Pack<scalar_t> pack = load_unit(z, a.col_stride, span, u);
-      if (cached) store_unit(cached, span, u, pack, span.vector);
+      const Pack<scalar_t> pack = load_unit(z, a.col_stride, vector, span, u);
+      if (cache) store_unit(cache, true, span, u, pack);  // shared memory rows are aligned
 APL_UNROLL
       for (int e = 0; e < span.V; ++e) {
         const int j = span.element(u, e);
-        if (j < 0 || j >= span.K) continue;
+        if (j >= span.K) continue;
         const S x = static_cast<S>(pack.v[e]);
         online[i].add(x);
         if (j == y) extra[i].v[0] = x;
@@ -480,7 +493,7 @@ APL_UNROLL
           const S c = a.labels ? spread(a, j) : coefficient(a, r, j, y, S(0));
           extra[i].v[1] += c;
           extra[i].v[2] += c != S(0) ? S(1) : S(0);
-          if (c_cached) c_cached[j] = c;
+          if (c_cache) c_cache[j] = c;
         }
       }
     }
@@ -499,9 +512,9 @@ APL_UNROLL
   RowCoefs<S> k;
   if (state == kCounted) {
     TermSums<S> sums[kMaxTerms];
-    if (a.needs_pass) {
-      sum_terms(g, a, r, span, cached ? cached : z, cached ? 1 : a.col_stride, c_cached, row, total_c, label_c, y,
-                sums);
+    if (a.needs_pass) {  // one call: the sums pass is the largest code of the kernel
+      sum_terms(g, a, r, span, cache ? cache : z, cache ? 1 : a.col_stride, cache || vector, c_cache, row, total_c,
+                label_c, y, sums);
     }
     if (!a.dense) label_terms(a.params, sums_c.v[0], row, label_c, a.K, sums);
     k = row_coefs<S>(a.params, sums, row, total_c, a.K);
@@ -572,8 +585,8 @@ APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   // One-hot rows: label_c = C. Smoothed labels: c[y] = spread + (1 - eps) w[y].
   const S label_c = !a.dense ? record.total_c : counted_label ? a.keep * class_weight(a, y) : S(0);
   const scalar_t* z = a.logits + r * a.row_stride;
-  gradient_pass(g, a, r, logits_span(a, z), z, a.col_stride, static_cast<const S*>(nullptr), row, k, record.total_c,
-                label_c, y, state, a.grad + r * a.K);
+  gradient_pass(g, a, r, RowSpan<scalar_t>{static_cast<int>(a.K)}, z, a.col_stride, vector_row(a, z),
+                static_cast<const S*>(nullptr), row, k, record.total_c, label_c, y, state, a.grad + r * a.K);
 }
 
 // ------------------------------------------------------------------ launch plan (host)
@@ -596,7 +609,7 @@ inline Launch plan_launch(int64_t rows, int64_t K, int V, int element_size, int 
   const int64_t units = (K + V - 1) / V;
   Launch l{};
   l.group = forced ? forced : units <= 16 ? 4 : units <= 512 ? kWarp : kBlockThreads;
-  l.cache_row = (K + 2 * V - 2) / V * V;  // shift + K <= K + V - 1 elements, in whole packs
+  l.cache_row = units * V;  // whole packs: every row's cache is aligned
   const int64_t row_bytes = l.cache_row * (element_size + (probabilities ? acc_size : 0));
   const auto block_bytes = [&] { return kBlockThreads / l.group * row_bytes; };
   if (second_read && shared_limit > 0) {

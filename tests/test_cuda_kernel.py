@@ -155,29 +155,54 @@ LAYOUT_K = (2, 3, 4, 5, 7, 8, 9, 31, 33, 64, 65, 127, 129, 513, 1025, 2049)
 
 @pytest.mark.parametrize("group", (4, 32, 512))
 def test_every_row_length_alignment_and_stride_in_every_group(group, emulated, seed):
-    """Ragged K against every group size, rows starting off a pack boundary (shift 1..3, so that
-    the first and last units are partial), strided rows (element by element), rows kept in shared
-    memory or read again, index and probability targets: float64 (exact math, so that any element
-    read twice, skipped or misplaced shows) and float32 (packs of 4) for the losses whose float32
-    gradient does not cancel (nce+rce's loses ~1e-2 of its row's largest element in float32 in
-    every kernel, the C++ one's included)."""
+    """Ragged K against every group size, rows starting off a pack boundary (so that first and
+    last units are partial), strided rows (read element by element), rows kept in shared memory or
+    read again, index and probability targets, weights and smoothing. In float64 (packs of 2;
+    exact math, so that an element read twice, skipped or misplaced shows) for every loss here, and
+    in float32 (packs of 4, shifts 0..3) for nfl+nnfl, whose float32 gradient does not cancel
+    (others lose up to ~1e-2 of a confident row's largest element in float32 in every kernel, the
+    C++ one included: the parity test above holds them to the suite's rule)."""
     for i, k in enumerate(LAYOUT_K):
-        name, params = LAYOUT_LOSSES[(i + group) % len(LAYOUT_LOSSES)]
-        dtype = torch.float32 if i % 2 and name != "nce+rce" else torch.float64
-        n = 5
-        offset = i % 4
-        base = random_logits(n, 2 * k + 4, seed + i, dtype=dtype, spread=False)
-        z = base[:, offset:offset + k] if i % 3 else base[:, offset:offset + 2 * k:2]  # shifted, or strided
-        probabilities = i % 2 == 1
-        target = random_probabilities(n, k, seed + i) if probabilities else random_target(n, k, seed + i)
-        weight = random_weight(k, seed + i)
-        smoothing = 0.1 if i % 4 == 1 else 0.0
-        upstream = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(seed + i))
-        for shared in (SHARED, 0):
-            with launch(group, shared, seed + i):
-                got = emulate(z, target, name, "none", upstream, weight, smoothing, params=params)
+        for dtype, (name, params) in ((torch.float64, LAYOUT_LOSSES[(i + group) % len(LAYOUT_LOSSES)]),
+                                      (torch.float32, ("nfl+nnfl", {}))):
+            n = 5
+            offset = i % 4
+            base = random_logits(n, 2 * k + 4, seed + i, dtype=dtype, spread=False)
+            z = base[:, offset:offset + k] if i % 3 else base[:, offset:offset + 2 * k:2]  # shifted, or strided
+            target = random_probabilities(n, k, seed + i) if i % 2 else random_target(n, k, seed + i)
+            weight = random_weight(k, seed + i)
+            smoothing = 0.1 if i % 4 == 1 else 0.0
+            upstream = torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(seed + i))
             want = reference(z, target, name, "none", upstream, weight, smoothing, params=params)
-            assert_close_to_reference((got[0], got[2]), want, 1e-9 if dtype == torch.float64 else 1e-4)
+            for shared in (SHARED, 0):
+                with launch(group, shared, seed + i):
+                    got = emulate(z, target, name, "none", upstream, weight, smoothing, params=params)
+                assert_close_to_reference((got[0], got[2]), want, 1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_every_layout_gives_the_same_bits(emulated, seed):
+    """A lane's elements depend on their index alone, so contiguous, shifted (rows off the vector
+    alignment), strided and transposed copies of the logits and of probability targets give the
+    same bits, as test_backends asks of every kernel."""
+    for k in (10, 11, 100, 2051):
+        n = 6
+        z = random_logits(n, k, seed, dtype=torch.bfloat16 if k == 100 else torch.float32)
+        t = random_probabilities(n, k, seed).float()
+
+        def copies(x):
+            views = [torch.zeros(n, 2 * k + 4, dtype=x.dtype)[:, offset:offset + k] for offset in (1, 2, 3)]
+            views += [torch.zeros(n, 2 * k, dtype=x.dtype)[:, ::2], torch.zeros(k, n, dtype=x.dtype).t()]
+            for view in views:
+                view.copy_(x)
+            return views
+
+        for target, targets in ((random_target(n, k, seed), None), (t, copies(t))):
+            for reduction, upstream in (("none", torch.ones(n)), ("mean", torch.tensor(1.0))):
+                want = emulate(z, target, "nfl+rce", reduction, upstream, label_smoothing=0.1)
+                for i, view in enumerate(copies(z)):
+                    got = emulate(view, target if targets is None else targets[i], "nfl+rce", reduction, upstream,
+                                  label_smoothing=0.1)
+                    assert all(torch.equal(g, w) for g, w in zip(got, want)), (k, i, reduction)
 
 
 def test_shared_memory_rows_change_nothing(emulated, seed):
@@ -245,6 +270,40 @@ def test_ignored_and_out_of_range_labels(emulated, seed):
                 assert_close_to_reference((loss[good], grad[good]), want, 1e-9)
                 assert total.isnan()
                 assert stats[0, 1] == float("inf") and stats[-1, 0] == 1  # a zero row; sum divides by 1
+
+
+def test_masked_extreme_and_undefined_rows(emulated, seed):
+    """-inf logits (a masked class; a row of them is undefined), maxima of -0 and +0 in different
+    lanes (the lanes of a reduction must agree bit for bit), |z| = 1e4, p[y] == 1, and NaN and
+    +inf logits (NaN rows, never a clamp's number), in every group size. With dense targets a
+    masked class has a coefficient, and the losses whose sums then meet -inf are NaN in the
+    reference too: NaN where it is NaN."""
+    k = 40
+    z = random_logits(8, k, seed, spread=False) - 20
+    z[1, :] = -30.0
+    z[1, 0], z[1, 37] = -0.0, 0.0  # the max, as -0 and +0 in different lanes
+    z[:, 3] = float("-inf")
+    z[2, 0], z[3, 1] = 1e4, -1e4
+    z[4, :8] = torch.tensor([30.0, -30.0, 0, float("-inf"), 0, 0, 0, 0])
+    z[5, 2], z[6, 4], z[7] = float("nan"), float("inf"), float("-inf")
+    y = torch.tensor([0, 0, 2, 4, 0, 7, 1, 2])
+    undefined = torch.tensor([5, 6, 7])
+    defined = torch.tensor([0, 1, 2, 3, 4])
+    for name, params in (("nce+rce", {}), ("nfl+nnfl", {}), ("ngce", {}), ("nce+agce", {}), ("gce+nce", {})):
+        for group in (4, 32, 512):
+            for target, smoothing in ((y, 0.0), (y, 0.1), (random_probabilities(8, k, seed), 0.0)):
+                with launch(group, SHARED, seed):
+                    loss, _, grad = emulate(z, target, name, "none", torch.ones(8, dtype=z.dtype), None, smoothing,
+                                            params=params)
+                want = reference(z[defined], target[defined], name, "none", torch.ones(5, dtype=z.dtype), None,
+                                 smoothing, params=params)
+                for got, expected in zip((loss[defined], grad[defined]), want):  # as test_backends' masked test
+                    atol = 1e-9 * expected.abs().nan_to_num(0).max().item()
+                    torch.testing.assert_close(got, expected, rtol=1e-9, atol=atol, equal_nan=True)
+                if target is y and not smoothing:
+                    assert torch.isfinite(loss[defined]).all() and torch.isfinite(grad[defined]).all()
+                    assert torch.all(grad[defined][:, 3] == 0)
+                assert loss[undefined].isnan().all() and grad[undefined].isnan().all()
 
 
 def test_gradient_modes(emulated, seed):

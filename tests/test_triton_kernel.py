@@ -106,7 +106,10 @@ def test_launch_table():
                 assert launch.block & (launch.block - 1) == 0 and launch.warps & (launch.warps - 1) == 0
                 # Whole rows up to the on-chip limit, else chunks; several rows a program at small K.
                 assert launch.chunked == (triton.next_power_of_2(k) > on_chip)
-                assert launch.block == (triton_backend.CHUNK[wide] if launch.chunked else triton.next_power_of_2(k))
+                chunk = min(triton_backend.CHUNK[wide], on_chip)
+                assert launch.block == (chunk if launch.chunked else triton.next_power_of_2(k))
+                backward = triton_backend.launch_config(k, dtype, dense, backward=True)
+                assert backward.block == min(launch.block, chunk) and backward.chunked == (k > backward.block)
                 assert launch.rows == 1 or launch.rows * launch.block == 4 * 32 * triton_backend.PER_THREAD[wide]
                 # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program).
                 per_thread = launch.rows * launch.block // (32 * launch.warps)
@@ -156,7 +159,7 @@ def test_chunked_rows_match_the_reference(name, params, small_tiles, seed):
     for j, (dtype, mode, reduction) in enumerate([(torch.float64, "index", "mean"), (torch.float32, "weighted", "none"),
                                                   (torch.float64, "smoothed", "sum"),
                                                   (torch.float32, "probabilities", "mean")]):
-        k = 100 if mode in ("index", "weighted") else 50  # 7 chunks of 16, or 7 of 8 (dense)
+        k = 100 if mode in ("index", "weighted") else 50  # chunks of 16 (8 in float64), the last partial
         z = random_logits(3, k, seed + j, dtype=dtype)
         target, options = make_target(mode, 3, k, seed + j)
         assert triton_backend.launch_config(k, dtype, mode in ("smoothed", "probabilities")).chunked
@@ -219,7 +222,7 @@ def test_the_reduction_counter_is_reset_and_kept(seed):
     counters = dict(triton_backend._COUNTERS)
     assert counters and all(int(c) == 0 for c in counters.values())
     second = torch.ops.apl.triton_loss(z, y, None, *args)[0]
-    assert torch.equal(first, second) and triton_backend._COUNTERS == counters
+    assert torch.equal(first, second) and all(triton_backend._COUNTERS[key] is c for key, c in counters.items())
 
 
 # ---------------------------------------------------------------- launches, bytes, device
@@ -408,8 +411,10 @@ def test_bytes_moved_match_the_docs_table(launches, monkeypatch, small_tiles, se
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_auto_picks_triton_for_cuda_tensors():
+def test_auto_picks_triton_for_cuda_tensors_and_the_op_refuses_cpu_tensors():
     assert backends.resolve("auto", "cuda").name == "triton"
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        torch.ops.apl.triton_loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), None, *op_arguments("ce"))
 
 
 # ---------------------------------------------------------------- without the interpreter: sm_90
@@ -438,6 +443,7 @@ from apl_kernels.catalogue import make_spec
 from apl_kernels.options import CallOptions
 tb.INTERPRETED = True  # the ops' checks then take CPU tensors
 launches = []
+wrapped_launch = tb._launch
 tb._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
 
 def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, **params):
@@ -466,28 +472,37 @@ def resources(kernel):
             if value.isdigit()}
 
 def compile_all(config):
-    kernels = []
-    for kernel, grid, args, meta in call(*config):
-        compiled = kernel.run(*args, grid=grid, warmup=True, **meta)
-        kernels.append((kernel, compiled, meta))
-    return kernels
+    return [(kernel, kernel.run(*args, grid=grid, warmup=True, **meta), meta)
+            for kernel, grid, args, meta in call(*config)]
 
 for config in json.loads(sys.argv[1]):
-    for kernel, compiled, meta in compile_all(config):
+    for kernel, binary, meta in compile_all(config):
         print(json.dumps({"config": config, "kernel": kernel.fn.__name__, "warps": meta["num_warps"],
-                          "block": meta["BLOCK_K"], "rows": meta["ROWS"], **resources(compiled)}), flush=True)
+                          "block": meta["BLOCK_K"], "rows": meta["ROWS"], **resources(binary)}), flush=True)
 # Floats and ignore_index never change the specialization: weights and gamma of 0.0 (whose bits
 # would otherwise be an i32), ignore_index 1 (an int equal to 1 would otherwise be a constant).
-kernel = tb._forward_kernel
-assert {p.name for p in kernel.params if p.do_not_specialize} == set(tb.UNSPECIALIZED), kernel.do_not_specialize
-compiled = lambda: sum(len(cache[0]) for cache in kernel.device_caches.values())
-before = compiled()
+forward = tb._forward_kernel
+assert {p.name for p in forward.params if p.do_not_specialize} == set(tb.UNSPECIALIZED), forward.do_not_specialize
+binaries = lambda: sum(len(cache[0]) for cache in forward.device_caches.values())
+before = binaries()
 for params, ignore_index in (({"gamma": 0.0, "alpha": 0.0}, 1), ({"gamma": 3.5, "beta": 1e-300}, -2**40)):
-    for forward, grid, args, meta in call(*json.loads(sys.argv[1])[0], ignore_index=ignore_index, **params):
-        if forward is kernel:
-            forward.run(*args, grid=grid, warmup=True, **meta)
-assert compiled() == before, (before, compiled())
-print("stable ok")
+    for kernel, grid, args, meta in call(*json.loads(sys.argv[1])[0], ignore_index=ignore_index, **params):
+        if kernel is forward:
+            kernel.run(*args, grid=grid, warmup=True, **meta)
+assert binaries() == before, (before, binaries())
+# What torch.compile traces first: the triton_ops on fake CUDA tensors, through wrap_triton's HOP.
+from torch._subclasses.fake_tensor import FakeTensorMode
+tb._launch = wrapped_launch
+with FakeTensorMode():
+    z = torch.empty(64, 1000, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(64, dtype=torch.long, device="cuda")
+    for reduction, shape in (("none", (64,)), ("mean", ())):
+        args = fused.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), fused.GRAD_IN_BACKWARD)
+        loss, stats = torch.ops.apl.triton_loss(z, y, None, *args)
+        assert loss.shape == shape and loss.dtype == torch.float32 and stats.shape == (65, fused.STATS)
+        grad = torch.ops.apl.triton_loss_backward(z, y, None, stats, torch.ones(shape, device="cuda"), *args)
+        assert grad.shape == z.shape and grad.dtype == z.dtype and grad.device.type == "cuda"
+print("stable and traced ok")
 """
 
 
@@ -508,15 +523,16 @@ has_ptxas = pytest.mark.skipif(
     not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
     and shutil.which("ptxas") is None, reason="no ptxas to compile for a GPU")
 
-# The specializations that matter: the on-chip limit of each accumulation dtype with the heaviest
-# pair (32 warps for float32: a 64-register cap), a chunked vocabulary-sized row, dense targets at
-# their limit, small rows tiled several to a program, the gradient in forward: (name, dtype, K,
-# target, reduction, grad mode).
+# The specializations that matter, with the heaviest losses: each on-chip limit of the launch table
+# (float32 one-hot at 32 warps, a 64-register cap; dense; float64), chunked vocabulary-sized rows,
+# small rows tiled several to a program, the gradient in forward, an evaluation forward:
+# (name, dtype, K, target, reduction, grad mode).
 COMPILE_CONFIGS = [
     ("nfl+nnfl", "float32", 16000, "index", "mean", fused.GRAD_IN_BACKWARD),
     ("nfl+nnfl", "bfloat16", 50257, "index", "mean", fused.GRAD_IN_BACKWARD),
-    ("ngce+rce", "float64", 4000, "index", "sum", fused.GRAD_IN_BACKWARD),
-    ("nce+agce", "float32", 8000, "probabilities", "mean", fused.GRAD_IN_BACKWARD),
+    ("nfl+nnfl", "float64", 2000, "index", "sum", fused.GRAD_IN_BACKWARD),
+    ("nfl+rce", "float64", 50000, "index", "mean", fused.GRAD_IN_BACKWARD),
+    ("nfl+rce", "float32", 4000, "probabilities", "mean", fused.GRAD_IN_BACKWARD),
     ("nce+aul", "float16", 10, "index", "none", fused.GRAD_IN_BACKWARD),
     ("fl+nrce", "float32", 1000, "smoothed", "sum", fused.GRAD_IN_FORWARD),
     ("ce", "float64", 50000, "index", "mean", fused.NO_GRAD),
@@ -527,15 +543,19 @@ COMPILE_CONFIGS = [
 @has_ptxas
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter runs the kernels' Python, not Triton's compiler: compile the main
-    specializations to sm_90 cubins through the ops' own host code, and check that none spills
-    (ptxas's stack frame is 0) and that argument values do not change the specialization."""
+    specializations to sm_90 cubins through the ops' own host code, check that none spills from
+    register pressure, that argument values do not change the specialization, and that the ops
+    trace on fake CUDA tensors as torch.compile traces them."""
     out = run_script(COMPILE_SCRIPT, json.dumps(COMPILE_CONFIGS))
     kernels = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(kernels) == sum(1 + (c[-1] == fused.GRAD_IN_BACKWARD) for c in COMPILE_CONFIGS), out
-    assert "stable ok" in out, out
+    assert "stable and traced ok" in out, out
     for kernel in kernels:
-        assert kernel["STACK"] == 0 and kernel["LOCAL"] == 0, kernel  # no spills
-        assert kernel["REG"] <= 65536 // (32 * kernel["warps"]), kernel
+        cap = min(255, 65536 // (32 * kernel["warps"]))
+        assert kernel["REG"] <= cap and kernel["LOCAL"] == 0, kernel
+        # No spill from register pressure: ptxas may keep fewer registers than the cap and spill a
+        # few bytes to fit one more program per SM (its occupancy choice), never spill at the cap.
+        assert kernel["STACK"] == 0 or kernel["REG"] < cap, kernel
 
 
 ACCESS_SCRIPT = STUB_DRIVER + """

@@ -410,17 +410,13 @@ def _gradient(record, label, z_y, scale, kf, prm, BASE0: tl.constexpr, BASE1: tl
 
 
 @triton.jit
-def _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread,
-            ACC: tl.constexpr):
-    """Params from FLOAT_ARGS's float64 bits (as int64: the interpreter passes small ones as int32)."""
-    F64: tl.constexpr = tl.float64
-    return Params(w0.to(tl.int64).to(F64, bitcast=True).to(ACC), w1.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  gamma.to(tl.int64).to(F64, bitcast=True).to(ACC), q.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  a.to(tl.int64).to(F64, bitcast=True).to(ACC), log_min_prob.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  clamp_min_powered.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  nnfl_b.to(tl.int64).to(F64, bitcast=True).to(ACC), agce_top.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  aul_bottom.to(tl.int64).to(F64, bitcast=True).to(ACC), keep.to(tl.int64).to(F64, bitcast=True).to(ACC),
-                  spread.to(tl.int64).to(F64, bitcast=True).to(ACC))
+def _params(bits, ACC: tl.constexpr):
+    """Params from FLOAT_ARGS's float64 bits (made int64 first: the interpreter passes small ones as
+    int32)."""
+    values = ()
+    for i in tl.static_range(len(bits)):
+        values = values + (bits[i].to(tl.int64).to(tl.float64, bitcast=True).to(ACC),)
+    return Params(*values)
 
 
 @triton.jit
@@ -479,6 +475,29 @@ def _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_row, st
 
 
 @triton.jit
+def _tile(logits_ptr, target_ptr, weight_ptr, rows, row_ok, start, K, strides, label, prm, PROBS: tl.constexpr,
+          WEIGHTED: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile's logits and, for dense rows, coefficients (one-hot rows get z back as c, unused)."""
+    z = _logits(logits_ptr, rows, row_ok, start, K, strides[0], strides[1], ACC, BLOCK_K)
+    c = z
+    if DENSE:
+        c = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, strides[2], strides[3], label, prm.keep,
+                          prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
+    return z, c
+
+
+@triton.jit
+def _load_record(stats_ptr, rows, row_ok):
+    """The rows' Records, a field at a time: (the columns of a (ROWS, STATS) tile would come out of
+    its reduction in another layout, and be converted at full tile width where they are broadcast)."""
+    at = stats_ptr + rows * STATS
+    return Record(tl.load(at, mask=row_ok, other=0.0), tl.load(at + 1, mask=row_ok, other=0.0),
+                  tl.load(at + 2, mask=row_ok, other=0.0), tl.load(at + 3, mask=row_ok, other=0.0),
+                  tl.load(at + 4, mask=row_ok, other=0.0), tl.load(at + 5, mask=row_ok, other=0.0),
+                  tl.load(at + 6, mask=row_ok, other=0.0), tl.load(at + 7, mask=row_ok, other=0.0))
+
+
+@triton.jit
 def _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC: tl.constexpr):
     y = tl.where(label.in_range, label.y, 0)
     return tl.load(logits_ptr + rows * stride_row + y * stride_col, mask=label.kept & label.in_range,
@@ -505,8 +524,10 @@ def _forward_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
+    strides = (stride_row, stride_col, stride_target_row, stride_target_col)
     z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
-    prm = _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread, ACC)
+    bits = (w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread)
+    prm = _params(bits, ACC)
     kf = K.to(ACC)
     label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, prm.keep, PROBS, WEIGHTED,
                    ACC)
@@ -530,7 +551,8 @@ def _forward_kernel(
     shifted = tl.sum(tl.where((cols < K)[None, :], z - ref[:, None], 0.0), 1)
     if CHUNKED:
         for start in range(BLOCK_K, K, BLOCK_K):
-            zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+            zc, cc = _tile(logits_ptr, target_ptr, weight_ptr, rows, row_ok, start, K, strides, label, prm, PROBS,
+                           WEIGHTED, DENSE, ACC, BLOCK_K)
             new_max = tl.maximum(max_z, tl.max(zc, 1))
             new_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
             s = s * tl.exp(max_z - new_ref) + tl.sum(tl.exp(zc - new_ref[:, None]), 1)
@@ -539,8 +561,6 @@ def _forward_kernel(
             max_z = new_max
             ref = new_ref
             if DENSE:
-                cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                   stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
                 total_c += tl.sum(cc, 1)
                 nonzero += tl.sum((cc != 0.0).to(tl.int32), 1)
     # A softmax is undefined when a logit is NaN or +inf or every logit is -inf: NaN row, as
@@ -561,11 +581,8 @@ def _forward_kernel(
             chunks = tl.cdiv(K, BLOCK_K)
             for i in range(0, chunks):
                 start = (chunks - 1 - i) * BLOCK_K
-                zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
-                cc = zc
-                if DENSE:
-                    cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                       stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
+                zc, cc = _tile(logits_ptr, target_ptr, weight_ptr, rows, row_ok, start, K, strides, label, prm, PROBS,
+                               WEIGHTED, DENSE, ACC, BLOCK_K)
                 valid = row_ok[:, None] & (start + cols < K)[None, :]
                 is_label = (start + cols)[None, :] == label.y[:, None]
                 lp = (zc - max_z[:, None]) - log_s[:, None]
@@ -628,11 +645,8 @@ def _forward_kernel(
         g = _gradient(record, label, z_y, scale, kf, prm, BASE0, BASE1, DENSE, OFFICIAL)
         if CHUNKED:
             for start in range(0, K, BLOCK_K):
-                zc = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
-                cc = zc
-                if DENSE:
-                    cc = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row,
-                                       stride_target_col, label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
+                zc, cc = _tile(logits_ptr, target_ptr, weight_ptr, rows, row_ok, start, K, strides, label, prm, PROBS,
+                               WEIGHTED, DENSE, ACC, BLOCK_K)
                 _store_gradient(saved_ptr, rows, row_ok, start, K, zc, cc, label.y, g, kf, prm, BASE0, BASE1, DENSE,
                                 OFFICIAL, BLOCK_K)
         else:
@@ -698,7 +712,6 @@ def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, RE
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
-
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _backward_kernel(
     logits_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, grad_ptr,
@@ -714,40 +727,32 @@ def _backward_kernel(
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
+    strides = (stride_row, stride_col, stride_target_row, stride_target_col)
     if not CHUNKED:
         z = _logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
-    prm = _params(w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread, ACC)
+    bits = (w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread)
+    prm = _params(bits, ACC)
     kf = K.to(ACC)
     label = _label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, prm.keep, PROBS, WEIGHTED,
                    ACC)
-    # The rows' Records as one (ROWS, STATS) tile (32 or 64 contiguous bytes a row), then its columns.
-    j = tl.arange(0, STATS)[None, :]
-    stats = tl.load(stats_ptr + rows[:, None] * STATS + j, mask=row_ok[:, None], other=0.0)
-    record = Record(tl.sum(tl.where(j == 0, stats, 0.0), 1), tl.sum(tl.where(j == 1, stats, 0.0), 1),
-                    tl.sum(tl.where(j == 2, stats, 0.0), 1), tl.sum(tl.where(j == 3, stats, 0.0), 1),
-                    tl.sum(tl.where(j == 4, stats, 0.0), 1), tl.sum(tl.where(j == 5, stats, 0.0), 1),
-                    tl.sum(tl.where(j == 6, stats, 0.0), 1), tl.sum(tl.where(j == 7, stats, 0.0), 1))
+    record = _load_record(stats_ptr, rows, row_ok)
     upstream = tl.load(upstream_ptr + rows * stride_upstream, mask=row_ok, other=0.0).to(ACC)
     scale = upstream / tl.load(stats_ptr + R * STATS)
     z_y = tl.full(scale.shape, 0.0, scale.dtype)
     if not DENSE:
         z_y = _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)
     g = _gradient(record, label, z_y, scale, kf, prm, BASE0, BASE1, DENSE, OFFICIAL)
-    if CHUNKED:
-        for start in range(0, K, BLOCK_K):
-            z = _logits(logits_ptr, rows, row_ok, start, K, stride_row, stride_col, ACC, BLOCK_K)
+    for start in range(0, K, BLOCK_K):  # one tile unless the row is chunked
+        if CHUNKED:
+            z, c = _tile(logits_ptr, target_ptr, weight_ptr, rows, row_ok, start, K, strides, label, prm, PROBS,
+                         WEIGHTED, DENSE, ACC, BLOCK_K)
+        else:
             c = z
             if DENSE:
-                c = _coefficients(target_ptr, weight_ptr, rows, row_ok, start, K, stride_target_row, stride_target_col,
+                c = _coefficients(target_ptr, weight_ptr, rows, row_ok, 0, K, stride_target_row, stride_target_col,
                                   label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
-            _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
-                            BLOCK_K)
-    else:
-        c = z
-        if DENSE:
-            c = _coefficients(target_ptr, weight_ptr, rows, row_ok, 0, K, stride_target_row, stride_target_col,
-                              label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
-        _store_gradient(grad_ptr, rows, row_ok, 0, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL, BLOCK_K)
+        _store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
+                        BLOCK_K)
 
 
 # ---------------------------------------------------------------- the launch table
@@ -757,11 +762,12 @@ MAX_WARPS = 32
 # Per accumulation dtype (float32, float64): elements of the logits a thread holds (registers: a
 # float64 takes two), rows of at most ON_CHIP classes (ON_CHIP_DENSE with coefficients held beside
 # them) kept in registers from their one read to their last use, and the chunk that longer rows
-# stream through. docs/kernels.md ("Triton", "Launch table") gives the reasoning.
+# stream through (for dense rows, at most their limit). docs/kernels.md ("Triton", "Launch table")
+# gives the reasoning and the sm_90 register counts they were chosen by.
 PER_THREAD = {False: 16, True: 8}
-ON_CHIP = {False: 16384, True: 4096}
-ON_CHIP_DENSE = {False: 8192, True: 2048}
-CHUNK = {False: 8192, True: 4096}
+ON_CHIP = {False: 16384, True: 2048}
+ON_CHIP_DENSE = {False: 4096, True: 1024}
+CHUNK = {False: 8192, True: 2048}
 
 
 class Launch(NamedTuple):
@@ -779,9 +785,10 @@ def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, bac
     wide = dtype == torch.float64
     block = triton.next_power_of_2(num_classes)
     limit = (ON_CHIP_DENSE if dense else ON_CHIP)[wide]
-    chunked = block > (min(limit, CHUNK[wide]) if backward else limit)
+    chunk = min(CHUNK[wide], limit)  # dense chunks hold their coefficients too: no larger than their limit
+    chunked = block > (chunk if backward else limit)
     if chunked:
-        block = CHUNK[wide]
+        block = chunk
     tile = WARP * PER_THREAD[wide] * 4  # small rows: four warps of them per program
     rows = max(1, tile // block)
     warps = min(MAX_WARPS, max(1, rows * block // (WARP * PER_THREAD[wide])))

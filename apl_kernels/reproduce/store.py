@@ -2,8 +2,8 @@
 interrupted writes removed, and one lock per run so that processes sharing a directory never train
 the same run at the same time.
 
-* :func:`write` writes a file atomically (apl_kernels.files) with the mode the umask gives new
-  files (not mkstemp's 0600) and turns an ``OSError`` (disk full, quota) into :class:`WriteError`,
+* :func:`write` writes a file atomically (apl_kernels.files, with the mode the umask gives new
+  files) and turns an ``OSError`` (disk full, quota) into :class:`WriteError`,
   one line naming the file.
 * :func:`move_aside` renames a damaged file to ``<name>.corrupt`` (kept for inspection) and warns.
 * :func:`remove_stale_temporaries` removes the ``*.tmp`` files of interrupted atomic writes.
@@ -41,26 +41,13 @@ def warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def file_mode() -> int:
-    """The mode the umask gives a new file (what ``open(path, "w")`` would create)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write(path: Path, write_to: Callable[[BinaryIO], object], kept: str = "") -> None:
     """Write ``path`` atomically through ``write_to(file)``; :class:`WriteError` on failure.
 
     ``kept`` is added to the error: what the failure leaves intact (the previous file always is).
     """
-    mode = file_mode()
-
-    def with_mode(f: BinaryIO) -> None:
-        os.fchmod(f.fileno(), mode)
-        write_to(f)
-
     try:
-        files.atomic_write(Path(path), with_mode)
+        files.atomic_write(Path(path), write_to)
     except OSError as err:
         raise WriteError(f"could not write {path} ({err.strerror or err}){kept}") from None
 
@@ -184,7 +171,7 @@ class RunLock:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex(),
                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, file_mode())
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, files.file_mode())
         except FileExistsError:
             current = cls.read_owner(path)
             if current is not None and not cls.stale(path, current):
