@@ -14,8 +14,10 @@ catalogue.
 * ``none``: the upstream gradient is per row and only known in backward, so backward recomputes
   the logits chunk by chunk (forward computes the losses only).
 * Both passes are ``torch.library`` custom ops (``apl::linear_loss`` and
-  ``apl::linear_loss_backward``) with fakes and autograd: ``torch.compile(fullgraph=True)`` sees
-  one opaque op, and the loop never enters a graph.
+  ``apl::linear_loss_backward``) with fakes, so ``torch.compile(fullgraph=True)`` sees one opaque op
+  and the loop never enters a graph; and with vmap rules (one call per batch element), so that
+  ``torch.func.vmap`` runs through them. Their autograd is an ``autograd.Function`` with
+  ``setup_context``, which ``torch.func.grad`` (and ``vmap`` of it: per-sample gradients) requires.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from .functional import bind, compute, formula, signature_of, title
 from .options import DEFAULTS, FLOAT_DTYPES, CallOptions, check_target_range, check_weight
 from .reference import accumulation_dtype
 
-# CPU chunks: a fixed number of rows, chosen by matmul efficiency, not by cache. Every chunk's three
+# CPU chunks: a fixed number of rows, chosen by matmul efficiency, not by cache. Each chunk's three
 # matmuls stream the whole weight (K x H) and its gradient (read and written) for 6 R K H flops: about
-# 0.4 R flops per byte whatever K is, and 2 cores (~60 GFLOP/s, ~10-20 GB/s) need R in the hundreds to
-# stay compute bound. Measured (bench/results/linear-cpu.md, "Chunk size"; N = 2048, H = 1024,
-# K = 32000, float32, forward + backward, against materializing the logits: 8.5 s): 64 rows 12.8 s,
-# 128 rows 9.8 s, 256 rows 8.3 s, 512 rows 7.7 s, 1024 rows 7.8 s (timings of this shared machine vary
-# by 20 %). 256 rows is the smallest at the materialized path's speed; its logits and gradient take
-# 2 KiB per class (64 MiB at K = 32000: no chunk worth computing fits the 32 MiB L3 at such K, so the
-# cache does not decide), 1/16 of the materialized 1 GiB at N = 4096 (512 rows would be 1/8).
+# 0.4 R flops per byte whatever K is, so the rows, not the bytes, decide; and at such K no chunk worth
+# computing fits the 32 MiB L3 (256 rows of logits and gradient take 2 KiB per class). Measured on 2
+# cores of an AMD EPYC (bench/results/linear-cpu.md, "Chunk size"; H = 1024, float32, forward +
+# backward, time against materializing the logits in the same rounds; this shared machine's timings
+# vary by 20 % and more): at N = 1024, K = 128000, 64 rows 1.38x, 128 rows 1.09x, 256 rows 1.11x,
+# 512 rows 1.04x; at N = 4096, K = 32000, 128 to 1024 rows all within 4 % (another run of 4 rounds:
+# 256 rows 1.09x, 384 rows 1.07x, 512 rows 1.05x). Below 128 rows the weight traffic shows; 256 rows
+# keeps within ~10 % of the materialized time with a peak of 1/16 of its memory at N = 4096, K = 32000
+# (512 rows would be 1/8).
 CPU_CHUNK_ROWS = 256
 # CUDA chunks: Liger-Kernel's bound, the chunk's logits no larger than the hidden states (N x H
 # elements, so the transient memory is of the order of the input whatever K is), but at least
@@ -230,9 +234,7 @@ class _LinearLoss(torch.autograd.Function):
                                "nested torch.func.grad); use backend='torch'")
         if ctx.reduced:
             grads = ctx.saved_tensors
-            # (is_compiling first: Dynamo traces this backward and must not reach the checks after it.)
-            if not torch.compiler.is_compiling() and not torch.is_grad_enabled() \
-                    and fused._released_after_this_backward(grad_loss):
+            if fused._released_after_this_backward(grad_loss):
                 # Nothing reads the saved gradients after this: hand them out, scaled in place if need be.
                 if not fused._is_exactly_one(grad_loss):
                     grads = tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
@@ -291,21 +293,13 @@ def _constant_call(name: str, params: tuple, reduction: str, ignore_index: int, 
                    backend: str) -> tuple[LossSpec, CallOptions]:
     """The spec and options of a call, for code that torch.compile traces: Dynamo cannot trace their
     checks, so it calls this once and keeps both as constants."""
-    return _make_spec(name, **dict(params)), CallOptions(reduction, ignore_index, label_smoothing, backend)
-
-
-def _make_spec(name: str, **params) -> LossSpec:
-    """make_spec, with the cached properties that the op's arguments read filled in (Dynamo cannot
-    fill them: they take a lock)."""
-    spec = make_spec(name, **params)
-    fused.op_arguments(spec, DEFAULTS, fused.NO_GRAD)
-    return spec
+    return make_spec(name, **dict(params)), CallOptions(reduction, ignore_index, label_smoothing, backend)
 
 
 @torch.compiler.assume_constant_result
 def _backend_name(backend: str, device_type: str) -> str:
-    """The backend that computes for ``device_type``, resolved (and loaded: a C++ extension may
-    compile) outside any graph that torch.compile traces."""
+    """The name of the backend that computes for ``device_type``, a constant to torch.compile (a
+    backend must be loaded before a compiled first call: backends.preload, or LinearLoss)."""
     return backends.resolve(backend, device_type).name
 
 
@@ -345,10 +339,13 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
         output: a scalar for ``'mean'`` and ``'sum'``, (N) for ``'none'``, in hidden's dtype.
         The loss math runs in float32 (float64 for float64 inputs); the matmuls run in the inputs'
         dtype (bf16 matmuls accumulate in float32 and feed bf16 logits to the loss, whose
-        arithmetic is float32), as ``F.linear`` followed by a fused loss would.
+        arithmetic is float32), as ``F.linear`` followed by a fused loss would; under
+        ``torch.autocast`` in the autocast dtype, and the loss is float32.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (not to ``target`` or ``class_weight``);
-    fused backends support no double backward. Works under ``torch.compile(fullgraph=True)``.
+    fused backends support no double backward. Works under ``torch.compile(fullgraph=True)`` (with
+    ``dynamic=True``, use the module form: the functional form's options must be constants),
+    ``torch.func.grad`` and ``torch.func.vmap`` of it (per-sample gradients).
 
     Example::
 
@@ -374,8 +371,7 @@ def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | 
         target = target.long()
         # Positions in the whole batch (the C++ op would name one in its chunk). Not while traced or
         # under a torch.func transform, where labels have no values to read: the op checks them then.
-        if hidden.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and torch._C._functorch.peek_interpreter_stack() is None:
+        if hidden.device.type == "cpu" and not torch.compiler.is_compiling() and not fused._in_transform():
             check_target_range(target, weight.shape[0], options.ignore_index)
     # Under autocast, as F.linear then a loss: matmuls in the autocast dtype, the loss in float32.
     autocast = hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(hidden.device.type)
@@ -416,10 +412,11 @@ class LinearLoss(nn.Module):
         super().__init__()
         self.options = CallOptions(reduction, ignore_index, label_smoothing, backend)
         backends.check_name(backend)
+        backends.preload(backend)  # now rather than in a first call that torch.compile may trace
         check_weight(class_weight)
         _check_chunk_size(chunk_size)
         name = canonical_name(name)
-        self.spec: LossSpec = _make_spec(name, **bind(name, args, params))
+        self.spec: LossSpec = make_spec(name, **bind(name, args, params))
         self.chunk_size = chunk_size
         self.register_buffer("class_weight", class_weight)
 

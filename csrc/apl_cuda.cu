@@ -44,6 +44,26 @@ __device__ Sums<S, N> shuffle_xor(const Sums<S, N>& v, int offset, unsigned mask
 // The largest value a block reduces through shared memory: Sums<double, 8>.
 constexpr int kSlotBytes = 64;
 
+// The lanes of this thread's group of g within its warp: ((1 << min(g, 32)) - 1) << (lane &
+// -min(g, 32)) (PTX clamps a shift of 32, so a whole warp gives all ones). In one volatile asm
+// block, computed afresh at every shuffle: no register holds the mask, or its parts, between
+// reductions (those were registers too many for the forward kernel).
+__device__ __forceinline__ unsigned group_mask(unsigned g) {
+  unsigned mask;
+  asm volatile(
+      "{\n\t.reg .u32 w, lane, ones;\n\t"
+      "min.u32 w, %1, 32;\n\t"
+      "mov.u32 lane, %%laneid;\n\t"
+      "shl.b32 ones, 1, w;\n\t"
+      "sub.u32 ones, ones, 1;\n\t"
+      "neg.s32 w, w;\n\t"
+      "and.b32 lane, lane, w;\n\t"
+      "shl.b32 %0, ones, lane;\n\t}"
+      : "=r"(mask)
+      : "r"(g));
+  return mask;
+}
+
 // g consecutive threads of a block share a row (g = 4, 32 or 512: Args::group, a runtime value,
 // so that one kernel serves every group size); each thread is one lane (apl_cuda_rows.h).
 struct DeviceGroup {
@@ -56,6 +76,16 @@ struct DeviceGroup {
   __device__ int count() const { return 1; }
   __device__ int lane(int) const { return threadIdx.x & (g - 1); }
   __device__ bool leader() const { return lane(0) == 0; }
+  __device__ int64_t block() const { return blockIdx.x; }
+
+  // The group's row, from %ctaid and %tid read afresh (volatile) at each call: a row index held
+  // through the row's passes was a register too many for the forward kernel.
+  __device__ int64_t row() const {
+    unsigned block_index, thread;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(block_index));
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(thread));
+    return static_cast<int64_t>(block_index) * (kBlockThreads / g) + thread / g;
+  }
 
   // Butterfly over the group's lanes (the threads of a smaller group name only themselves in the
   // mask: groups of a warp may take different branches); a block adds a second butterfly over
@@ -65,15 +95,10 @@ struct DeviceGroup {
   __device__ T reduce(const T* mine) const {
     static_assert(sizeof(T) <= kSlotBytes, "the slots hold kWarps reduced values");
     const unsigned width = g < kWarp ? g : kWarp;
-    // The mask from %laneid, read afresh at each reduction (volatile): no register holds it in
-    // between (it was the one register too many of the half-precision forward with g = 4).
-    unsigned lane_id;
-    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane_id));
-    const unsigned mask = width == kWarp ? 0xffffffffu : ((1u << width) - 1) << (lane_id & ~(width - 1));
     T v = mine[0];
 #pragma unroll
     for (unsigned offset = kWarp / 2; offset > 0; offset /= 2) {
-      if (offset < width) v = combine(v, shuffle_xor(v, offset, mask));
+      if (offset < width) v = combine(v, shuffle_xor(v, offset, group_mask(g)));
     }
     if (g > kWarp) {
       T* slot = reinterpret_cast<T*>(slots);
@@ -129,14 +154,9 @@ __global__ void APL_LAUNCH_BOUNDS forward_kernel(const __grid_constant__ Args<sc
   extern __shared__ __align__(16) unsigned char row_memory[];
   __shared__ __align__(16) unsigned char slots[kWarps * kSlotBytes];
   __shared__ bool last;
-  const int group = threadIdx.x / a.group;
-  scalar_t* cache = nullptr;
-  S* c_cache = nullptr;
-  if (a.cache) row_caches(a, row_memory, group, &cache, &c_cache);
   const DeviceGroup lanes{a.group, slots, &last};
-  Sums<S, 2> mine = forward_row(lanes, a, static_cast<int64_t>(blockIdx.x) * (kBlockThreads / a.group) + group,
-                                cache, c_cache);
-  if (!lanes.leader()) mine = Sums<S, 2>();  // each row counted once
+  S mine = forward_row(lanes, a, row_memory);
+  if (!lanes.leader()) mine = S(0);  // each row counted once
   if (a.reduction == kNone) {
     if (blockIdx.x == 0 && threadIdx.x == 0) finish_unreduced(a);
     return;
@@ -146,8 +166,8 @@ __global__ void APL_LAUNCH_BOUNDS forward_kernel(const __grid_constant__ Args<sc
 
 template <typename scalar_t>
 __global__ void APL_LAUNCH_BOUNDS backward_kernel(const __grid_constant__ Args<scalar_t> a) {
-  backward_row(DeviceGroup{a.group, nullptr, nullptr}, a,
-               static_cast<int64_t>(blockIdx.x) * (kBlockThreads / a.group) + threadIdx.x / a.group);
+  const DeviceGroup lanes{a.group, nullptr, nullptr};
+  backward_row(lanes, a, lanes.row());
 }
 
 // Dynamic shared memory a block may use while two fit on an SM (cudaDeviceGetAttribute: no

@@ -11,6 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -52,12 +53,15 @@ bool same(const Online<S>& a, const Online<S>& b) {
 struct HostGroup {
   static constexpr int kOwned = kBlockThreads;
   int g;
-  int64_t block;
+  int64_t block_index;
+  int64_t row_index = 0;  // the row the group plays (forward_row)
 
   int size() const { return g; }
   int count() const { return g; }
   int lane(int i) const { return i; }
   bool leader() const { return true; }
+  int64_t block() const { return block_index; }
+  int64_t row() const { return row_index; }
 
   // DeviceGroup::reduce: butterflies over runs of min(g, 32) lanes, then over a block's warps.
   template <typename T>
@@ -86,7 +90,7 @@ struct HostGroup {
 
   template <typename T>
   bool arrive(T* partials, const T& total, unsigned* counter, int64_t blocks) const {
-    partials[block] = total;
+    partials[block_index] = total;
     return static_cast<int64_t>((*counter)++) == blocks - 1;
   }
 
@@ -112,25 +116,23 @@ void poison(const at::Tensor& t) {
 }
 
 // Groups of a block run one after another here, at once on the device: a group that wrote past
-// its shared-memory rows would go unseen, so the rows of the groups still to run, and the bytes
-// past the block's shared memory, must be as poisoned as they started.
+// its shared-memory rows would go unseen, so the rows of the groups still to run (from row
+// next_row's on), and the bytes past the block's shared memory, must be as poisoned as they
+// started.
 template <typename scalar_t>
-void check_untouched(const Args<scalar_t>& a, unsigned char* memory, int next_group, int64_t shared_memory,
+void check_untouched(const Args<scalar_t>& a, unsigned char* memory, int64_t next_row, int64_t shared_memory,
                      int64_t buffer_bytes) {
-  using S = at::opmath_type<scalar_t>;
-  scalar_t* cache;
-  S* c_cache;
-  row_caches(a, memory, next_group, &cache, &c_cache);
-  const int64_t rows_per_block = kBlockThreads / a.group;
-  const auto poisoned = [](const void* from, const void* to) {
-    for (auto p = static_cast<const unsigned char*>(from); p < to; ++p) {
-      if (*p != 0xff) return false;
-    }
-    return true;
+  const auto bytes = [](const void* p) { return static_cast<const unsigned char*>(p); };
+  const auto poisoned = [](const unsigned char* from, const unsigned char* to) {
+    return std::all_of(from, std::max(from, to), [](unsigned char b) { return b == 0xff; });
   };
+  const int64_t rows_per_block = kBlockThreads / a.group;
+  const bool last = next_row % rows_per_block == 0;  // the block's groups are done
   const unsigned char* c_area = memory + rows_per_block * a.cache_row * sizeof(scalar_t);
-  TORCH_CHECK(poisoned(cache, c_area) && poisoned(c_cache ? static_cast<void*>(c_cache) : memory + shared_memory,
-                                                  memory + buffer_bytes),
+  const unsigned char* end = memory + shared_memory;
+  const unsigned char* cache = last ? c_area : bytes(logits_cache(a, memory, next_row));
+  const unsigned char* c_cache = !a.probabilities || last ? end : bytes(coefficient_cache(a, memory, next_row));
+  TORCH_CHECK(poisoned(cache, c_area) && poisoned(c_cache, memory + buffer_bytes),
               "apl emulation: a group wrote into another group's shared memory");
 }
 
@@ -144,18 +146,14 @@ void emulate_forward(const ForwardCall<scalar_t>& f) {
   if (a.reduction != kNone) *a.counter = 0;  // the device's cudaMemsetAsync
   const int rows_per_block = kBlockThreads / a.group;
   std::vector<Chunk> memory(f.launch.shared_memory / sizeof(Chunk) + 1);
-  std::vector<Sums<S, 2>> mine(kBlockThreads);
+  std::vector<S> mine(kBlockThreads);
   for (const int64_t block : block_order(a.blocks)) {
     std::memset(memory.data(), 0xff, memory.size() * sizeof(Chunk));
-    std::fill(mine.begin(), mine.end(), Sums<S, 2>());
+    std::fill(mine.begin(), mine.end(), S(0));
     for (int group = 0; group < rows_per_block; ++group) {
-      scalar_t* cache = nullptr;
-      S* c_cache = nullptr;
-      if (a.cache) row_caches(a, memory.data()->bytes, group, &cache, &c_cache);
-      mine[group * a.group] = forward_row(HostGroup{a.group, block}, a, block * rows_per_block + group, cache, c_cache);
-      if (a.cache) {
-        check_untouched(a, memory.data()->bytes, group + 1, f.launch.shared_memory, memory.size() * sizeof(Chunk));
-      }
+      const int64_t r = block * rows_per_block + group;
+      mine[group * a.group] = forward_row(HostGroup{a.group, block, r}, a, memory.data()->bytes);
+      if (a.cache) check_untouched(a, memory.data()->bytes, r + 1, f.launch.shared_memory, memory.size() * sizeof(Chunk));
     }
     if (a.reduction == kNone) {
       if (block == 0) finish_unreduced(a);

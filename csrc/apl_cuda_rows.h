@@ -280,14 +280,21 @@ APL_HD bool vector_row(const Args<scalar_t>& a, const scalar_t* z) {
   return a.col_stride == 1 && aligned(z);
 }
 
-// The shared-memory rows of group `group` of a block: logits, then (probability targets) c.
-template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
-APL_HD void row_caches(const Args<scalar_t>& a, unsigned char* memory, int group, scalar_t** cache, S** c_cache) {
-  *cache = reinterpret_cast<scalar_t*>(memory) + group * a.cache_row;
+// The shared-memory rows of the group that plays row r in a block whose shared memory starts at
+// `memory` (the block's rows are consecutive, a power of two of them): its logits, then
+// (probability targets) its c; null where rows are not kept.
+template <typename scalar_t>
+APL_HD scalar_t* logits_cache(const Args<scalar_t>& a, unsigned char* memory, int64_t r) {
   const int64_t rows_per_block = kBlockThreads / a.group;
-  *c_cache = a.probabilities ? reinterpret_cast<S*>(memory + rows_per_block * a.cache_row * sizeof(scalar_t)) +
-                                   group * a.cache_row
-                             : nullptr;
+  return a.cache ? reinterpret_cast<scalar_t*>(memory) + (r & (rows_per_block - 1)) * a.cache_row : nullptr;
+}
+
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD S* coefficient_cache(const Args<scalar_t>& a, unsigned char* memory, int64_t r) {
+  const int64_t rows_per_block = kBlockThreads / a.group;
+  return a.cache && a.probabilities ? reinterpret_cast<S*>(memory + rows_per_block * a.cache_row * sizeof(scalar_t)) +
+                                          (r & (rows_per_block - 1)) * a.cache_row
+                                    : nullptr;
 }
 
 // ------------------------------------------------------------------ gradient
@@ -338,19 +345,20 @@ APL_UNROLL
   return g;
 }
 
-// Writes row r's gradient (coefficients k, already scaled) into `out` (stride 1), reading the row
-// from `src` (element j at src[j * stride]) and, for probability targets, c from c_cached when it
-// is there. Zero and undefined rows are still read (their logits may load while their state is
+// Writes row r's gradient (coefficients k, already scaled) into the gradient, reading the row's
+// logits. Zero and undefined rows are still read (their logits may load while their state is
 // being learnt) and get 0 and NaN. One loop each for dense and one-hot rows: each keeps only its
 // own coefficients in registers.
 template <bool kDense, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
-APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
-                          const scalar_t* src, int64_t stride, bool vector, const S* c_cached, const RowStats<S>& row,
-                          const GradCoefs<S>& gc, S label_c, int y, int state, scalar_t* out) {
-  const bool vector_store = aligned(out);
+APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
+                          const GradCoefs<S>& gc, S label_c, int y, int state) {
+  const scalar_t* z = a.logits + r * a.row_stride;
+  scalar_t* out = a.grad + r * a.K;
+  const RowSpan<scalar_t> span{static_cast<int>(a.K)};
+  const bool vector = vector_row(a, z), vector_store = aligned(out);
   for (int i = 0; i < g.count(); ++i) {
     for (int u = g.lane(i); u < span.units(); u += g.size()) {
-      const Pack<scalar_t> pack = load_unit(src, stride, vector, span, u);
+      const Pack<scalar_t> pack = load_unit(z, a.col_stride, vector, span, u);
       Pack<scalar_t> grad;
 APL_UNROLL
       for (int e = 0; e < span.V; ++e) {
@@ -359,7 +367,7 @@ APL_UNROLL
         if (j >= span.K) continue;
         const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
         const S p = Math<S>::exp(lp);
-        const S c = !kDense ? S(0) : c_cached ? c_cached[j] : coefficient(a, r, j, y, label_c);
+        const S c = kDense ? coefficient(a, r, j, y, label_c) : S(0);
         const S value = gradient_element<kDense>(a.params, gc, row, p, lp, c, !kDense && j == y, span.K);
         grad.v[e] = static_cast<scalar_t>(state == kCounted ? value : state == kZero ? S(0) : quiet_nan<S>());
       }
@@ -369,14 +377,13 @@ APL_UNROLL
 }
 
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
-APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowSpan<scalar_t>& span,
-                          const scalar_t* src, int64_t stride, bool vector, const S* c_cached, const RowStats<S>& row,
-                          const RowCoefs<S>& k, S total_c, S label_c, int y, int state, scalar_t* out) {
+APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
+                          const RowCoefs<S>& k, S total_c, S label_c, int y, int state) {
   const GradCoefs<S> gc(a.params, k, total_c, a.dense);
   if (a.dense) {
-    gradient_loop<true>(g, a, r, span, src, stride, vector, c_cached, row, gc, label_c, y, state, out);
+    gradient_loop<true>(g, a, r, row, gc, label_c, y, state);
   } else {
-    gradient_loop<false>(g, a, r, span, src, stride, vector, c_cached, row, gc, label_c, y, state, out);
+    gradient_loop<false>(g, a, r, row, gc, label_c, y, state);
   }
 }
 
@@ -460,14 +467,23 @@ APL_HD RowRecord<S> divisor_record(S divisor) {
   return {divisor, S(0), S(0), S(0), S(0), S(0), S(0), S(0)};
 }
 
-// Row r (nothing when r >= rows): pass 1 reads the row once (online max and sums, and the sums of
-// c), keeping it in `cache` (and c in c_cache) when given; the sums pass, when a term needs one,
-// reads it again from there, or else from memory. Writes the row's loss (reduction none) and
-// record (unless NO_GRAD); returns its loss and its part of a mean's divisor.
+// Writes row r's loss (reduction none) and record (unless NO_GRAD).
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void write_row(const Args<scalar_t>& a, int64_t r, S value, const RowRecord<S>& record) {
+  if (a.row_loss) a.row_loss[r] = value;
+  if (a.records) a.records[r] = record;
+}
+
+// The group's row g.row() (0 when past the last row): pass 1 reads the row once (online max and
+// sums, and the sums of c), keeping it in the block's shared `memory` (and c) when a.cache; the
+// sums pass, when a term needs one, reads it again from there, or else from memory. Writes the
+// row's loss and record; returns its loss. (g.row() and the shared-memory rows are asked again
+// where they are needed: the device recomputes the row from the thread's indices rather than
+// hold it, and what derives from it, in registers through the passes.)
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
-APL_HD Sums<S, 2> forward_row(const Group& g, const Args<scalar_t>& a, int64_t r, scalar_t* cache, S* c_cache) {
-  Sums<S, 2> out;
-  if (r >= a.rows) return out;
+APL_HD S forward_row(const Group& g, const Args<scalar_t>& a, unsigned char* memory) {
+  const int64_t r = g.row();
+  if (r >= a.rows) return S(0);
   const scalar_t* z = a.logits + r * a.row_stride;
   const RowSpan<scalar_t> span{static_cast<int>(a.K)};
   const bool vector = vector_row(a, z);
@@ -476,6 +492,8 @@ APL_HD Sums<S, 2> forward_row(const Group& g, const Args<scalar_t>& a, int64_t r
   const bool ignored = a.labels && label == a.ignore_index;
   const bool in_range = !a.labels || (label >= 0 && label < a.K);
   const int y = a.labels && in_range ? static_cast<int>(label) : -1;  // never an index outside the row
+  scalar_t* cache = logits_cache(a, memory, r);
+  S* c_cache = coefficient_cache(a, memory, r);
   Online<S> online[Group::kOwned];
   Sums<S, 3> extra[Group::kOwned];  // z[y]; sum of c (labels: of the spread); number of c != 0
   for (int i = 0; i < g.count(); ++i) {
@@ -509,37 +527,55 @@ APL_UNROLL
   const S total_c = a.labels ? label_c + (a.dense ? sums_c.v[1] : S(0)) : sums_c.v[1];
   const bool any_c = a.labels ? label_c != S(0) || (a.dense && sums_c.v[1] != S(0)) : sums_c.v[2] != S(0);
   const int state = ignored || (in_range && !any_c) ? kZero : !in_range || !row.defined() ? kUndefined : kCounted;
-  RowCoefs<S> k;
-  if (state == kCounted) {
-    TermSums<S> sums[kMaxTerms];
-    if (a.needs_pass) {  // one call: the sums pass is the largest code of the kernel
-      sum_terms(g, a, r, span, cache ? cache : z, cache ? 1 : a.col_stride, cache || vector, c_cache, row, total_c,
-                label_c, y, sums);
-    }
-    if (!a.dense) label_terms(a.params, sums_c.v[0], row, label_c, a.K, sums);
-    k = row_coefs<S>(a.params, sums, row, total_c, a.K);
+  if (state != kCounted) {  // done now: nothing of the row is kept through the sums pass
+    const S value = state == kZero ? S(0) : quiet_nan<S>();
+    if (g.leader()) write_row(a, r, value, make_record(state, row, total_c, RowCoefs<S>()));
+    return value;
   }
-  out.v[0] = state == kCounted ? k.value : state == kZero ? S(0) : quiet_nan<S>();
-  out.v[1] = a.labels ? label_weight : S(1);
-  if (g.leader()) {
-    if (a.row_loss) a.row_loss[r] = out.v[0];
-    if (a.records) a.records[r] = make_record(state, row, total_c, k);
+  TermSums<S> sums[kMaxTerms];
+  if (a.needs_pass) {  // one call: the sums pass is the largest code of the kernel
+    const int64_t again = g.row();
+    scalar_t* cached = logits_cache(a, memory, again);
+    sum_terms(g, a, again, span, cached ? cached : a.logits + again * a.row_stride, cached ? 1 : a.col_stride,
+              cached || vector, coefficient_cache(a, memory, again), row, total_c, label_c, y, sums);
   }
-  return out;
+  if (!a.dense) label_terms(a.params, sums_c.v[0], row, label_c, a.K, sums);
+  const RowCoefs<S> k = row_coefs<S>(a.params, sums, row, total_c, a.K);
+  if (g.leader()) write_row(a, g.row(), k.value, make_record(kCounted, row, total_c, k));
+  return k.value;
+}
+
+// What a mean divides by from row r with a label: w[y] where it is counted (never an index
+// outside the row).
+template <typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD S divisor_part(const Args<scalar_t>& a, int64_t r) {
+  if (r >= a.rows) return S(0);
+  const int64_t y = a.labels[r * a.label_stride];
+  return y != a.ignore_index && y >= 0 && y < a.K ? class_weight(a, y) : S(0);
 }
 
 // After a block's rows (reduction mean or sum; `mine`: the values of the lanes this executor
-// plays, a row's loss and divisor part at its group's lane 0, zeros elsewhere). Deterministic
+// plays, a row's loss at its group's lane 0, zeros elsewhere). Thread t of the block adds the
+// mean's divisor part of the block's row t, reading its label again (from cache), rather than
+// each row carrying its class weight through its passes (one register too many). Deterministic
 // without a second launch: each block stores its fixed-order sum in its own slot of `partials`
 // and takes a ticket; the block that takes the last ticket sums every slot in a fixed order (lane
 // l adds slots l, l + 512, ... in turn, then a fixed tree), so the result does not depend on which
 // block finishes last. The ordering that makes the slots visible to it is arrive()'s: see
 // DeviceGroup in apl_cuda.cu.
 template <class Block, typename scalar_t, typename S = at::opmath_type<scalar_t>>
-APL_HD void finish_reduction(const Block& b, const Args<scalar_t>& a, const Sums<S, 2>* mine) {
-  if (!b.arrive(a.partials, b.reduce(mine), a.counter, a.blocks)) return;
+APL_HD void finish_reduction(const Block& b, const Args<scalar_t>& a, const S* mine) {
   Sums<S, 2> part[Block::kOwned];
+  const int64_t rows_per_block = kBlockThreads / a.group;
   for (int i = 0; i < b.count(); ++i) {
+    part[i].v[0] = mine[i];
+    if (a.known_divisor == S(0) && b.lane(i) < rows_per_block) {
+      part[i].v[1] = divisor_part(a, b.block() * rows_per_block + b.lane(i));
+    }
+  }
+  if (!b.arrive(a.partials, b.reduce(part), a.counter, a.blocks)) return;
+  for (int i = 0; i < b.count(); ++i) {
+    part[i] = Sums<S, 2>();
     for (int64_t slot = b.lane(i); slot < a.blocks; slot += b.size()) {
       part[i] = combine(part[i], b.load_partial(a.partials + slot));
     }
@@ -584,9 +620,7 @@ APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   k.scale_gradient((a.upstream ? a.upstream[r * a.upstream_stride] : S(1)) / a.records[a.rows].max_z);
   // One-hot rows: label_c = C. Smoothed labels: c[y] = spread + (1 - eps) w[y].
   const S label_c = !a.dense ? record.total_c : counted_label ? a.keep * class_weight(a, y) : S(0);
-  const scalar_t* z = a.logits + r * a.row_stride;
-  gradient_pass(g, a, r, RowSpan<scalar_t>{static_cast<int>(a.K)}, z, a.col_stride, vector_row(a, z),
-                static_cast<const S*>(nullptr), row, k, record.total_c, label_c, y, state, a.grad + r * a.K);
+  gradient_pass(g, a, r, row, k, record.total_c, label_c, y, state);
 }
 
 // ------------------------------------------------------------------ launch plan (host)

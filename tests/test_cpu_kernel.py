@@ -56,7 +56,7 @@ def test_parity_at_lower_vector_widths(capability, tmp_path, seed):
     tests = "cpp and (test_parity_with_reference or test_masked_and_extreme_logits or test_undefined_rows)"
     backends_tests = os.path.join(os.path.dirname(__file__), "test_backends.py")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", backends_tests, "-p", "no:cacheprovider", "-q", "-k", tests],
+        [sys.executable, "-m", "pytest", backends_tests, "-p", "no:cacheprovider", "-k", tests],
         env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

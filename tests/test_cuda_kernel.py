@@ -155,11 +155,11 @@ LAYOUT_K = (2, 3, 4, 5, 7, 8, 9, 31, 33, 64, 65, 127, 129, 513, 1025, 2049)
 
 @pytest.mark.parametrize("group", (4, 32, 512))
 def test_every_row_length_alignment_and_stride_in_every_group(group, emulated, seed):
-    """Ragged K against every group size, rows starting off a pack boundary (so that first and
-    last units are partial), strided rows (read element by element), rows kept in shared memory or
+    """Ragged K against every group size (partial last units, lanes without a unit), rows off the
+    vector alignment and strided rows (read element by element), rows kept in shared memory or
     read again, index and probability targets, weights and smoothing. In float64 (packs of 2;
     exact math, so that an element read twice, skipped or misplaced shows) for every loss here, and
-    in float32 (packs of 4, shifts 0..3) for nfl+nnfl, whose float32 gradient does not cancel
+    in float32 (packs of 4) for nfl+nnfl, whose float32 gradient does not cancel
     (others lose up to ~1e-2 of a confident row's largest element in float32 in every kernel, the
     C++ one included: the parity test above holds them to the suite's rule)."""
     for i, k in enumerate(LAYOUT_K):

@@ -1,7 +1,8 @@
 """The fused linear + loss (apl_kernels/linear.py) against the materialized reference: values and the
 gradients of hidden, weight and bias in float64 and float32, every loss, target kind, reduction,
-chunking (ragged last chunks), bias or none, strided weights; gradcheck; no (N, K) allocation;
-autograd edge cases; torch.compile and torch.func; the module forms; input errors.
+chunking (ragged last chunks), bias or none, strided weights; the other fused backends (Triton under
+the interpreter without a GPU); gradcheck; no (N, K) allocation; autograd edge cases; bf16 and
+autocast; torch.compile, torch.func and opcheck; the module forms; input errors.
 
 Exact logits: hidden, weight and bias hold small dyadic numbers (k/8, j/16, i/128), so that every
 logit ``hidden @ weight.T + bias`` is exact in float32 and float64 whatever the order of the
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import apl_kernels.linear as AL
-from apl_kernels.catalogue import NAMED_PAIRS
+from apl_kernels.backends import fused
+from apl_kernels.catalogue import NAMED_PAIRS, make_spec
 from apl_kernels.functional import apl_loss
+from apl_kernels.options import CallOptions
 from apl_kernels.testing.cases import (
     FUSED, INTERPRETED, LOSS_CASES, LOSS_IDS, assert_parity, random_probabilities, random_weight,
 )
@@ -265,17 +268,24 @@ def test_empty_batch():
     assert loss.item() == 0 and hidden.grad.shape == (0, 4) and weight.grad.abs().sum() == 0
 
 
-def test_bfloat16_follows_the_materialized_path(seed):
-    """bf16 inputs: bf16 matmuls and bf16 logits into the loss, as F.linear then the fused loss (the
-    logits are exact here, so both see the same ones); gradients within a few bf16 roundings."""
-    hidden, weight, bias = exact_inputs(seed, dtype=torch.bfloat16)
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_bfloat16_follows_the_materialized_path(autocast, seed):
+    """bf16 inputs, or float32 ones under CPU autocast to bf16: bf16 matmuls and bf16 logits into the
+    loss, as F.linear then the fused loss (the logits' float32 sums are exact here and round to the
+    same bf16 values in both); the loss in float32 under autocast; gradients within bf16 roundings."""
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden, weight, bias = exact_inputs(seed, dtype=dtype)
     target, _ = make_target("index", seed)
-    got = run(hidden, weight, bias, target, "nce+rce", {}, "mean", torch.tensor(1.0))
-    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    loss = apl_loss(F.linear(*leaves), target, "nce+rce")
-    loss.backward()
-    for a, b in zip(got, (loss, *(x.grad for x in leaves))):
-        assert a.dtype == torch.bfloat16
+    results = []
+    for fused_linear in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = (AL.linear_loss(leaves[0], leaves[1], target, "nce+rce", bias=leaves[2], chunk_size=CHUNK)
+                    if fused_linear else apl_loss(F.linear(*leaves), target, "nce+rce"))
+        loss.backward()
+        results.append((loss, *(x.grad for x in leaves)))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == (torch.float32 if autocast else torch.bfloat16)
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
 
 
@@ -369,3 +379,17 @@ def test_bad_input_is_named():
         AL.LinearLoss("nce+rce", chunk_size=-1)
     with pytest.raises(TypeError, match="unexpected parameter"):
         AL.LinearLoss("nce+rce", gamma=1.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction, seed):
+    """The custom ops' schemas and fakes (torch.compile traces with the fakes)."""
+    hidden, weight, bias = exact_inputs(seed, n=9)
+    target, options = make_target("weighted", seed, n=9)
+    arguments = ("cpp", *fused.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), fused.GRAD_IN_FORWARD),
+                 4, [True, True, True])
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(AL._linear_loss_op, (hidden, weight, bias, target, options["class_weight"], *arguments),
+                          test_utils=utils)
+    torch.library.opcheck(AL._linear_loss_backward_op, (hidden, weight, None, target, None, torch.rand(9),
+                                                        *arguments), test_utils=utils)

@@ -66,8 +66,13 @@ STATS = tl.constexpr(fused.STATS)
 # specialized, keeps one compiled kernel whatever their values (0.0's bits would otherwise be an i32).
 FLOAT_ARGS = ("w0", "w1", "gamma", "q", "a", "log_min_prob", "clamp_min_powered", "nnfl_b", "agce_top", "aul_bottom",
               "keep", "spread")
-# Never specialized on their values (ignore_index is typed int64 by annotation too).
-UNSPECIALIZED = FLOAT_ARGS + ("ignore_index",)
+# Never specialized on their values (ignore_index is typed int64 by annotation too). Nor on the
+# strides and alignment of what the sums run over: Triton would vectorize a contiguous, aligned
+# row's loads (4 elements a thread, against 1 for a strided row), which changes the tile's layout
+# and so the order of its sums; one binary for every layout keeps strided and contiguous copies of
+# the same logits bit-identical (their loads are still coalesced).
+UNSPECIALIZED = FLOAT_ARGS + ("ignore_index", "stride_row", "stride_col", "stride_target_row", "stride_target_col")
+UNALIGNED = ("logits_ptr", "target_ptr", "weight_ptr")
 
 
 def float_bits(x: float) -> int:
@@ -507,7 +512,7 @@ def _label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC: tl.conste
 # ---------------------------------------------------------------- the kernels
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)
+@triton.jit(do_not_specialize=UNSPECIALIZED, do_not_specialize_on_alignment=UNALIGNED)
 def _forward_kernel(
     logits_ptr, target_ptr, weight_ptr, loss_ptr, saved_ptr, partials_ptr, counter_ptr, divisor_ptr,
     R, K, stride_row, stride_col, stride_target_row, stride_target_col, ignore_index: tl.int64,
@@ -712,7 +717,7 @@ def _reduce(loss_ptr, stats_ptr, partials_ptr, counter_ptr, R, value, weight, RE
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit(do_not_specialize=UNSPECIALIZED)
+@triton.jit(do_not_specialize=UNSPECIALIZED, do_not_specialize_on_alignment=UNALIGNED)
 def _backward_kernel(
     logits_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, grad_ptr,
     R, K, stride_row, stride_col, stride_target_row, stride_target_col, stride_upstream, ignore_index: tl.int64,
@@ -765,7 +770,7 @@ MAX_WARPS = 32
 # stream through (for dense rows, at most their limit). docs/kernels.md ("Triton", "Launch table")
 # gives the reasoning and the sm_90 register counts they were chosen by.
 PER_THREAD = {False: 16, True: 8}
-ON_CHIP = {False: 16384, True: 2048}
+ON_CHIP = {False: 8192, True: 2048}
 ON_CHIP_DENSE = {False: 4096, True: 1024}
 CHUNK = {False: 8192, True: 2048}
 
