@@ -8,12 +8,15 @@ replacements for ``nn.CrossEntropyLoss``::
     criterion = ak.NCEMAE(alpha=1.0, beta=1.0)   # where you wrote nn.CrossEntropyLoss()
     loss = criterion(logits, target)
 
+For very large K, ``ak.LinearLoss("nce+rce", 1.0, 1.0)(hidden, head.weight, target, head.bias)``
+computes the loss of a linear layer's output without the (N, K) logits (``apl_kernels.linear``).
 The contract every backend follows is docs/losses.md.
 """
 
-from . import functional
+from . import functional, linear
 from .backends import available_backends
 from .catalogue import available_losses
+from .linear import LinearLoss, get_linear_loss, linear_loss
 from .nn import (
     AEL, AGCE, ANLCE, ANLFL, AUL, CE, FL, GCE, GCEMAE, GCENCE, GCERCE, MAE, MAERCE, NCE, NCEAEL, NCEAGCE, NCEAUL,
     NCEMAE, NCERCE, NFL, NFLMAE, NFLNCE, NFLRCE, NGCE, NGCEMAE, NGCENCE, NGCERCE, NMAE, NNCE, NNFL, NRCE, RCE, SCE,
@@ -26,5 +29,5 @@ __all__ = [
     "AEL", "AGCE", "ANLCE", "ANLFL", "AUL", "CE", "FL", "GCE", "GCEMAE", "GCENCE", "GCERCE", "MAE", "MAERCE", "NCE",
     "NCEAEL", "NCEAGCE", "NCEAUL", "NCEMAE", "NCERCE", "NFL", "NFLMAE", "NFLNCE", "NFLRCE", "NGCE", "NGCEMAE",
     "NGCENCE", "NGCERCE", "NMAE", "NNCE", "NNFL", "NRCE", "RCE", "SCE", "APLLoss", "Loss", "available_backends",
-    "available_losses", "functional", "get_loss",
+    "available_losses", "functional", "get_linear_loss", "get_loss", "linear", "linear_loss", "LinearLoss",
 ]

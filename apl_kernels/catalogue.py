@@ -28,6 +28,10 @@ class Base:
     formula: str  # the per-label value, in the notation of docs/losses.md
     defaults: dict = field(default_factory=dict)  # its parameters beyond the weight
     official_grad: bool = False  # has focal factors that official_grad may hold constant
+    # How the kernels form its expectation over the target distribution (apl_rowmath.h, family_of):
+    # "local" (a function of p[j] alone), "reverse" (of the other classes' probabilities),
+    # "normalized" (over a sum across classes), "negative" (one minus a normalized complement).
+    family: str = "local"
 
 
 # The kernels' enum order: csrc/apl_rowmath.h's `Base` and the Triton kernel's constants follow
@@ -37,15 +41,17 @@ BASES = (
     Base("fl", "FL", "-(1 - p[y])^γ · lp[y]", {"gamma": 0.5}, official_grad=True),
     Base("gce", "GCE", "(1 - p̂[y]^q) / q", {"q": 0.7}),
     Base("mae", "MAE", "1 - p[y]"),
-    Base("rce", "RCE", "A · Σ_{j≠y} p̂[j]"),
-    Base("nce", "NCE", "lp[y] / Σ_j lp[j]"),
-    Base("nfl", "NFL", "f[y] / Σ_j f[j],  f[j] = -(1 - p[j])^γ · lp[j]", {"gamma": 0.5}, official_grad=True),
-    Base("ngce", "NGCE", "(1 - p̂[y]^q) / (K - Σ_j p̂[j]^q)", {"q": 0.7}),
+    Base("rce", "RCE", "A · Σ_{j≠y} p̂[j]", family="reverse"),
+    Base("nce", "NCE", "lp[y] / Σ_j lp[j]", family="normalized"),
+    Base("nfl", "NFL", "f[y] / Σ_j f[j],  f[j] = -(1 - p[j])^γ · lp[j]", {"gamma": 0.5}, official_grad=True,
+         family="normalized"),
+    Base("ngce", "NGCE", "(1 - p̂[y]^q) / (K - Σ_j p̂[j]^q)", {"q": 0.7}, family="normalized"),
     Base("nmae", "NMAE", "(1 - p[y]) / (K - 1)"),
-    Base("nrce", "NRCE", "Σ_{j≠y} p̂[j] / (K - 1)"),
-    Base("nnce", "NNCE", "1 - s[y] / Σ_k s[k],  s[k] = -ln m + max(lp[k], ln m)", {"min_prob": 1e-7}),
+    Base("nrce", "NRCE", "Σ_{j≠y} p̂[j] / (K - 1)", family="reverse"),
+    Base("nnce", "NNCE", "1 - s[y] / Σ_k s[k],  s[k] = -ln m + max(lp[k], ln m)", {"min_prob": 1e-7},
+         family="negative"),
     Base("nnfl", "NNFL", "1 - (B - f̂[y]) / (K·B - Σ_k f̂[k]),  f̂ = f at max(lp, ln m),  B = -(1 - m)^γ ln m",
-         {"gamma": 0.5, "min_prob": 1e-7}, official_grad=True),
+         {"gamma": 0.5, "min_prob": 1e-7}, official_grad=True, family="negative"),
     Base("agce", "AGCE", "((a + 1)^q - (a + p[y])^q) / q", {"a": 1.0, "q": 2.0}),
     Base("aul", "AUL", "((a - p[y])^q - (a - 1)^q) / q", {"a": 1.5, "q": 0.9}),
     Base("ael", "AEL", "exp(-p[y] / a)", {"a": 3.0}),
@@ -53,6 +59,7 @@ BASES = (
 BASE = {base.name: base for base in BASES}
 BASE_LOSSES = tuple(base.name for base in BASES)
 BASE_INDEX = {name: i for i, name in enumerate(BASE_LOSSES)}
+FAMILIES = ("local", "reverse", "normalized", "negative")  # the kernels' enum order (apl_rowmath.h)
 FOCAL = frozenset(base.name for base in BASES if base.official_grad)
 # Every loss parameter the kernels take, in the order of the fused ops' coefficient list.
 PARAMETERS = ("gamma", "q", "a", "min_prob")

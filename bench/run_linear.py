@@ -25,6 +25,7 @@ reset to None before each run), fewer repetitions at large K; ratios compare med
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -128,7 +129,8 @@ def measure(n: int, h: int, k: int, reps: int, runs: list[tuple[str, int | None]
     for the peak (also the warm-up), then ``reps`` timed rounds that alternate the runs, so that a
     change of the machine's load between rounds reaches every run alike."""
     tensors = inputs(n, h, k)
-    peaks = [peak_memory(lambda: step(method, tensors, chunk), lambda: [x.grad for x in tensors[:3]])
+    leaves = tensors[:3]
+    peaks = [peak_memory(functools.partial(step, method, tensors, chunk), lambda: [x.grad for x in leaves])
              for method, chunk in runs]
     times = [[] for _ in runs]
     for _ in range(reps):

@@ -17,7 +17,7 @@ from apl_kernels.backends import fused
 from apl_kernels.catalogue import FOCAL, make_spec, members
 from apl_kernels.options import CallOptions
 from cases import (
-    FUSED, FUSED_IDS, INTERPRETED, LOSS_CASES, LOSS_IDS, TARGET_MODES, check_parity, clamp_levels, gradient_roundings,
+    FUSED, FUSED_IDS, LOSS_CASES, LOSS_IDS, TARGET_MODES, check_parity, clamp_levels, gradient_roundings,
     is_interpreted, make_target, off_kinks, random_logits, random_target, run, sample_inputs,
 )
 
@@ -259,13 +259,15 @@ def resolve_op(backend, device):
 def test_gradients_handed_out_never_alias_what_a_later_backward_reads(reduction, device, backend, seed):
     z = random_logits(8, 5, seed, dtype=torch.float64).to(device).requires_grad_()
     y = random_target(8, 5, seed).to(device)
-    want = torch.autograd.grad(F.nce_rce(z, y, reduction=reduction, backend="torch").sum(), z)[0]
+    # The backend's own gradient (deterministic, so bit-equal each time): parity with the
+    # reference is tested elsewhere, here only that no later backward reads damaged memory.
+    want = torch.autograd.grad(F.nce_rce(z, y, reduction=reduction, backend=backend).sum(), z)[0].clone()
     for damage in (lambda g: g.add_(1), lambda g: g.mul_(2), lambda g: g.data.zero_()):
         loss = F.nce_rce(z, y, reduction=reduction, backend=backend).sum()
         (first,) = torch.autograd.grad(loss, z, retain_graph=True)
         damage(first)
         (second,) = torch.autograd.grad(loss, z, retain_graph=True)
-        torch.testing.assert_close(second, want, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(second, want, rtol=0, atol=0)
         # In a tensor hook, as an optimizer's gradient processing may do.
         handle = z.register_hook(lambda g: g.mul_(2))
         try:
@@ -273,7 +275,7 @@ def test_gradients_handed_out_never_alias_what_a_later_backward_reads(reduction,
         finally:
             handle.remove()
         (third,) = torch.autograd.grad(loss, z)
-        torch.testing.assert_close(third, want, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(third, want, rtol=0, atol=0)
         z.grad = None
 
 

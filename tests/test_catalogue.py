@@ -9,7 +9,7 @@ from pathlib import Path
 
 import apl_kernels as ak
 from apl_kernels.backends import fused
-from apl_kernels.catalogue import BASE_LOSSES, BASES, PARAMETERS, make_spec
+from apl_kernels.catalogue import BASE_LOSSES, BASES, FAMILIES, PARAMETERS, make_spec
 from apl_kernels.options import CallOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +24,18 @@ def test_the_header_enum_is_the_catalogues_list():
     names = [item.strip() for item in body.replace("\n", " ").split(",")]
     assert names[0] == "kCE = 0" and names[-1] == "kNumBases"
     assert [n.removesuffix(" = 0") for n in names[:-1]] == ["k" + name.upper() for name in BASE_LOSSES]
+
+
+def test_the_header_families_are_the_catalogues():
+    """apl_rowmath.h's Family enum and family_of switch follow catalogue.FAMILIES and each Base's
+    family (the Triton kernels take theirs from the catalogue directly)."""
+    text = header("apl_rowmath.h")
+    enum = re.search(r"enum Family : int \{(.*?)\};", text, re.S).group(1)
+    assert [item.strip().removesuffix(" = 0") for item in enum.split(",")] == ["k" + f.title() for f in FAMILIES]
+    body = text[text.index("constexpr int family_of"):text.index("default: return kLocal")]
+    cases = re.findall(r"((?:case k\w+:\s*)+)return k(\w+);", body)
+    listed = {name[1:].lower(): family.lower() for labels, family in cases for name in re.findall(r"k\w+", labels)}
+    assert {base.name: base.family for base in BASES} == {name: listed.get(name, "local") for name in BASE_LOSSES}
 
 
 def test_the_ops_coefficients_and_stats_match_the_header():

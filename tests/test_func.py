@@ -126,3 +126,19 @@ def test_forward_mode_transforms_are_refused_by_fused_backends_not_wrong():
         torch.func.hessian(lambda x: F.nce_rce(x, y, backend="cpp"))(z)
     reference = torch.func.hessian(lambda x: F.nce_rce(x, y, backend="torch"))(z)
     assert reference.shape == (3, 4, 3, 4)
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=[f"{b}-{d}" for d, b in FUSED])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivatives_are_refused_by_fused_backends_not_zero(reduction, device, backend, seed):
+    """Reverse over reverse (jacrev of grad) differentiates the first derivative: a fused backend
+    must raise, never report the saved gradient as a constant (a Hessian of zeros)."""
+    z = random_logits(3, 4, seed, dtype=torch.float64).to(device)
+    y = torch.tensor([0, 1, 2], device=device)
+
+    def second(backend):
+        return jacrev(grad(lambda x: F.nce_rce(x, y, backend=backend, reduction=reduction).sum()))(z)
+
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        second(backend)
+    assert second("torch").abs().sum() > 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -132,17 +131,6 @@ def test_interpreter_truncates_float32_to_bfloat16():
     _to_bfloat16_kernel[(1,)](x, out, BLOCK=2)
     assert torch.equal(x.to(torch.bfloat16), torch.tensor([1 + 2.0**-7, -(3 + 2.0**-6)], dtype=torch.bfloat16))
     assert torch.equal(out, torch.tensor([1.0, -3.0], dtype=torch.bfloat16))
-
-
-def test_families_match_the_header():
-    """The Triton constants follow catalogue.BASE_INDEX; the families must be apl_rowmath.h's."""
-    header = (ROOT / "csrc" / "apl_rowmath.h").read_text()
-    body = header[header.index("constexpr int family_of"):header.index("default: return kLocal")]
-    cases = re.findall(r"((?:case k\w+:\s*)+)return k(\w+);", body)
-    want = {name[1:].lower(): family for labels, family in cases for name in re.findall(r"k\w+", labels)}
-    families = ("Local", "Reverse", "Normalized", "Negative")
-    for index, name in enumerate(ak.catalogue.BASE_LOSSES):
-        assert families[triton_backend.family_of(index)] == want.get(name, "Local"), name
 
 
 # ---------------------------------------------------------------- paths test_backends.py does not reach

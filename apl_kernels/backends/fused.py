@@ -76,10 +76,15 @@ def _fake_backward(logits, target, weight, stats, grad_loss, bases, coefficients
     return logits.new_empty(logits.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs, output, saved_is_constant: bool = True) -> None:
     logits, target, weight, bases, coefficients, options = inputs
-    # The saved output is a constant for autograd: no tensor of zeros is made for its upstream.
-    ctx.mark_non_differentiable(output[1])
+    # The library's own path (FusedFunction) keeps the saved output differentiable, so that a
+    # second derivative taken through the first (which reads it) reaches _backward and is refused
+    # there: marked constant, it would make every second derivative silently zero. The ops called
+    # directly (opcheck, whose checks send a gradient into every differentiable output) mark it
+    # constant. With materialized gradients off, no tensor of zeros is made for its upstream.
+    if saved_is_constant:
+        ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.mode = options[GRAD_MODE]
     ctx.reduced = options[REDUCTION] != 0
@@ -117,21 +122,51 @@ def _is_exactly_one(upstream: Tensor) -> bool:
     return upstream.is_cpu and upstream.dim() == 0 and upstream.item() == 1.0
 
 
-def _backward(ctx, grad_loss: Tensor | None, _grad_of_saved):
+SECOND_DERIVATIVE = ("fused apl_kernels backends give first derivatives only (no double backward, "
+                     "create_graph=True, hessian or jacrev of grad); use backend='torch'")
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """``apply(backward_op, *arguments)``: the ``<op>_backward`` call as a Function whose own
+    derivative is refused, for torch.func's grad (which differentiates with create_graph=True:
+    an outer transform must see an error, not a constant)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backward_op, *arguments):
+        return backward_op(*arguments)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(SECOND_DERIVATIVE)
+
+
+def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
+    # A gradient reaching the saved output (the gradient or the row statistics) comes from a
+    # second derivative taken through our first one.
+    if grad_of_saved is not None and not torch.compiler.is_compiling():  # (AOT autograd sends zeros)
+        raise NotImplementedError(SECOND_DERIVATIVE)
     if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
         return None, None, None, None, None, None
-    # torch.func's grad always differentiates with create_graph=True; elsewhere that means a
-    # double backward, which the saved gradient (a constant) cannot give.
+    # torch.func's grad always differentiates with create_graph=True (a second derivative taken
+    # outside it is refused by the saved output or _FirstDerivativeOnly); elsewhere that means a
+    # double backward, which the fused ops cannot give.
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _in_transform():
-        raise RuntimeError(
-            "fused apl_kernels backends do not support double backward (create_graph=True); "
-            "use backend='torch'"
-        )
+        raise RuntimeError(SECOND_DERIVATIVE)
     if ctx.mode == NO_GRAD:
         raise RuntimeError("the fused loss was computed without its gradient")
     if ctx.mode == GRAD_IN_BACKWARD:
         logits, target, weight, stats = ctx.saved_tensors
-        grad = ctx.backward_op(logits, target, weight, stats, grad_loss, *ctx.arguments)
+        arguments = (logits, target, weight, stats, grad_loss, *ctx.arguments)
+        if torch.is_grad_enabled() and _in_transform():
+            grad = _FirstDerivativeOnly.apply(ctx.backward_op, *arguments)
+        else:
+            grad = ctx.backward_op(*arguments)
         return grad, None, None, None, None, None
     (saved_grad,) = ctx.saved_tensors
     scale = grad_loss.to(saved_grad.dtype) if ctx.reduced else grad_loss.to(saved_grad.dtype)[:, None]
@@ -158,7 +193,7 @@ class FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[2:], output)
+        _setup_context(ctx, inputs[2:], output, saved_is_constant=False)
         ctx.backward_op = inputs[1]
 
     @staticmethod
@@ -237,7 +272,9 @@ def _vmap_backward(backward_op):
             grad_loss = grad_loss[:, None].expand(batch, rows)
         flat_options = list(options)
         flat_options[REDUCTION] = REDUCTION_CODES["none"]
-        flat_stats = torch.cat([stats[:, :-1].reshape(batch * rows, STATS), stats[:1, -1]], dim=0)
+        # The flat call's divisor is 1: each sample's own was applied to grad_loss above.
+        unit_divisor = torch.eye(1, STATS, dtype=stats.dtype, device=stats.device)
+        flat_stats = torch.cat([stats[:, :-1].reshape(batch * rows, STATS), unit_divisor], dim=0)
         grad = backward_op(logits.reshape(batch * rows, classes), target.reshape(batch * rows, *target.shape[2:]),
                            weight, flat_stats, grad_loss.reshape(batch * rows), bases, coefficients, flat_options)
         return grad.view(batch, rows, classes), 0

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..catalogue import BASE_INDEX, BASE_LOSSES, FOCAL, PARAMETERS
+from ..catalogue import BASE_INDEX, BASE_LOSSES, BASES, FAMILIES, FOCAL, PARAMETERS
 from ..reference import CLAMP_MIN, RCE_A, accumulation_dtype
 from . import BackendUnavailable, fused
 
@@ -37,11 +37,11 @@ CE, FL, GCE, MAE, RCE, NCE, NFL, NGCE, NMAE, NRCE, NNCE, NNFL, AGCE, AUL, AEL = 
     tl.constexpr(BASE_INDEX[name]) for name in _NAMES)
 NO_TERM = tl.constexpr(-1)  # BASE1 of a single loss
 
-# The families of apl_rowmath.h (family_of): how a base's expectation over labels is formed.
-LOCAL, REVERSE, NORMALIZED, NEGATIVE = (tl.constexpr(i) for i in range(4))
-_FAMILY_OF_NAME = {"rce": REVERSE, "nrce": REVERSE, "nce": NORMALIZED, "nfl": NORMALIZED, "ngce": NORMALIZED,
-                   "nnce": NEGATIVE, "nnfl": NEGATIVE}
-_FAMILIES = tuple(_FAMILY_OF_NAME.get(name, LOCAL).value for name in BASE_LOSSES)
+# The families of catalogue.FAMILIES (apl_rowmath.h's family_of): how a base's expectation over
+# labels is formed.
+LOCAL, REVERSE, NORMALIZED, NEGATIVE = (tl.constexpr(FAMILIES.index(f)) for f in
+                                        ("local", "reverse", "normalized", "negative"))
+_FAMILIES = tuple(FAMILIES.index(base.family) for base in BASES)
 
 
 @triton.constexpr_function

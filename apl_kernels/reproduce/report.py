@@ -225,8 +225,8 @@ def headline(rows: list[dict]) -> str:
         return f"{row['mean']:.2f}{diff}"
 
     def extreme(column, pick) -> str:
-        scored = [(by_cell[loss, *column]["mean"], loss) for loss in losses
-                  if (loss, *column) in by_cell and by_cell[loss, *column]["mean"] is not None]
+        scored = [(by_cell[(loss, *column)]["mean"], loss) for loss in losses
+                  if (loss, *column) in by_cell and by_cell[(loss, *column)]["mean"] is not None]
         return pick(scored)[1] if scored else ""
 
     table_rows = [[loss] + [text(by_cell.get((loss, *col))) for col in columns] for loss in losses]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 
 import apl_kernels as ak
