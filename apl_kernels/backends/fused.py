@@ -310,6 +310,15 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
         torch.library.register_vmap(backward_qualname, _vmap_backward(backward_op))
 
 
+def refuse_other_gradients(target: Tensor, weight: Tensor | None) -> None:
+    """The fused ops differentiate the logits only: a target or class weight that asks for a
+    gradient gets an error, not a gradient of None that reads as "no dependence"."""
+    for tensor, what in ((target, "the probability targets"), (weight, "the class weights")):
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(f"fused apl_kernels backends give gradients of the logits only, not of {what}: "
+                             f"detach them, or use backend='torch'")
+
+
 def backend_function(op: Callable, grad_mode: int) -> Callable:
     """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
     ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
@@ -318,6 +327,8 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
                    options: CallOptions) -> Tensor:
+        if torch.is_grad_enabled():
+            refuse_other_gradients(target, weight)
         wants_grad = torch.is_grad_enabled() and logits.requires_grad
         arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD)
         loss, _ = FusedFunction.apply(op, backward_op, logits, target, weight, *arguments)
