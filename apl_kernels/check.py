@@ -11,9 +11,10 @@
 4. Speed (not with ``--quick``): forward plus backward against the reference, ``torch.compile`` of
    it, ``F.cross_entropy`` and a copy of the same bytes; then CNN8's training throughput.
 
-Writes ``apl-check-<device>.md`` into ``--out`` and prints its summary. Exit code 0 when everything
-ran passes, 1 when something failed, 2 without the requested device. Every phase is budgeted by
-time (at most 5 minutes on a GPU); what a budget cut is reported as not run. Inputs are fresh each
+Writes ``apl-check-<device>.md`` into ``--out`` (or to ``--out`` itself, a path ending in ``.md``)
+and prints its summary. Exit code 0 when everything ran passes, 1 when something failed, 2 without
+the requested device. Every phase is budgeted by time (at most 5 minutes on a GPU); what a budget
+cut is reported as not run. Inputs are fresh each
 run; ``APL_TEST_SEED=<seed>`` (printed) repeats one.
 """
 
@@ -717,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=parse_device, default=None,
                         help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--quick", action="store_true", help="environment, parity and integration; no timings")
-    parser.add_argument("--out", type=Path, default=Path.cwd(), help="where apl-check-<device>.md is written")
+    parser.add_argument("--out", type=Path, default=Path.cwd(),
+                        help="the folder apl-check-<device>.md is written to, or the report's own path (*.md)")
     args = parser.parse_args(argv)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
@@ -734,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")  # NumPy's, in interpreted code
     check = Check(device, args.quick)
-    report = args.out / f"apl-check-{str(device).replace(':', '-')}.md"
+    report = args.out if args.out.suffix == ".md" else args.out / f"apl-check-{str(device).replace(':', '-')}.md"
     environment(check)
     load_backends(check)
     integration_reserve = 60.0 if check.cuda else 45.0

@@ -418,6 +418,30 @@ struct Coefficients {
       spread_total += spread[i];
     }
   }
+
+  // A dense row's coefficients c = w ((1 - eps) t + eps / K) from its targets t (which may be c
+  // itself: each vector is read before it is written), their sum, and whether any is nonzero (the
+  // sum of |c|, which is 0 only when every c is). In vectors: a scalar loop's serial sum took
+  // about as long as the rest of the row's passes at K = 100.
+  void dense_row(const acc_t* t, acc_t* c, int64_t K, acc_t& total, acc_t& any) const {
+    using V = Vec<acc_t>;
+    const V keep_v(keep);
+    V total_v(acc_t(0)), magnitude_v(acc_t(0));
+    int64_t i = 0;
+    for (; i + V::size() <= K; i += V::size()) {
+      const V ci = keep_v * V::loadu(weight.data() + i) * V::loadu(t + i) + V::loadu(spread.data() + i);
+      ci.store(c + i);
+      total_v = total_v + ci;
+      magnitude_v = magnitude_v + ci.abs();
+    }
+    total = horizontal_sum(total_v);
+    any = horizontal_sum(magnitude_v);
+    for (; i < K; ++i) {
+      c[i] = keep * weight[i] * t[i] + spread[i];
+      total += c[i];
+      any += std::abs(c[i]);
+    }
+  }
 };
 
 // Every row's loss (into row_loss unless it is null) and gradient (into grad unless it is empty);
@@ -455,12 +479,7 @@ double loss_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const C
             c[y] += label_c;
           }
         } else if (!labels) {
-          const acc_t* t = read_any(target_reader, r, c);
-          for (int64_t i = 0; i < K; ++i) {
-            c[i] = co.keep * co.weight[i] * t[i] + co.spread[i];  // w ((1 - eps) t + eps / K)
-            total_c += c[i];
-            any_c += c[i] != acc_t(0);
-          }
+          co.dense_row(read_any(target_reader, r, c), c, K, total_c, any_c);
         }
         acc_t loss = 0;
         if (any_c == acc_t(0)) {  // ignored, or no coefficient on any label: 0

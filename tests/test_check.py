@@ -31,9 +31,10 @@ def parity_table(report: str) -> dict[str, dict[str, str]]:
 
 
 def test_quick_cpu_check_passes_and_reports_every_loss(tmp_path):
-    result = run_check("--device", "cpu", "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    # --out as the report's own path, in a folder that does not exist yet (as bench/results/cpu-check.md)
+    result = run_check("--device", "cpu", "--quick", "--out", str(tmp_path / "reports" / "cpu-check.md"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    report = (tmp_path / "apl-check-cpu.md").read_text()
+    report = (tmp_path / "reports" / "cpu-check.md").read_text()
     parity = parity_table(report)
     for name in available_losses():
         assert parity[name]["cpp"].startswith("ok"), (name, parity.get(name))
