@@ -40,12 +40,11 @@ from .reference import accumulation_dtype
 # 0.4 R flops per byte whatever K is, so the rows, not the bytes, decide; and at such K no chunk worth
 # computing fits the 32 MiB L3 (256 rows of logits and gradient take 2 KiB per class). Measured on 2
 # cores of an AMD EPYC (bench/results/linear-cpu.md, "Chunk size"; H = 1024, float32, forward +
-# backward, time against materializing the logits in the same rounds; this shared machine's timings
-# vary by 20 % and more): at N = 1024, K = 128000, 64 rows 1.38x, 128 rows 1.09x, 256 rows 1.11x,
-# 512 rows 1.04x; at N = 4096, K = 32000, 128 to 1024 rows all within 4 % (another run of 4 rounds:
-# 256 rows 1.09x, 384 rows 1.07x, 512 rows 1.05x). Below 128 rows the weight traffic shows; 256 rows
-# keeps within ~10 % of the materialized time with a peak of 1/16 of its memory at N = 4096, K = 32000
-# (512 rows would be 1/8).
+# backward, time against materializing the logits in the same rounds, an idle machine): at
+# N = 1024, K = 128000, 64 rows 1.30x, 128 rows 1.19x, 256 rows 1.07x, 512 rows 1.03x; at N = 4096,
+# K = 32000, 128 rows 1.10x, 256 rows 1.06x, 512 rows 1.06x, 1024 rows 1.02x. Below 256 rows the
+# weight traffic shows; 256 rows keeps within ~7 % of the materialized time with a peak of 1/16 of
+# its memory at N = 4096, K = 32000 (512 rows would be 1/8, the most the design allows).
 CPU_CHUNK_ROWS = 256
 # CUDA chunks: Liger-Kernel's bound, the chunk's logits no larger than the hidden states (N x H
 # elements, so the transient memory is of the order of the input whatever K is), but at least
