@@ -32,7 +32,7 @@ from apl_kernels.options import CallOptions
 from apl_kernels.reference import reference_loss
 from cases import (
     LOSS_CASES, LOSS_IDS, TARGET_MODES, check_parity, make_target, random_logits, random_probabilities, random_target,
-    random_weight, sample_inputs,
+    random_weight, sample_inputs, term_magnitudes,
 )
 
 BACKEND = "cuda-emulated"
@@ -93,21 +93,30 @@ def emulate(z, target, name, reduction="none", upstream=None, weight=None, label
 
 def reference(z, target, name, reduction="none", upstream=None, weight=None, label_smoothing=0.0,
               ignore_index=-100, params=None):
-    """The reference in float64 on the same inputs: (loss, gradient for ``upstream``)."""
+    """The reference in float64 on the same inputs: (loss, gradient for ``upstream``), then the
+    size of the terms each is computed from (cases.term_magnitudes)."""
     x = z.detach().double().requires_grad_()
     target = target.double() if target.is_floating_point() else target
     loss = reference_loss(x, target, None if weight is None else weight.double(), make_spec(name, **(params or {})),
                           CallOptions(reduction, ignore_index, label_smoothing))
     loss.backward(upstream.double() if upstream is not None else torch.ones_like(loss))
-    return loss.detach(), x.grad
+    terms = term_magnitudes(z, target, name, params or {}, reduction, "sum" if upstream is None else upstream,
+                            weight=weight, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    return loss.detach(), x.grad, *terms
 
 
 def assert_close_to_reference(got, want, rtol):
-    """Values and gradients within rtol of each row's largest magnitude (NaN where NaN)."""
-    for g, w in zip(got, want):
+    """Values and gradients within rtol of each row's largest magnitude: of the reference's
+    result, or of the terms it is computed from, which is larger where the result cancels
+    (rounding is relative to the terms); NaN where NaN."""
+    magnitudes = want[2:] if len(want) > 2 else (None, None)
+    for g, w, m in zip(got, want[:2], magnitudes):
         rows = w.shape[0] if w.dim() else 1
         g, w = g.double().reshape(rows, -1), w.double().reshape(rows, -1)
-        scale = w.abs().nan_to_num(0).amax(dim=1, keepdim=True).clamp_min(1e-30)
+        scale = w.abs().nan_to_num(0).amax(dim=1, keepdim=True)
+        if m is not None:
+            scale = torch.maximum(scale, m.reshape(rows, -1).amax(dim=1, keepdim=True))
+        scale = scale.clamp_min(1e-30)
         bad = ~((g - w).abs() <= rtol * scale) & ~(g.isnan() & w.isnan())
         assert not bad.any(), f"{int(bad.any(dim=1).sum())} rows differ; first: {g[bad][:4]} vs {w[bad][:4]}"
 
@@ -297,9 +306,7 @@ def test_masked_extreme_and_undefined_rows(emulated, seed):
                                             params=params)
                 want = reference(z[defined], target[defined], name, "none", torch.ones(5, dtype=z.dtype), None,
                                  smoothing, params=params)
-                for got, expected in zip((loss[defined], grad[defined]), want):  # as test_backends' masked test
-                    atol = 1e-9 * expected.abs().nan_to_num(0).max().item()
-                    torch.testing.assert_close(got, expected, rtol=1e-9, atol=atol, equal_nan=True)
+                assert_close_to_reference((loss[defined], grad[defined]), want, 1e-9)
                 if target is y and not smoothing:
                     assert torch.isfinite(loss[defined]).all() and torch.isfinite(grad[defined]).all()
                     assert torch.all(grad[defined][:, 3] == 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 import apl_kernels as ak
@@ -206,6 +207,39 @@ def off_kinks(z: torch.Tensor, levels=(1e-7,)) -> torch.Tensor:
     raise AssertionError("could not move the logits off the clamps' kinks")
 
 
+def _nan_to_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.isnan(), 0.0, x)
+
+
+def term_magnitudes(z, target, name, params, reduction="none", upstream="sum", **options):
+    """The size of the terms each value (N,), or the reduced value (1,), and each gradient element
+    (N, K) is computed from (the independent formulas' magnitudes): what rounding errors are
+    relative to, where the result itself cancels to something small. NaN (undefined rows) is 0."""
+    target_np = target.detach().cpu().double().numpy() if target.is_floating_point() else target.cpu().numpy()
+    weight = options.get("weight")
+    np_options = {"weight": None if weight is None else weight.detach().cpu().double().numpy(),
+                  "label_smoothing": options.get("label_smoothing", 0.0),
+                  "ignore_index": options.get("ignore_index", -100)}
+    z = z.detach().cpu().double()
+    with np.errstate(all="ignore"):
+        _, _, grad_terms, sensitivity, value_terms = loss_and_grad(z.numpy(), target_np, name, **np_options, **params)
+    # A value's error: its arithmetic on terms of size value_terms, and lp's rounding (eps (|z| + log K)
+    # absolutely, as log_softmax's) times its sensitivity to lp.
+    spread = 1 + 2 * z.abs().amax(dim=1) + math.log(z.shape[1])
+    value_terms = _nan_to_zero(torch.from_numpy(value_terms) + torch.from_numpy(sensitivity) * spread)
+    grad_terms = _nan_to_zero(torch.from_numpy(grad_terms))
+    divisor = 1.0
+    if reduction == "mean":
+        divisor = coefficients(target_np, z.shape[1], **np_options)[1].sum() or 1.0
+    upstream_scale = torch.ones(z.shape[0], dtype=torch.float64)
+    if not isinstance(upstream, str):
+        upstream_scale = upstream_scale * upstream.detach().cpu().double().abs().expand(upstream_scale.shape)
+    grad_terms = grad_terms * (upstream_scale / divisor)[:, None]
+    if reduction != "none":
+        value_terms = value_terms.sum().reshape(1) / divisor
+    return value_terms, grad_terms
+
+
 def check_parity(z, target, name, params, backend, device="cpu", reduction="none", upstream="sum", roundings=1,
                  **options):
     """``backend`` on ``device`` in z's dtype against the float64 truth (the reference on the same
@@ -218,27 +252,7 @@ def check_parity(z, target, name, params, backend, device="cpu", reduction="none
     truth = run(z.double(), target.double() if target.is_floating_point() else target, name, params, "torch",
                 reduction, upstream if isinstance(upstream, str) else upstream.double(), **options)
     assert got_value.dtype == z.dtype and got_grad.dtype == z.dtype, where
-    target_np = target.double().numpy() if target.is_floating_point() else target.numpy()
-    weight = options.get("weight")
-    np_options = {"weight": None if weight is None else weight.double().numpy(),
-                  "label_smoothing": options.get("label_smoothing", 0.0),
-                  "ignore_index": options.get("ignore_index", -100)}
-    _, _, grad_terms, sensitivity, value_terms = loss_and_grad(z.double().numpy(), target_np, name, **np_options,
-                                                               **params)
-    # A value's error: its arithmetic on terms of size value_terms, and lp's rounding (eps (|z| + log K)
-    # absolutely, as log_softmax's) times its sensitivity to lp.
-    spread = 1 + 2 * z.double().abs().amax(dim=1) + math.log(z.shape[1])
-    value_terms = torch.from_numpy(value_terms) + torch.from_numpy(sensitivity) * spread
-    grad_terms = torch.from_numpy(grad_terms)
-    divisor = 1.0
-    if reduction == "mean":
-        divisor = coefficients(target_np, z.shape[1], **np_options)[1].sum() or 1.0
-    upstream_scale = torch.ones(z.shape[0], dtype=torch.float64)
-    if not isinstance(upstream, str):
-        upstream_scale = upstream_scale * upstream.detach().cpu().double().abs().expand(upstream_scale.shape)
-    grad_terms = grad_terms * (upstream_scale / divisor)[:, None]
-    if reduction != "none":
-        value_terms = value_terms.sum().reshape(1) / divisor
+    value_terms, grad_terms = term_magnitudes(z, target, name, params, reduction, upstream, **options)
     assert_parity(got_value, truth[0], torch.maximum(value_terms, truth[0].abs().reshape(value_terms.shape)),
                   z.dtype, 1, where + " value")
     # A kernel may flush a probability below float32's smallest normal to 0 (the C++ kernel's exp
