@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Nothing above or below imports triton: main() sets TRITON_INTERPRET first, since triton (and
-# @triton.jit in backends/triton.py) read it when imported.
+# torch imports triton (when installed): main() makes sure TRITON_INTERPRET was set as the device
+# needs before that (see there).
 import apl_kernels as ak
 from apl_kernels import backends, reference
 from apl_kernels.backends import fused
@@ -727,12 +727,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apl_kernels.check: no CUDA device{name} here (torch {torch.__version__}, {torch.cuda.device_count()} "
               f"visible): run `python -m apl_kernels.check --device cpu`", file=sys.stderr)
         return 2
-    # Triton reads TRITON_INTERPRET when imported: on CPU its kernels run under the interpreter, on
-    # a GPU they must be compiled.
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
+    # On CPU the Triton kernels run under the interpreter, on a GPU they must be compiled: TRITON_INTERPRET
+    # says which, and it must be set before triton is imported (torch imports it, and triton's own
+    # @triton.jit functions, tl.max and tl.sum among them, are made then). Set here too late, the
+    # command runs itself again with it set (or unset) from the start.
+    wanted = "1" if device.type == "cpu" else None
+    if os.environ.get("TRITON_INTERPRET") != wanted:
+        if wanted:
+            os.environ["TRITON_INTERPRET"] = wanted
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "apl_kernels.check",
+                                  *(sys.argv[1:] if argv is None else argv)])
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")  # NumPy's, in interpreted code
     check = Check(device, args.quick)

@@ -2,11 +2,13 @@
 names every catalogue loss for the C++ backend; ``--device cuda`` without a GPU says so in one line.
 
 The command runs in a subprocess with this session's environment, so it reuses the suite's
-extension build (APL_KERNELS_BUILD_DIR); it sets TRITON_INTERPRET=1 itself for CPU tensors.
+extension build (APL_KERNELS_BUILD_DIR), but without the suite's TRITON_INTERPRET=1, as in a
+user's shell: the command must set it itself for CPU tensors.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -17,8 +19,9 @@ from apl_kernels.catalogue import available_losses
 
 
 def run_check(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "apl_kernels.check", *args], capture_output=True, text=True,
-                          timeout=900, cwd=cwd)
+                          timeout=900, cwd=cwd, env=env)
 
 
 def parity_table(report: str) -> dict[str, dict[str, str]]:
