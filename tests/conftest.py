@@ -39,6 +39,9 @@ def base_seed(request) -> int:
 def seed(request, base_seed) -> int:
     """A seed fresh for each run and distinct for each test (reproducible with APL_TEST_SEED)."""
     nodeid = request.node.nodeid
-    for sweep_id in (f"-APL_TEST_SEED={base_seed}]", f"[APL_TEST_SEED={base_seed}]"):
-        nodeid = nodeid.replace(sweep_id, "]" if sweep_id.startswith("-") else "")
+    # The id without the sweep's part (first, last or alone among the parameters): a test's seed is
+    # then the one a plain run with APL_TEST_SEED=<base seed> gives it.
+    for sweep_id, plain in ((f"[APL_TEST_SEED={base_seed}]", ""), (f"[APL_TEST_SEED={base_seed}-", "["),
+                            (f"-APL_TEST_SEED={base_seed}]", "]"), (f"-APL_TEST_SEED={base_seed}-", "-")):
+        nodeid = nodeid.replace(sweep_id, plain)
     return (base_seed + zlib.crc32(nodeid.encode())) % 2**31
