@@ -377,9 +377,8 @@ def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | 
     if autocast:
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight, bias = (x if x is None else x.to(dtype) for x in (hidden, weight, bias))
+    fused.refuse_other_gradients(target, class_weight)
     grad = torch.is_grad_enabled()
-    if grad:
-        fused.refuse_other_gradients(target, class_weight)
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad]
     # (0: the op picks the default from the real shapes, which a compiled graph may only know symbolically.)

@@ -312,7 +312,10 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
 
 def refuse_other_gradients(target: Tensor, weight: Tensor | None) -> None:
     """The fused ops differentiate the logits only: a target or class weight that asks for a
-    gradient gets an error, not a gradient of None that reads as "no dependence"."""
+    gradient gets an error, not a gradient of None that reads as "no dependence" (evaluation under
+    no_grad asks for none)."""
+    if not torch.is_grad_enabled():
+        return
     for tensor, what in ((target, "the probability targets"), (weight, "the class weights")):
         if tensor is not None and tensor.requires_grad:
             raise ValueError(f"fused apl_kernels backends give gradients of the logits only, not of {what}: "
@@ -327,8 +330,7 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
                    options: CallOptions) -> Tensor:
-        if torch.is_grad_enabled():
-            refuse_other_gradients(target, weight)
+        refuse_other_gradients(target, weight)
         wants_grad = torch.is_grad_enabled() and logits.requires_grad
         arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD)
         loss, _ = FusedFunction.apply(op, backward_op, logits, target, weight, *arguments)
