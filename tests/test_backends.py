@@ -161,6 +161,18 @@ def test_non_contiguous_transposed_and_spatial_inputs(name, device, backend, see
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("name", ["nfl", "nfl+nnfl", "nce+rce"])
+def test_parity_on_a_row_whose_one_minus_p_is_below_float64_epsilon(name, device, backend):
+    # The row of a seed that once failed: 1 - p at the label is 1.1e-16, so the float32 kernels'
+    # focal terms are 0 (log s rounds to 0, as in log_softmax) and the float64 truth's are 5e-29;
+    # both are far below RTOL times the row's terms, which the formulas now compute without
+    # rounding that 1 - p to 0.
+    z = torch.tensor([[-0.36693716, -15.418117, 0.35638043, 0.71380252, -8.0226078, 0.17821571, 2.7967277,
+                       41.515484, -0.045759462, -2.741355, 4.670567]])
+    check_parity(z, torch.tensor([7]), name, {}, backend, device)
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
 @pytest.mark.parametrize("name", ["nce+rce", "nfl+rce", "ngce+mae", "nce+aul"])
 def test_random_scaled_and_stride_zero_upstream_gradients(name, device, backend, seed):
     z = random_logits(16, 9, seed, dtype=torch.float64)

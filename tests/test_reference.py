@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 import apl_kernels as ak
 from apl_kernels.catalogue import FOCAL, SINGLES, available_losses, members
 from cases import LOSS_CASES, LOSS_IDS, case_id, random_logits, random_probabilities, random_target, random_weight
-from formulas import loss_and_grad
+from formulas import loss_and_grad, row_value_and_h
 
 F = ak.functional
 
@@ -82,6 +84,19 @@ def test_formulas_on_arbitrary_logits(data, name, official):
     y = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, k - 1)))
     params = {"official_grad": True} if official and FOCAL & set(members(name)) else {}
     assert_matches_formulas(torch.from_numpy(z), torch.from_numpy(y), name, params)
+
+
+@pytest.mark.parametrize("gap", [30.0, 37.2, 37.5, 38.0, 45.0])
+def test_formulas_keep_one_minus_p_below_float64_epsilon(gap):
+    # A confident row: 1 - p at the max is rest / (1 + rest), below float64's epsilon here. The
+    # formulas' magnitudes scale the parity tolerance, so they must not round it to 0 (a fused
+    # float32 kernel's 0 there once failed against a reference that kept 2.2e-16).
+    z = np.zeros(11)
+    z[7] = gap
+    rest = 10 * math.exp(-gap)
+    u, lp = rest / (1 + rest), -math.log1p(rest)
+    value = row_value_and_h(z, 7, "fl", gamma=0.5)[0]
+    assert value == pytest.approx(u ** 0.5 * -lp, rel=1e-12, abs=0)
 
 
 EXACT_CASES = [c for c in LOSS_CASES if not c[1].get("official_grad")]

@@ -40,8 +40,13 @@ def _focal_h(u, p, lp, gamma, official):
 def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_prob=1e-7):
     """One row: (value, h, p, |terms of h|) of base loss ``base`` with logits ``z`` (K,) and label ``y``."""
     K = z.shape[0]
-    m = z.max()
-    lp = z - m - math.log(np.exp(z - m).sum())
+    top = int(np.argmax(z))
+    m = z[top]
+    # ln sum exp(z - m) = ln(1 + rest): log1p of the other classes' sum, not the log of 1 + rest
+    # rounded, so that 1 - p at the max (-expm1(lp)) keeps its digits where it is below float64's
+    # epsilon (a confident row), rather than turning to 0 (or to 2.2e-16) by rounding.
+    rest = np.exp(np.delete(z, top) - m).sum()
+    lp = z - m - math.log1p(rest)
     p = np.exp(lp)
     ph = np.clip(p, EPS, 1.0)
     mask = (p >= EPS).astype(float)
