@@ -99,6 +99,16 @@ def test_formulas_keep_one_minus_p_below_float64_epsilon(gap):
     assert value == pytest.approx(u ** 0.5 * -lp, rel=1e-12, abs=0)
 
 
+def test_formulas_allow_the_rounding_of_a_dense_reverse_row():
+    # A seed's row that once failed: rce forms sum_j (C - c[j]) p̂[j], and C - c[0] (5e-8 of C)
+    # rounds relative to C, an error of 3.5e-10 of this small value, which the formulas' value
+    # terms now include.
+    z = torch.tensor([[-0.5724059955759757, -43.42020973765032]], dtype=torch.float64)
+    target = torch.tensor([[0.9999999491233992, 5.08766008587188e-08]], dtype=torch.float64)
+    weight = torch.tensor([1.5567319986833772, 0.7782621211968722], dtype=torch.float64)
+    assert_matches_formulas(z, target, "nrce", {"scale": 2.5}, weight=weight)
+
+
 EXACT_CASES = [c for c in LOSS_CASES if not c[1].get("official_grad")]
 
 

@@ -37,6 +37,11 @@ def _focal_h(u, p, lp, gamma, official):
     return d
 
 
+def _reverse_norm(base, K):
+    """rce's and nrce's factor of the other labels' clamped probabilities."""
+    return A if base == "rce" else 1.0 / (K - 1)
+
+
 def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_prob=1e-7):
     """One row: (value, h, p, |terms of h|) of base loss ``base`` with logits ``z`` (K,) and label ``y``."""
     K = z.shape[0]
@@ -71,7 +76,7 @@ def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_pr
         value = (1 - p[y]) / norm
         h[y] = -p[y] / norm
     elif base in ("rce", "nrce"):
-        norm = A if base == "rce" else 1.0 / (K - 1)
+        norm = _reverse_norm(base, K)
         value = norm * (ph * (1 - onehot)).sum()
         h = norm * p * mask * (1 - onehot)
     elif base == "nce":
@@ -193,4 +198,16 @@ def loss_and_grad(z, target, name, weight=None, label_smoothing=0.0, ignore_inde
                 magnitudes[r] += abs(scale) * (h_terms + p * h_terms.sum())
                 sensitivities[r] += abs(scale) * h_terms.sum()
                 value_terms[r] += abs(scale) * terms
+        # The reverse family is formed as sum_j (C - c[j]) p̂[j] (the reference, the kernels): where
+        # c[j] is neither 0 nor C (a dense row), C - c[j] rounds relative to C, not to its size, and
+        # so do the value's and h[j]'s terms with it.
+        total = c[r].sum()
+        rounded = (c[r] != 0) & (c[r] != total)
+        for base, base_weight in members(name, params):
+            if base in ("rce", "nrce") and rounded.any():
+                size = abs(base_weight) * _reverse_norm(base, z.shape[1]) * total * rounded
+                mask = p >= EPS
+                value_terms[r] += (size * np.clip(p, EPS, 1.0)).sum()
+                h_terms = size * p * mask
+                magnitudes[r] += h_terms + p * h_terms.sum()
     return values, grads, magnitudes, sensitivities, value_terms
