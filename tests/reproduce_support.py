@@ -127,9 +127,40 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
 
 
-def spawn(argv, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "apl_kernels.reproduce", *map(str, argv)], env=child_env(),
+# The CLI in a child process whose second run waits after its first epoch's checkpoint, so that a
+# signal sent once a run is finished and another has a checkpoint interrupts mid-run, however
+# slowly or quickly the machine trains (without the wait, a loaded machine let the child finish
+# its shard before the signal came).
+_HELD_CLI = """
+import sys, time
+from apl_kernels.reproduce import cli, grid
+
+original, calls = grid.train_run, []
+
+def held_train_run(*args, on_epoch=None, **kwargs):
+    calls.append(1)
+    def after_epoch(epoch, record):
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        if len(calls) >= 2:
+            time.sleep(600)
+    return original(*args, on_epoch=after_epoch, **kwargs)
+
+grid.train_run = held_train_run
+sys.argv[0] = "apl_kernels.reproduce"
+sys.exit(cli.main())
+"""
+
+
+def spawn_held(argv, **kwargs) -> subprocess.Popen:
+    """``python -m apl_kernels.reproduce argv`` in a child that waits in its second run (above)."""
+    return subprocess.Popen([sys.executable, "-c", _HELD_CLI, *map(str, argv)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def interrupted_runs(out: Path) -> set[str]:
+    """Runs with a checkpoint and no result: started and not finished."""
+    return {p.stem for p in (out / "checkpoints").glob("*.pt")} - {Path(name).stem for name in json_files(out)}
 
 
 def json_files(out: Path) -> dict[str, bytes]:

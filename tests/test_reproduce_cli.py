@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from apl_kernels.reproduce import cli, cost, grid, settings, store, train
-from reproduce_support import (cifar_train_labels, human_label_sets, json_files, run_main, spawn, trained_count,
-                               write_cifar10, write_human_labels)
+from reproduce_support import (cifar_train_labels, human_label_sets, interrupted_runs, json_files, run_main, spawn_held,
+                               trained_count, write_cifar10, write_human_labels)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,11 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
     runs = grid.build_grid("cifar10", ["ce", "nce+rce"], cli.parse_noise("sym:0.4 asym:0.2"), [1], 2)
     shard_ids = [{f"{run.run_id}.json" for run in grid.shard(runs, i, 2)} for i in range(2)]
 
-    # 1. Shard 0/2 in a separate process, interrupted (Ctrl-C) once its first run is written.
-    child = spawn([*common, "--shard", "0/2"])
+    # 1. Shard 0/2 in a separate process, interrupted (Ctrl-C) once its first run is written and
+    #    its second has a checkpoint (the child waits there: spawn_held).
+    child = spawn_held([*common, "--shard", "0/2"])
     deadline = time.monotonic() + 240
-    while not json_files(out) and child.poll() is None and time.monotonic() < deadline:
+    while not (json_files(out) and interrupted_runs(out)) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=120)
@@ -64,7 +65,8 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
     assert "run the same command again" in stderr.strip().splitlines()[-1]
     first = json_files(out)
     assert first and set(first) < shard_ids[0]
-    started = [p.stem for p in (out / "checkpoints").glob("*.pt")]
+    started = sorted(interrupted_runs(out))
+    assert started
 
     # 2. The same command again trains only the missing runs of shard 0, a line for each (the output
     #    is not a terminal), and ends with the headline.
