@@ -34,7 +34,7 @@ from apl_kernels.backends import fused
 from apl_kernels.backends import triton as triton_backend
 from apl_kernels.catalogue import make_spec
 from apl_kernels.options import CallOptions
-from cases import check_parity, make_target, random_logits, random_target
+from cases import UNIT_ROUNDOFF, check_parity, make_target, random_logits, random_target, term_magnitudes
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -187,10 +187,13 @@ def test_gradient_in_forward_equals_gradient_in_backward(reduction, chunked, mon
         (forward_loss, saved), (loss, grad) = gradient_in_forward_and_backward(
             z.to(DEVICE), target.to(DEVICE), None if weight is None else weight.to(DEVICE), args)
         torch.testing.assert_close(forward_loss, loss, rtol=0, atol=0)
-        # The same arithmetic but for the mean's divisor: GRAD_IN_FORWARD sums the class weights
-        # with torch before the launch, the forward kernel in program order; with class weights
-        # they may differ by a few units in the last place.
-        torch.testing.assert_close(saved, grad, rtol=1e-14, atol=1e-300)
+        # The same arithmetic but for the mean's divisor, which the two paths fold in at different
+        # points (GRAD_IN_FORWARD sums the class weights with torch before the launch, the forward
+        # kernel in program order): a few roundings of each of the element's terms, which is more
+        # than a few of the element where h[i] - p[i] H cancels (1.9e-14 of it in one seed of 200).
+        _, terms = term_magnitudes(z, target, name, {}, reduction, "sum", **options)
+        error = (saved.cpu() - grad.cpu()).abs()
+        assert bool((error <= 4 * UNIT_ROUNDOFF[torch.float64] * terms).all()), (error / terms).nan_to_num(0).max()
         assert saved.shape == z.shape and saved.dtype == z.dtype and saved.is_contiguous()
 
 
