@@ -129,11 +129,14 @@ def child_env() -> dict:
 
 # The CLI in a child process whose second run waits after its first epoch's checkpoint, so that a
 # signal sent once a run is finished and another has a checkpoint interrupts mid-run, however
-# slowly or quickly the machine trains (without the wait, a loaded machine let the child finish
-# its shard before the signal came).
+# slowly or quickly the machine trains.
 _HELD_CLI = """
-import sys, time
+import signal, sys, time
 from apl_kernels.reproduce import cli, grid
+
+# Ctrl-C raises KeyboardInterrupt, as in a terminal: a process started from a background job
+# (CI's, or `nohup ... &`) inherits SIGINT ignored, and Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 original, calls = grid.train_run, []
 
