@@ -163,7 +163,7 @@ def spawn_held(argv, **kwargs) -> subprocess.Popen:
 
 def interrupted_runs(out: Path) -> set[str]:
     """Runs with a checkpoint and no result: started and not finished."""
-    return {p.stem for p in (out / "checkpoints").glob("*.pt")} - {Path(name).stem for name in json_files(out)}
+    return {p.stem for p in (out / "checkpoints").glob("*.pt")} - {p.stem for p in (out / "runs").glob("*.json")}
 
 
 def json_files(out: Path) -> dict[str, bytes]:
