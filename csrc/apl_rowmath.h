@@ -51,9 +51,9 @@
 // multiplies lp ~ -u, so the term is 0 there; p lp is 0 where p = 0 (a masked class, lp = -inf).
 // 1 - p is computed as -expm1(lp) where p > 1/2 (no cancellation near p = 1; only the row's max can
 // be there, so that is one expm1 per row), its derivative -p from p. Its absolute error is still
-// that of log s, about an ulp of 1: below that, 1 - p is 0, as with log_softmax (docs/kernels.md). A coefficient c = 0 adds
-// nothing even where V is infinite (ce and nce at a masked class). With a masked class, nce's and
-// nfl's D are infinite: value 0 and gradient 0, their limits.
+// that of log s, about an ulp of 1: below that, 1 - p is 0, as with log_softmax (docs/kernels.md).
+// A coefficient c = 0 adds nothing even where V is infinite (ce and nce at a masked class). With a
+// masked class, nce's and nfl's D are infinite: value 0 and gradient 0, their limits.
 //
 // Passes. The first pass(es) give m, s and sum (z - m) (nce's D = sum (z - m) - K log s). The
 // sums of the other terms need p: they are gathered in one more pass, only when a term needs them
