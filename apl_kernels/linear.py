@@ -203,6 +203,7 @@ def _higher_order_backward() -> bool:
     return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()) != 1
 
 
+@fused.signature_kept
 class _LinearLoss(torch.autograd.Function):
     """Autograd of the ops: an autograd.Function (rather than the ops' register_autograd) because
     torch.func transforms need its setup_context; the ops' vmap rules give its vmap rule."""
