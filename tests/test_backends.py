@@ -340,10 +340,36 @@ def test_gradcheck_with_default_arguments(name, params, device, backend, seed):
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
-def test_double_backward_is_refused(device, backend, seed):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_gives_the_gradient_and_refuses_its_derivative(reduction, device, backend, seed):
+    """backward with create_graph=True (as torch.func's vjp and gradient penalties run it) gives the
+    first derivative; differentiating that gradient raises, never a silent zero."""
     z = random_logits(4, 5, seed, dtype=torch.float64).to(device).requires_grad_()
-    loss = F.nce_mae(z, random_target(4, 5, seed).to(device), backend=backend)
-    with pytest.raises(RuntimeError, match="double backward"):
+    target = random_target(4, 5, seed).to(device)
+    want = torch.autograd.grad(F.nce_mae(z, target, reduction=reduction, backend="torch").sum(), z)[0]
+    loss = F.nce_mae(z, target, reduction=reduction, backend=backend).sum()
+    (gradient,) = torch.autograd.grad(loss, z, create_graph=True)
+    torch.testing.assert_close(gradient.detach(), want, rtol=1e-10, atol=1e-12)
+    assert gradient.requires_grad  # connected to what refuses its derivative
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        torch.autograd.grad((gradient ** 2).sum(), z)
+    loss = F.nce_mae(z, target, reduction=reduction, backend=backend).sum()
+    loss.backward(create_graph=True)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        (z.grad ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+def test_create_graph_through_the_ops_called_directly_is_refused(device, backend, seed):
+    """The ops' own autograd (for direct callers) keeps no differentiable path to its saved
+    output, so there create_graph=True is refused at once."""
+    op = resolve_op(backend, device)
+    mode = fused.GRAD_IN_FORWARD if backend == "cpp" else fused.GRAD_IN_BACKWARD
+    z = random_logits(4, 5, seed, dtype=torch.float64).to(device).requires_grad_()
+    spec, options = make_spec("nce+mae"), CallOptions(reduction="sum")
+    loss, _ = op.default(z, random_target(4, 5, seed).to(device), None, *fused.op_arguments(spec, options, mode))
+    with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(loss, z, create_graph=True)
 
 

@@ -1,5 +1,5 @@
 """torch.func transforms on every public loss form and every backend of the tensor's device:
-grad, per-sample gradients (vmap(grad(...)) over samples), jacrev, functional_call.
+grad, per-sample gradients (vmap(grad(...)) over samples), vjp, jacrev, functional_call.
 
 Under vmap the fused ops run batched (the samples' rows are rows of one call: the ops' vmap rules
 in apl_kernels/backends/fused.py). Forward-mode transforms (jvp, jacfwd, hessian) need a jvp rule
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import apl_kernels as ak
 from cases import FUSED, LOSS_CASES, LOSS_IDS, random_logits, random_target
@@ -95,6 +95,20 @@ def test_jacrev_of_row_losses_is_the_autograd_jacobian(name, device, backend, se
     want = torch.autograd.functional.jacobian(lambda x: F.apl_loss(x, y, name, reduction="none", backend="torch"),
                                               z.cpu())
     torch.testing.assert_close(jacobian.cpu(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["nce+rce", "nfl+nnfl"])
+def test_vjp_equals_autograd(name, reduction, device, backend, seed):
+    """vjp's pullback runs backward with create_graph=True outside any transform."""
+    z = random_logits(6, 9, seed).to(device)
+    y = random_target(6, 9, seed).to(device)
+    value, pullback = vjp(lambda x: F.apl_loss(x, y, name, reduction=reduction, backend=backend), z)
+    cotangent = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=value.dtype)
+    x = z.cpu().requires_grad_()
+    want = torch.autograd.grad(F.apl_loss(x, y.cpu(), name, reduction=reduction, backend="torch"), x, cotangent)[0]
+    torch.testing.assert_close(pullback(cotangent.to(device))[0].cpu(), want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS, ids=BACKEND_IDS)

@@ -86,6 +86,7 @@ def _setup_context(ctx, inputs, output, saved_is_constant: bool = True) -> None:
     # constant. With materialized gradients off, no tensor of zeros is made for its upstream.
     if saved_is_constant:
         ctx.mark_non_differentiable(output[1])
+    ctx.saved_is_constant = saved_is_constant
     ctx.set_materialize_grads(False)
     ctx.mode = options[GRAD_MODE]
     ctx.reduced = options[REDUCTION] != 0
@@ -123,8 +124,8 @@ def _is_exactly_one(upstream: Tensor) -> bool:
     return upstream.is_cpu and upstream.dim() == 0 and upstream.item() == 1.0
 
 
-SECOND_DERIVATIVE = ("fused apl_kernels backends give first derivatives only (no double backward, "
-                     "create_graph=True, hessian or jacrev of grad); use backend='torch'")
+SECOND_DERIVATIVE = ("fused apl_kernels backends give first derivatives only: a derivative of their gradient "
+                     "(double backward, hessian, jacrev of grad) needs backend='torch'")
 
 
 def signature_kept(function_class: type) -> type:
@@ -139,8 +140,9 @@ def signature_kept(function_class: type) -> type:
 @signature_kept
 class _FirstDerivativeOnly(torch.autograd.Function):
     """``apply(backward_op, *arguments)``: the ``<op>_backward`` call as a Function whose own
-    derivative is refused, for torch.func's grad (which differentiates with create_graph=True:
-    an outer transform must see an error, not a constant)."""
+    derivative is refused, for a gradient that is being differentiated (create_graph=True, and
+    torch.func's grad and vjp, which always differentiate so): a derivative of it, taken by an
+    outer transform or a second backward, must see an error, not a constant."""
 
     generate_vmap_rule = True
 
@@ -164,17 +166,20 @@ def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
         raise NotImplementedError(SECOND_DERIVATIVE)
     if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
         return None, None, None, None, None, None
-    # torch.func's grad always differentiates with create_graph=True (a second derivative taken
-    # outside it is refused by the saved output or _FirstDerivativeOnly); elsewhere that means a
-    # double backward, which the fused ops cannot give.
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _in_transform():
+    # Grad mode on here means that this gradient is itself being differentiated: create_graph=True,
+    # or torch.func's grad and vjp, which always differentiate so. The gradient is given, and a
+    # derivative of it refused when one is taken: through the saved output, which the library's
+    # path keeps differentiable (_setup_context), or through _FirstDerivativeOnly. The ops called
+    # directly mark the saved output constant: there create_graph=True is refused at once.
+    differentiated = torch.is_grad_enabled() and (_in_transform() or not torch.compiler.is_compiling())
+    if differentiated and ctx.saved_is_constant and not _in_transform():
         raise RuntimeError(SECOND_DERIVATIVE)
     if ctx.mode == NO_GRAD:
         raise RuntimeError("the fused loss was computed without its gradient")
     if ctx.mode == GRAD_IN_BACKWARD:
         logits, target, weight, stats = ctx.saved_tensors
         arguments = (logits, target, weight, stats, grad_loss, *ctx.arguments)
-        if torch.is_grad_enabled() and _in_transform():
+        if differentiated:
             grad = _FirstDerivativeOnly.apply(ctx.backward_op, *arguments)
         else:
             grad = ctx.backward_op(*arguments)
