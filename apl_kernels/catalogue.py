@@ -177,9 +177,14 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if value < low or (open_low and value == low) or value > high:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be in {interval}, got {value:g}")
+        interval = f"{'(' if open_low else '['}{_shown(low)}, {_shown(high)}]"
+        raise ValueError(f"{name} must be in {interval}, got {_shown(value)}")
     return value
+
+
+def _shown(x: float) -> str:
+    """``x`` short (``1e+06``), or in full where the short form is another number (1 - 2^-25 is not 1)."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
 
 
 def check_params(base_names: tuple[str, ...], values: dict[str, object]) -> dict[str, float]:
@@ -200,6 +205,18 @@ def check_params(base_names: tuple[str, ...], values: dict[str, object]) -> dict
         raise ValueError(f"(a + 1)^q overflows float32 for a = {checked['a']:g}, q = {checked['q']:g}: "
                          f"need q · ln(a + 1) <= 88")
     return checked
+
+
+def check_classes(spec: LossSpec, num_classes: int) -> None:
+    """The limit that depends on K, checked when a call sees K: nnce and nnfl divide by a sum over
+    the classes that is 0 when every p[k] <= min_prob, which a row can reach once K · min_prob >= 1.
+    K · min_prob <= 1/2 keeps the largest p at least twice min_prob, so that sum well above 0."""
+    if any(BASE[base].family == "negative" for base, _ in spec.terms):
+        min_prob = spec.param("min_prob")
+        if min_prob * num_classes > 0.5:
+            raise ValueError(f"min_prob = {_shown(min_prob)} is too large for K = {num_classes} classes: {spec.name} "
+                             f"divides by a sum that is 0 when every probability is at most min_prob; use "
+                             f"min_prob <= 1/(2K) = {_shown(0.5 / num_classes)}")
 
 
 def make_spec(name: str, **params: object) -> LossSpec:

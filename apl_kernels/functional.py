@@ -18,7 +18,7 @@ from torch import Tensor
 from . import backends
 from .catalogue import (
     BASE, NAMED_PAIRS, PARAMETER_TEXT, SCE_FORMULA, LossSpec, accepted_params, available_losses, canonical_name,
-    make_spec, members,
+    check_classes, make_spec, members,
 )
 from .options import DEFAULTS, CallOptions, check_inputs, check_target_range
 from .reference import accumulation_dtype
@@ -69,8 +69,9 @@ def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None
             options: CallOptions = DEFAULTS) -> Tensor:
     """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes."""
     check_inputs(input, target, weight)
-    chosen = backends.resolve(options.backend, input.device.type)
     num_classes = input.shape[1]
+    check_classes(spec, num_classes)
+    chosen = backends.resolve(options.backend, input.device.type)
     spatial = input.dim() > 2
     probabilities = target.is_floating_point()
 

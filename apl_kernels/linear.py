@@ -30,7 +30,9 @@ from torch import Tensor, nn
 
 from . import backends
 from .backends import fused
-from .catalogue import NAMED_PAIRS, PARAMETER_TEXT, LossSpec, accepted_params, canonical_name, make_spec
+from .catalogue import (
+    NAMED_PAIRS, PARAMETER_TEXT, LossSpec, accepted_params, canonical_name, check_classes, make_spec,
+)
 from .functional import bind, compute, formula, signature_of, title
 from .options import DEFAULTS, FLOAT_DTYPES, CallOptions, check_target_range, check_weight
 from .reference import accumulation_dtype
@@ -364,6 +366,7 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
 
 def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                  class_weight: Tensor | None, options: CallOptions, chunk_size: int | None) -> Tensor:
+    check_classes(spec, weight.shape[0])
     chosen = _backend_name(options.backend, hidden.device.type)
     if chosen == "torch":
         return compute(spec, F.linear(hidden, weight, bias), target, class_weight, options)

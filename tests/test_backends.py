@@ -384,6 +384,22 @@ def test_meta_tensors_give_shapes_or_a_clear_error(device, backend):
             F.nce_rce(z, target, backend=backend)
 
 
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("name", ["nnce", "nfl+nnfl"])
+def test_min_prob_above_its_limit_for_k_is_refused_and_the_limit_is_exact(name, device, backend, seed):
+    """A min_prob at which every probability of a row can be at most min_prob (K · min_prob >= 1)
+    would make nnce and nnfl 0/0: refused for every backend alike; at the limit, 1/(2K), the
+    fused backends match the reference, a uniform row (every p = 2 · min_prob) included."""
+    z = random_logits(6, 5, seed)
+    z[0] = 0.0
+    y = random_target(6, 5, seed)
+    for refused in (0.2, 0.1 + 1e-9):
+        with pytest.raises(ValueError, match=r"min_prob = .* is too large for K = 5 classes: .* min_prob <= 1/\(2K\) = 0.1"):
+            F.apl_loss(z.to(device), y.to(device), name, min_prob=refused, backend=backend)
+    for dtype in (torch.float64, torch.float32):
+        check_parity(z.to(dtype), y, name, {"min_prob": 0.1}, backend, device)
+
+
 # ---------------------------------------------------------------- the ops, called directly
 
 
