@@ -228,3 +228,27 @@ def test_verified_library_is_loaded_and_force_rebuilds(cache, tmp_path):
     manifest = json.loads(cpp._manifest(library).read_text())
     assert manifest["size"] == len(good_bytes) and manifest["sha256"] == cpp._sha256(library)
     assert_healthy(library, good_bytes)
+
+
+def test_a_failed_cuda_build_fails_the_command_only_where_it_is_needed(monkeypatch, capsys):
+    """nvcc beside a broken toolkit: the CPU library stands and the command succeeds on a machine
+    without a GPU, unless --require-cuda; with a GPU visible the failure is the command's."""
+    import torch
+
+    import apl_kernels.build as build
+
+    def ensure_loaded(variant, verbose=False, force=False):
+        if variant == "cuda":
+            raise cpp.BackendUnavailable("the cuda extension failed to compile: collect2: error: ld returned 1 exit status")
+        return Path("cache/cpu/apl_kernels_cpu.so")
+
+    monkeypatch.setattr(build, "ensure_loaded", ensure_loaded)
+    monkeypatch.setattr(build, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build.main([]) == 0
+    printed = capsys.readouterr()
+    assert "cpu library ready" in printed.out and "ld returned 1" in printed.err
+    assert "the CUDA library was not built: its build failed" in printed.out
+    assert build.main(["--require-cuda"]) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build.main([]) == 1
