@@ -246,6 +246,9 @@ def test_damaged_results_and_leftovers_are_handled_at_the_next_start(tmp_path, c
     stale = out / "runs" / f".{runs[0].name}.abc123.tmp"
     stale.write_bytes(b"{half a json")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    stale_lock = out / "locks" / f".{runs[1].stem}.lock.ghi789.tmp"  # an interrupted lock takeover's
+    stale_lock.write_bytes(b"{")
+    os.utime(stale_lock, (time.time() - 3600, time.time() - 3600))
     fresh = out / "checkpoints" / ".other.pt.def456.tmp"  # maybe another process's write in progress
     fresh.write_bytes(b"...")
 
@@ -267,7 +270,64 @@ def test_damaged_results_and_leftovers_are_handled_at_the_next_start(tmp_path, c
         assert f"warning: {damaged} is damaged" in stderr and "will be trained again" in stderr
         assert damaged.with_name(damaged.name + ".corrupt").exists()
         assert json.loads(damaged.read_text())["status"] == "finished"
-    assert runs[0].read_bytes() == good and not stale.exists() and fresh.exists()
+    assert runs[0].read_bytes() == good and not stale.exists() and not stale_lock.exists() and fresh.exists()
+
+
+def set_path(record: dict, keys: str, value) -> None:
+    *parents, last = keys.split(".")
+    for key in parents:
+        record = record[key]
+    record[last] = value
+
+
+def drop_path(record: dict, keys: str) -> None:
+    *parents, last = keys.split(".")
+    for key in parents:
+        record = record[key]
+    del record[last]
+
+
+# Valid JSON, not a valid result: each broke a reader (report, plots, headline) with a traceback.
+MALFORMED = {
+    "history {}": lambda r: set_path(r, "history", {}),
+    "test_acc text": lambda r: set_path(r, "history.test_acc", "garbage"),
+    "test_acc with text": lambda r: set_path(r, "history.test_acc", [50.0, "garbage"]),
+    "final_test_acc text": lambda r: set_path(r, "final_test_acc", "garbage"),
+    "no final_test_acc": lambda r: drop_path(r, "final_test_acc"),
+    "no status": lambda r: drop_path(r, "status"),
+    "no realized rate": lambda r: drop_path(r, "noise.realized_rate"),
+    "unknown dataset": lambda r: set_path(r, "config.dataset", "nowhere"),
+    "unknown noise": lambda r: set_path(r, "config.noise", "gauss"),
+    "config a list": lambda r: set_path(r, "config", []),
+}
+
+
+def test_malformed_results_are_damaged_for_every_reader(tmp_path, capsys, seed):
+    out = tmp_path / "grid"
+    code, stdout, _ = run_main(quick_grid(out, "--seeds", "1,2,3"), capsys)
+    assert code == 0 and trained_count(stdout) == 6
+    runs = sorted((out / "runs").glob("*.json"))
+    rng = np.random.default_rng(seed)
+    kinds = [list(MALFORMED)[i] for i in rng.choice(len(MALFORMED), 5, replace=False)]
+    for path, kind in zip(runs[1:], kinds):
+        record = json.loads(path.read_text())
+        MALFORMED[kind](record)
+        path.write_text(json.dumps(record))
+
+    code, _, stderr = run_main(["--report", out], capsys)
+    assert code == 0, (kinds, stderr)
+    for damaged in runs[1:]:
+        assert f"skipped {damaged}: damaged (not a run result: " in stderr, (kinds, stderr)
+
+    code, stdout, _ = run_main([*quick_grid(out, "--seeds", "1,2,3"), "--dry-run"], capsys)
+    assert code == 0 and stdout.count(" damaged ") == 5, (kinds, stdout)
+
+    code, stdout, stderr = run_main(quick_grid(out, "--seeds", "1,2,3"), capsys)
+    assert code == 0 and trained_count(stdout) == 5, (kinds, stderr)
+    for damaged in runs[1:]:
+        assert f"warning: {damaged} is damaged (not a run result: " in stderr
+        assert damaged.with_name(damaged.name + ".corrupt").exists()
+        assert json.loads(damaged.read_text())["status"] == "finished"
 
 
 def test_locks_are_taken_over_only_when_their_owner_is_gone(tmp_path):
@@ -290,6 +350,73 @@ def test_locks_are_taken_over_only_when_their_owner_is_gone(tmp_path):
     assert store.RunLock.acquire(path) is None  # held, by a live process (this one)
     lock.release()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("content", ["empty", "random bytes", "a JSON list"])
+def test_an_unreadable_lock_is_taken_over_with_a_warning(content, tmp_path, capsys, seed):
+    path = tmp_path / "locks" / "run.lock"
+    path.parent.mkdir()
+    path.write_bytes({"empty": b"", "random bytes": np.random.default_rng(seed).bytes(64),
+                      "a JSON list": b"[1, 2]"}[content])
+    lock = store.RunLock.acquire(path)  # locks are written whole: this is damage, not a write in progress
+    assert lock is not None and json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"warning: {path} is not a readable lock" in capsys.readouterr().err
+    lock.release()
+    assert not path.exists() and not list(path.parent.iterdir())
+
+
+def test_a_lock_taken_over_by_another_process_meanwhile_is_left_to_it(tmp_path, monkeypatch):
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"pid": 1234567, "host": socket.gethostname(), "token": "dead"}))
+    other = {"pid": os.getpid(), "host": socket.gethostname(), "token": "other"}
+
+    def dead_but_taken_over_meanwhile(pid):
+        # While this process judges the dead owner's lock, another takes it over and writes its own.
+        path.unlink()
+        path.write_text(json.dumps(other))
+        return False
+
+    monkeypatch.setattr(store, "process_alive", dead_but_taken_over_meanwhile)
+    assert store.RunLock.acquire(path) is None
+    assert json.loads(path.read_text()) == other and [p.name for p in tmp_path.iterdir()] == ["run.lock"]
+
+
+def test_a_disk_full_at_the_first_lock_stops_in_one_line_and_the_next_start_does_not_wait(tmp_path, capsys,
+                                                                                         monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full)
+        code, stdout, stderr = run_main([*QUICK_ONE_RUN, "--backend", "torch", "--out", tmp_path], capsys)
+    lock = tmp_path / "locks" / "digits_ce_sym0.2_seed1.lock"
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert f"could not write {lock} (No space left on device)" in stderr and "free some space" in stderr
+    assert not list((tmp_path / "locks").iterdir())  # no lock, whole or empty, and no temporary
+    code, stdout, stderr = run_main([*QUICK_ONE_RUN, "--backend", "torch", "--out", tmp_path], capsys)
+    assert code == 0 and trained_count(stdout) == 1 and "waiting" not in stdout + stderr
+
+
+def test_atomic_write_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    import stat
+
+    from apl_kernels import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        directory = stat.S_ISDIR(os.fstat(fd).st_mode)
+        events.append("fsync directory" if directory else "fsync file")
+        if directory:
+            raise OSError(22, "Invalid argument")  # some systems cannot: ignored
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda *args: events.append("rename") or real_replace(*args))
+    files.atomic_write_text(tmp_path / "a.txt", "text")
+    assert events == ["fsync file", "rename", "fsync directory"]
+    assert (tmp_path / "a.txt").read_text() == "text" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
 def test_two_trainers_of_the_same_grid_share_its_runs(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from apl_kernels.reproduce import datasets, noise, train
+from apl_kernels.reproduce import cli, datasets, noise, train
 from reproduce_support import (TRAIN_PER_BATCH, TEST_IMAGES, cifar_train_labels, human_label_sets, run_main,
                                write_cifar10, write_cifar100, write_human_labels, write_mnist)
 
@@ -199,9 +199,11 @@ def test_download_without_network_is_one_line(dataset, tmp_path, monkeypatch, ca
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    # No --threads: the download is tried before the training steps that choose a thread count are timed.
+    monkeypatch.setattr(cli, "choose_threads", lambda *args: pytest.fail("timed training before the download"))
     code, stdout, stderr = run_main(["--dataset", dataset, "--losses", "ce", "--noise", "sym:0.2", "--seeds", "1",
                                      "--data-dir", tmp_path / "data", "--download", "--out", tmp_path / "out",
-                                     "--device", "cpu", "--threads", "1", "--no-progress"], capsys)
+                                     "--device", "cpu", "--no-progress"], capsys)
     assert code == 2 and stderr.count("\n") == 1, stderr
     assert "could not download" in stderr and "Temporary failure in name resolution" in stderr
     assert "--data-dir" in stderr and "Traceback" not in stdout + stderr

@@ -99,30 +99,62 @@ def test_a_fresh_run_records_no_resumption_and_the_backend_that_ran(digits, tmp_
     assert record["resumed_at_epochs"] == []
     assert record["options"]["backend"] == backends.resolve("auto", "cpu").name != "auto"
     assert record["options"]["backend_requested"] == "auto" and record["options"]["threads"] == 1
+    assert record["options"]["backends"] == [record["options"]["backend"]]
+
+
+def flip_bytes(content: bytes, rng) -> bytes:
+    """200 bytes XORed with random non-zero bytes somewhere in the middle: what torch.load alone
+    reads without complaint when they fall in a tensor's data."""
+    start = int(rng.integers(len(content) // 4, 3 * len(content) // 4 - 200))
+    damaged = bytearray(content)
+    for i, mask in enumerate(rng.integers(1, 256, 200)):
+        damaged[start + i] ^= int(mask)
+    return bytes(damaged)
 
 
 DAMAGE = {"truncated": lambda b, rng: b[: rng.integers(1, len(b))], "empty": lambda b, rng: b"",
-          "random bytes": lambda b, rng: rng.bytes(len(b))}
+          "random bytes": lambda b, rng: rng.bytes(len(b)), "flipped bytes": flip_bytes}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_moved_aside_and_its_run_restarts(damage, digits, tmp_path, capsys, seed):
     config = train.RunConfig("digits", "nce+rce", "sym", 0.4, seed=2, epochs=2)
     fresh = train.train_run(config, digits, OPTIONS)
-    checkpoint = tmp_path / "run.pt"
+    checkpoint = grid.checkpoint_path(tmp_path, config)
 
     def stop(epoch, record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         train.train_run(config, digits, OPTIONS, checkpoint, on_epoch=stop)
+    assert grid.status(tmp_path, config) == "started"
     checkpoint.write_bytes(DAMAGE[damage](checkpoint.read_bytes(), np.random.default_rng(seed)))
+    assert grid.status(tmp_path, config) == "damaged"  # what --dry-run lists
     capsys.readouterr()
     record = train.train_run(config, digits, OPTIONS, checkpoint)
     stderr = capsys.readouterr().err
-    assert f"warning: {checkpoint} is damaged" in stderr and "restarts from epoch 0" in stderr
-    assert (tmp_path / "run.pt.corrupt").exists() and record["resumed_at_epochs"] == []
+    assert f"warning: {checkpoint} is damaged (not a readable checkpoint: " in stderr, stderr
+    assert "restarts from epoch 0" in stderr and "weights_only" not in stderr and stderr.count("\n") == 1
+    assert checkpoint.with_name(checkpoint.name + ".corrupt").exists() and record["resumed_at_epochs"] == []
     assert record["history"]["test_acc"] == pytest.approx(fresh["history"]["test_acc"], rel=1e-6)
+
+
+def test_a_run_resumed_under_another_backend_records_both(digits, tmp_path):
+    first = backends.resolve("auto", "cpu").name
+    if first == "torch":
+        pytest.skip("no compiled backend here: auto is torch")
+    config = train.RunConfig("digits", "ce", "sym", 0.2, seed=1, epochs=2)
+    checkpoint = tmp_path / "run.pt"
+
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train_run(config, digits, train.Options(backend="auto", progress=False), checkpoint, on_epoch=stop)
+    record = train.train_run(config, digits, OPTIONS, checkpoint)
+    assert record["resumed_at_epochs"] == [1]
+    assert record["options"]["backend"] == "torch" and record["options"]["backend_requested"] == "torch"
+    assert record["options"]["backends"] == [first, "torch"]
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
@@ -144,7 +176,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(digits, tmp_pa
     message = str(raised.value)
     assert message.count("\n") == 0 and f"could not write {checkpoint} (No space left on device)" in message
     assert "the last complete checkpoint of digits_ce_sym0.4_seed1 (epoch 1) is intact" in message
-    assert torch.load(checkpoint, weights_only=True)["record"]["epochs_done"] == 1
+    assert train.read_checkpoint(checkpoint, config)["record"]["epochs_done"] == 1
     assert store.temporaries(tmp_path) == []  # the partial write is gone
 
 

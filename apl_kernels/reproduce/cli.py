@@ -225,8 +225,12 @@ def _main(args: argparse.Namespace) -> int:
         for run in runs:
             print(json.dumps(plan(run, out)))
         return 0
-    if problem and not args.dry_run and not args.download:
-        raise datasets.DatasetNotFound(problem)
+    if problem and not args.dry_run:
+        if args.download:  # now, before timing threads: a failed download stops at once
+            datasets.load_arrays(dataset, args.data_dir, download=True)
+            problem = datasets.missing(dataset, args.data_dir, human)
+        if problem:
+            raise datasets.DatasetNotFound(problem)
     threads = args.threads or (preset.threads if dataset == preset.dataset else None)
     if threads is None and torch.device(device).type == "cpu" and runs:
         threads, line = choose_threads(dataset, args.backend, runs[0].settings.model)

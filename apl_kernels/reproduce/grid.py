@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import backends
 from . import datasets, store
 from .noise import NOISE_KINDS
-from .report import cell_label, plural
+from .report import cell_label, load_record, plural
 from .settings import published, training_settings
 from .train import ConfigMismatch, Options, RunConfig, train_run
 
@@ -67,22 +67,15 @@ def lock_path(out: Path, run: RunConfig) -> Path:
     return out / "locks" / f"{run.run_id}.lock"
 
 
-def stored_config(path: Path) -> dict:
-    """The config of a run result file; ``ValueError`` if the file is damaged."""
-    record = store.read_json(path)
-    if not isinstance(record.get("config"), dict) or "final_test_acc" not in record:
-        raise ValueError("not a run result")
-    return record["config"]
-
-
 def status(out: Path, run: RunConfig, repair: bool = False) -> str:
-    """``done``, ``started``, ``to run`` or ``damaged`` (a result file that cannot be read; with
-    ``repair`` it is moved aside and the run is ``to run``). Raises :class:`ConfigMismatch` if the
-    result is of other settings."""
+    """``done``, ``started``, ``to run`` or ``damaged`` (a result file that is not a readable run
+    result, or a checkpoint that fails verification; with ``repair`` a damaged result is moved aside
+    and the run is ``to run``, and the checkpoint is not read: training verifies it). Raises
+    :class:`ConfigMismatch` if the result is of other settings."""
     path = result_path(out, run)
     if path.exists():
         try:
-            stored = stored_config(path)
+            stored = load_record(path)["config"]
         except (OSError, ValueError) as err:
             if not repair:
                 return "damaged"
@@ -93,7 +86,15 @@ def status(out: Path, run: RunConfig, repair: bool = False) -> str:
                 raise ConfigMismatch(f"{path} was trained with other settings ({', '.join(changed)} differ); "
                                      f"use another --out or delete that directory")
             return "done"
-    return "started" if checkpoint_path(out, run).exists() else "to run"
+    checkpoint = checkpoint_path(out, run)
+    if not checkpoint.exists():
+        return "to run"
+    if not repair:
+        try:
+            store.read_verified(checkpoint)
+        except (OSError, ValueError):
+            return "damaged"
+    return "started"
 
 
 def run_line(run: RunConfig, record: dict, index: int, total: int) -> str:
@@ -125,7 +126,7 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
     if len({run.dataset for run in runs}) > 1:
         raise ValueError("run_grid trains one dataset at a time; split the runs by dataset")
     store.prepare_output(out)
-    store.remove_stale_temporaries([out, out / "runs", out / "checkpoints", out / "plots"])
+    store.remove_stale_temporaries([out / name for name in ("", "runs", "checkpoints", "locks", "plots")])
     pending = [run for run in runs if status(out, run, repair=True) != "done"]
     if not pending:
         return []

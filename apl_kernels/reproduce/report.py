@@ -13,12 +13,49 @@ import numpy as np
 from ..catalogue import available_losses
 from . import datasets, plots, store
 from .noise import NOISE_KINDS
-from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, UsageError, dataset_notes,
+from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, VARIANTS, UsageError, dataset_notes,
                        paper_losses, paper_results, published, training_settings)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _accuracy(value) -> bool:
+    return value is None or _number(value)
+
+
+# What the readers of a result (the grid's status, the tables, the plots, the headline) use, each
+# with its check: a result that fails one is damaged, as an unreadable file is.
+RESULT_FIELDS = {
+    "config.dataset": lambda r: r["config"]["dataset"] in datasets.DATASETS,
+    "config.loss": lambda r: isinstance(r["config"]["loss"], str),
+    "config.noise": lambda r: r["config"]["noise"] in NOISE_KINDS,
+    "config.rate": lambda r: (isinstance(r["config"]["rate"], str) if r["config"]["noise"] == "human"
+                              else _number(r["config"]["rate"])),
+    "config.epochs": lambda r: isinstance(r["config"]["epochs"], int) and r["config"]["epochs"] >= 1,
+    "config.loss_params": lambda r: isinstance(r["config"]["loss_params"], dict),
+    "config.variant": lambda r: r["config"].get("variant", "paper") in VARIANTS,
+    "status": lambda r: r["status"] in ("finished", "diverged"),
+    "final_test_acc": lambda r: (_number if r["status"] == "finished" else _accuracy)(r["final_test_acc"]),
+    "best_test_acc": lambda r: _accuracy(r["best_test_acc"]),
+    "noise.realized_rate": lambda r: _number(r["noise"]["realized_rate"]),
+    "history.test_acc": lambda r: isinstance(r["history"]["test_acc"], list)
+                                  and all(map(_accuracy, r["history"]["test_acc"])),
+}
+
+
 def load_record(path: Path) -> dict:
-    return store.read_json(path)
+    """The run result in ``path``; ``ValueError`` if the file is not one its readers can use."""
+    record = store.read_json(path)
+    for name, valid in RESULT_FIELDS.items():
+        try:
+            ok = valid(record)
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"not a run result: {name} missing or invalid")
+    return record
 
 
 def load_records(out: Path) -> list[dict]:
@@ -26,13 +63,10 @@ def load_records(out: Path) -> list[dict]:
     records = []
     for path in sorted((Path(out) / "runs").glob("*.json")):
         try:
-            record = load_record(path)
-            record["config"]["loss"], record["status"], record["noise"]["realized_rate"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            store.warn(f"skipped {path}: damaged ({reason}); training the grid again retrains its run")
-            continue
-        records.append(record)
+            records.append(load_record(path))
+        except (OSError, ValueError) as err:
+            store.warn(f"skipped {path}: damaged ({store.first_line(err)}); training the grid again "
+                       f"retrains its run")
     return records
 
 

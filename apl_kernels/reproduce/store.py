@@ -5,15 +5,22 @@ the same run at the same time.
 * :func:`write` writes a file atomically (apl_kernels.files, with the mode the umask gives new
   files) and turns an ``OSError`` (disk full, quota) into :class:`WriteError`,
   one line naming the file.
+* :func:`write_verified` / :func:`read_verified`: a file that carries the SHA-256 digest of its
+  content, checked before anything in it is trusted (checkpoints: torch.load reads flipped bytes
+  inside a tensor without complaint).
 * :func:`move_aside` renames a damaged file to ``<name>.corrupt`` (kept for inspection) and warns.
 * :func:`remove_stale_temporaries` removes the ``*.tmp`` files of interrupted atomic writes.
-* :class:`RunLock`: ``locks/<run>.lock`` holds the owner's process id and host. A lock whose owner
-  is gone (the process no longer exists on this host, or no heartbeat for :data:`STALE_LOCK_S`) is
-  taken over; a live owner touches its locks every :data:`HEARTBEAT_S`.
+* :class:`RunLock`: ``locks/<run>.lock`` holds the owner's process id and host, and is created
+  whole (linked into place) or not at all. A lock whose owner is gone (the process no longer
+  exists on this host, or no heartbeat for :data:`STALE_LOCK_S`) or that cannot be read (damage,
+  as locks are never partly written) is taken over; a live owner touches its locks every
+  :data:`HEARTBEAT_S`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import socket
@@ -41,19 +48,52 @@ def warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def write(path: Path, write_to: Callable[[BinaryIO], object], kept: str = "") -> None:
+def write(path: Path, write_to: Callable[[BinaryIO], object], kept: str = "", exclusive: bool = False) -> None:
     """Write ``path`` atomically through ``write_to(file)``; :class:`WriteError` on failure.
 
     ``kept`` is added to the error: what the failure leaves intact (the previous file always is).
+    ``exclusive``: ``FileExistsError`` if ``path`` exists (files.atomic_write).
     """
     try:
-        files.atomic_write(Path(path), write_to)
+        files.atomic_write(Path(path), write_to, exclusive)
     except OSError as err:
+        if exclusive and isinstance(err, FileExistsError):
+            raise  # not a failure: the caller asked to be told
         raise WriteError(f"could not write {path} ({err.strerror or err}){kept}") from None
 
 
-def write_text(path: Path, text: str, kept: str = "") -> None:
-    write(path, lambda f: f.write(text.encode()), kept)
+def write_text(path: Path, text: str, kept: str = "", exclusive: bool = False) -> None:
+    write(path, lambda f: f.write(text.encode()), kept, exclusive)
+
+
+DIGEST_HEADER = b"apl-kernels sha256 "  # then 64 hex digits, a newline, and the content
+
+
+def write_verified(path: Path, write_to: Callable[[BinaryIO], object], kept: str = "") -> None:
+    """:func:`write`, the file starting with the SHA-256 digest of what ``write_to`` writes."""
+    def write_with_digest(f: BinaryIO) -> None:
+        buffer = io.BytesIO()
+        write_to(buffer)
+        content = buffer.getbuffer()
+        f.write(DIGEST_HEADER + hashlib.sha256(content).hexdigest().encode() + b"\n")
+        f.write(content)
+
+    write(path, write_with_digest, kept)
+
+
+def read_verified(path: Path) -> bytes:
+    """The content of a file written by :func:`write_verified`; ``ValueError`` if its digest is
+    missing or does not match (the file is damaged)."""
+    data = Path(path).read_bytes()
+    start = len(DIGEST_HEADER) + 65
+    if not data:
+        raise ValueError("empty")
+    if not data.startswith(DIGEST_HEADER) or data[start - 1:start] != b"\n":
+        raise ValueError("no SHA-256 digest at its start (random bytes, or written by an older version)")
+    content = data[start:]
+    if hashlib.sha256(content).hexdigest().encode() != data[len(DIGEST_HEADER):start - 1]:
+        raise ValueError("its content does not match its SHA-256 digest (truncated or altered)")
+    return content
 
 
 def move_aside(path: Path, reason: object, consequence: str) -> Path | None:
@@ -69,17 +109,28 @@ def move_aside(path: Path, reason: object, consequence: str) -> Path | None:
         os.replace(path, target)
     except FileNotFoundError:
         return None
-    first_line = (str(reason).strip().splitlines() or [type(reason).__name__])[0][:200]
-    warn(f"{path} is damaged ({first_line}); moved to {target.name}; {consequence}")
+    warn(f"{path} is damaged ({first_line(reason)}); moved to {target.name}; {consequence}")
     return target
+
+
+def json_object(content: bytes) -> dict:
+    """``content`` as a JSON object; ``ValueError`` if it is not one (truncated, garbage)."""
+    if not content:
+        raise ValueError("empty")
+    data = json.loads(content.decode())
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ``ValueError`` if the file is not one (truncated, garbage)."""
-    data = json.loads(Path(path).read_bytes().decode())
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-    return data
+    return json_object(Path(path).read_bytes())
+
+
+def first_line(reason: object) -> str:
+    """The first line of an exception or message, at most 200 characters: for one-line warnings."""
+    return (str(reason).strip().splitlines() or [type(reason).__name__])[0][:200]
 
 
 def temporaries(folder: Path, name: str = "*") -> list[Path]:
@@ -151,15 +202,12 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # being written, or damaged: judged by its age alone
+            return {}  # damaged
 
     @classmethod
-    def stale(cls, path: Path, owner: dict) -> bool:
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        if age >= STALE_LOCK_S:
+    def stale(cls, modified: float, owner: dict) -> bool:
+        """Whether a lock last touched at time ``modified`` by ``owner`` is abandoned."""
+        if time.time() - modified >= STALE_LOCK_S:
             return True
         same_host = owner.get("host") == socket.gethostname()
         return same_host and isinstance(owner.get("pid"), int) and not process_alive(owner["pid"])
@@ -167,27 +215,61 @@ class RunLock:
     @classmethod
     def acquire(cls, path: Path) -> RunLock | None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": os.urandom(8).hex(),
                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        text, kept = json.dumps(owner), "; free some space and run the same command again"
         try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, files.file_mode())
+            write_text(path, text, kept, exclusive=True)
         except FileExistsError:
-            current = cls.read_owner(path)
-            if current is not None and not cls.stale(path, current):
+            if not cls._remove_if_abandoned(path):
                 return None
-            # The owner is gone: take the lock over, then check that no other process did too.
-            write_text(path, json.dumps(owner))
+            try:
+                write_text(path, text, kept, exclusive=True)
+            except FileExistsError:
+                return None  # another process created one meanwhile
+            # A process that judged the old lock at the same time as this one may have moved this
+            # one aside by mistake and put it back, or lost it: check that it is still ours.
             time.sleep(0.05)
             if cls.read_owner(path) != owner:
                 return None
-        else:
-            with os.fdopen(handle, "w") as f:
-                f.write(json.dumps(owner))
         lock = cls(path, owner)
         cls._held.add(path)
         cls._start_heartbeat()
         return lock
+
+    @classmethod
+    def _remove_if_abandoned(cls, path: Path) -> bool:
+        """Remove lock ``path`` if its owner is gone or it cannot be read; ``False`` if it is held."""
+        try:
+            judged_file = open(path, "rb")
+        except FileNotFoundError:
+            return True  # released meanwhile
+        with judged_file:  # open until it is moved: a new lock cannot get its inode number meanwhile
+            judged = os.fstat(judged_file.fileno())
+            try:
+                owner = json_object(judged_file.read())
+            except ValueError as err:  # locks are written whole: this one is damaged
+                warn(f"{path} is not a readable lock ({first_line(err)}); taking it over")
+            else:
+                if not cls.stale(judged.st_mtime, owner):
+                    return False
+            # Renamed aside before it is removed: of processes judging it at once, one alone moves it.
+            aside = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return True  # another process moved it first
+            moved = os.stat(aside)
+        if (moved.st_dev, moved.st_ino) != (judged.st_dev, judged.st_ino):
+            # Another process replaced it between this look and the move: put its lock back.
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass  # a third created one meanwhile; the other's check after 50 ms sees its loss
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
+        return True
 
     def release(self) -> None:
         RunLock._held.discard(self.path)

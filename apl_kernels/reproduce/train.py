@@ -4,12 +4,14 @@ One run = a dataset, a loss with its parameters, a noise kind and rate, a seed, 
 epochs, a settings variant and changes to the settings (:class:`RunConfig`). :func:`train_run`
 trains it with the dataset's published settings (settings.training_settings) and returns its
 record (what the run's JSON file holds). With a ``checkpoint_path`` it saves its whole state after
-every epoch (atomically) and, if a checkpoint of the same run exists, continues from it, so an
-interrupted run loses at most one epoch; a damaged checkpoint is moved aside and the run restarts.
+every epoch (atomically, with the SHA-256 digest of its content: store.write_verified) and, if a
+checkpoint of the same run exists, continues from it, so an interrupted run loses at most one
+epoch; a damaged checkpoint (its digest does not match) is moved aside and the run restarts.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import platform
 import random
@@ -134,16 +136,20 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augme
 
 def read_checkpoint(path: Path, config: RunConfig) -> dict | None:
     """The state saved in checkpoint ``path``, or ``None`` if there is none; a damaged one
-    (truncated, empty, not a checkpoint) is moved aside with a warning and ``None`` returned."""
+    (truncated, empty, altered: its digest does not match; written before checkpoints had one; not
+    a checkpoint) is moved aside with a warning and ``None`` returned."""
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not {"record", "model", "optimizer", "scheduler"} <= set(state):
-            raise ValueError("not a checkpoint of this trainer")
-        state["record"]["config"], state["record"]["epochs_done"]
-    except Exception as err:  # whatever a damaged file makes torch.load raise
-        store.move_aside(path, err, f"run {config.run_id} restarts from epoch 0")
+        state = torch.load(io.BytesIO(store.read_verified(path)), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"record", "model", "optimizer", "scheduler", "generator",
+                                                "torch_rng"} <= set(state):
+            raise TypeError
+        state["record"]["config"], state["record"]["epochs_done"], state["record"]["options"]["backends"]
+    except Exception as err:  # whatever a damaged file makes reading it or torch.load raise
+        reason = ("not a checkpoint of this trainer" if isinstance(err, (KeyError, TypeError))
+                  else store.first_line(err).split(". ")[0])  # torch's first sentence, not its advice
+        store.move_aside(path, f"not a readable checkpoint: {reason}", f"run {config.run_id} restarts from epoch 0")
         return None
     return state
 
@@ -189,6 +195,9 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16)
 
+    ran = ({k: v for k, v in asdict(options).items() if k != "progress"}
+           | {"backend": backends.resolve(options.backend, device.type).name,
+              "backend_requested": options.backend, "threads": torch.get_num_threads()})
     history = {name: [] for name in METRICS}
     record = {
         "run_id": config.run_id,
@@ -200,9 +209,7 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
         "epochs_done": 0,
         "wall_time_s": 0.0,
         "resumed_at_epochs": [],
-        "options": {k: v for k, v in asdict(options).items() if k != "progress"}
-                   | {"backend": backends.resolve(options.backend, device.type).name,
-                      "backend_requested": options.backend, "threads": torch.get_num_threads()},
+        "options": ran | {"backends": [ran["backend"]]},  # the backend of each part trained
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
     }
     state = read_checkpoint(checkpoint_path, config) if checkpoint_path is not None else None
@@ -219,6 +226,8 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
         history = record["history"]
         if record["status"] == "running" and record["epochs_done"] < config.epochs:
             record["resumed_at_epochs"].append(record["epochs_done"])  # training goes on from there
+            # with this process's options: the record's options are those of its last part
+            record["options"] = ran | {"backends": record["options"]["backends"] + [ran["backend"]]}
 
     train_images, train_count = data.train_images, data.train_labels.numel()
     bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id, unit="epoch",
@@ -278,8 +287,8 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
                          "torch_rng": torch.get_rng_state()}
                 kept = (f"; the last complete checkpoint of {config.run_id} (epoch {epoch}) is intact"
                         if epoch else f"; {config.run_id} had no checkpoint yet")
-                store.write(checkpoint_path, lambda f: torch.save(state, f),
-                            kept + ": free some space and run the same command again")
+                store.write_verified(checkpoint_path, lambda f: torch.save(state, f),
+                                     kept + ": free some space and run the same command again")
             bar.update(1)
             bar.set_postfix(test_acc=f"{test_acc:.2f}", loss=f"{train_loss:.4f}")
             if on_epoch is not None:
