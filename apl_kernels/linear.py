@@ -194,17 +194,6 @@ _loop_vmap(_linear_loss_op)
 _loop_vmap(_linear_loss_backward_op)
 
 
-def _higher_order_backward() -> bool:
-    """Whether this backward is being differentiated: ``create_graph=True``, or torch.func.grad of
-    torch.func.grad. (One torch.func.grad runs backward with grad mode on: that one is fine.)"""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return False
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()) != 1
-
-
 @fused.signature_kept
 class _LinearLoss(torch.autograd.Function):
     """Autograd of the ops: an autograd.Function (rather than the ops' register_autograd) because
@@ -219,7 +208,9 @@ class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         hidden, weight, bias, target, class_weight, ctx.arguments = inputs
-        ctx.mark_non_differentiable(*output[1:])
+        # The saved gradients stay differentiable outputs (never returned to the caller), so that a
+        # derivative taken of the gradients they give reaches backward and is refused there, as in
+        # backends/fused.py: marked constant, it would be a silent zero.
         ctx.set_materialize_grads(False)
         ctx.reduced = ctx.arguments[3][fused.REDUCTION] != fused.REDUCTION_CODES["none"]
         if ctx.reduced:
@@ -228,12 +219,14 @@ class _LinearLoss(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, grad_loss, *grads_of_saved):
+        if any(g is not None for g in grads_of_saved) and not torch.compiler.is_compiling():
+            raise NotImplementedError(fused.SECOND_DERIVATIVE)  # (AOT autograd sends zeros)
         if grad_loss is None:
             return (None,) * 6
-        if _higher_order_backward():
-            raise RuntimeError("the fused linear loss does not support double backward (create_graph=True, "
-                               "nested torch.func.grad); use backend='torch'")
+        # Grad mode on: these gradients are being differentiated (create_graph=True, torch.func's
+        # grad and vjp); a derivative of them is refused when taken (fused._backward explains).
+        differentiated = torch.is_grad_enabled() and (fused._in_transform() or not torch.compiler.is_compiling())
         if ctx.reduced:
             grads = ctx.saved_tensors
             if fused._released_after_this_backward(grad_loss):
@@ -243,10 +236,11 @@ class _LinearLoss(torch.autograd.Function):
             else:
                 grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
         else:
-            hidden, weight, bias, target, class_weight = ctx.saved_tensors
-            with torch.no_grad():  # (torch.func.grad runs backward in grad mode; nothing here is differentiated)
-                grads = _linear_loss_backward_op(hidden, weight, bias, target, class_weight, grad_loss,
-                                                 *ctx.arguments)
+            arguments = (*ctx.saved_tensors, grad_loss, *ctx.arguments)
+            if differentiated:
+                grads = fused._FirstDerivativeOnly.apply(_linear_loss_backward_op, *arguments)
+            else:
+                grads = _linear_loss_backward_op(*arguments)
         return (*(g if need else None for g, need in zip(grads, ctx.arguments[-1])), None, None, None)
 
 

@@ -253,12 +253,34 @@ def test_partial_gradients_and_no_grad(seed):
     torch.testing.assert_close(value, expected[0], rtol=1e-13, atol=0)
 
 
-def test_double_backward_raises(seed):
-    hidden, weight, _ = (x.requires_grad_() for x in exact_inputs(seed))
-    target, _ = make_target("index", seed)
-    loss = AL.linear_loss(hidden, weight, target, "nce+rce")
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, hidden, create_graph=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vjp_and_create_graph_give_the_gradient_and_refuse_its_derivative(reduction, seed):
+    """torch.func.vjp's pullback (backward with create_graph=True) and jacrev equal the reference's;
+    a derivative of the gradient (double backward, grad of grad) raises, never a silent zero."""
+    from torch.func import grad, jacrev, vjp
+
+    hidden, weight, bias = exact_inputs(seed)
+    target, options = make_target("weighted", seed)
+
+    def loss(h, w, backend="auto"):
+        return AL.linear_loss(h, w, target, "nfl+rce", bias=bias, reduction=reduction, chunk_size=CHUNK,
+                              backend=backend, **options)
+
+    value, pullback = vjp(loss, hidden, weight)
+    cotangent = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=value.dtype)
+    expected = run(hidden, weight, bias, target, "nfl+rce", {}, reduction, cotangent, **options)
+    for got, want in zip(pullback(cotangent), expected[1:3]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(jacrev(loss)(hidden, weight), jacrev(lambda h, w: loss(h, w, "torch"))(hidden, weight),
+                               rtol=1e-10, atol=1e-12)
+    h = hidden.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(loss(h, weight).sum(), h, create_graph=True)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        torch.autograd.grad((gradient ** 2).sum(), h)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        grad(lambda x: (grad(lambda y: loss(y, weight).sum())(x) ** 2).sum())(hidden)
+    reference = grad(lambda x: (grad(lambda y: loss(y, weight, "torch").sum())(x) ** 2).sum())(hidden)
+    assert reference.abs().sum() > 0
 
 
 def test_empty_batch():
