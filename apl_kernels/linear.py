@@ -220,13 +220,9 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_saved):
-        if any(g is not None for g in grads_of_saved) and not torch.compiler.is_compiling():
-            raise NotImplementedError(fused.SECOND_DERIVATIVE)  # (AOT autograd sends zeros)
+        fused.refuse_gradients_of_saved(*grads_of_saved)
         if grad_loss is None:
             return (None,) * 6
-        # Grad mode on: these gradients are being differentiated (create_graph=True, torch.func's
-        # grad and vjp); a derivative of them is refused when taken (fused._backward explains).
-        differentiated = torch.is_grad_enabled() and (fused._in_transform() or not torch.compiler.is_compiling())
         if ctx.reduced:
             grads = ctx.saved_tensors
             if fused._released_after_this_backward(grad_loss):
@@ -237,7 +233,7 @@ class _LinearLoss(torch.autograd.Function):
                 grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
         else:
             arguments = (*ctx.saved_tensors, grad_loss, *ctx.arguments)
-            if differentiated:
+            if fused.gradient_is_differentiated():
                 grads = fused._FirstDerivativeOnly.apply(_linear_loss_backward_op, *arguments)
             else:
                 grads = _linear_loss_backward_op(*arguments)

@@ -159,19 +159,29 @@ class _FirstDerivativeOnly(torch.autograd.Function):
         raise NotImplementedError(SECOND_DERIVATIVE)
 
 
-def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
-    # A gradient reaching the saved output (the gradient or the row statistics) comes from a
-    # second derivative taken through our first one.
-    if grad_of_saved is not None and not torch.compiler.is_compiling():  # (AOT autograd sends zeros)
+def refuse_gradients_of_saved(*grads_of_saved: Tensor | None) -> None:
+    """A gradient reaching a saved output (a saved gradient or row statistics) comes from a
+    derivative taken of the gradient that backward gave: refused. (AOT autograd sends zeros.)"""
+    if any(g is not None for g in grads_of_saved) and not torch.compiler.is_compiling():
         raise NotImplementedError(SECOND_DERIVATIVE)
+
+
+def gradient_is_differentiated() -> bool:
+    """Whether the gradient backward is computing is itself being differentiated: grad mode is on
+    in backward for create_graph=True and under torch.func's grad and vjp, which always
+    differentiate so (not for torch.compile's trace of backward outside a transform). The gradient
+    is then given, and a derivative of it refused when one is taken: through a saved output kept
+    differentiable (:func:`refuse_gradients_of_saved`) or through :class:`_FirstDerivativeOnly`."""
+    return torch.is_grad_enabled() and (_in_transform() or not torch.compiler.is_compiling())
+
+
+def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
+    refuse_gradients_of_saved(grad_of_saved)
     if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
         return None, None, None, None, None, None
-    # Grad mode on here means that this gradient is itself being differentiated: create_graph=True,
-    # or torch.func's grad and vjp, which always differentiate so. The gradient is given, and a
-    # derivative of it refused when one is taken: through the saved output, which the library's
-    # path keeps differentiable (_setup_context), or through _FirstDerivativeOnly. The ops called
-    # directly mark the saved output constant: there create_graph=True is refused at once.
-    differentiated = torch.is_grad_enabled() and (_in_transform() or not torch.compiler.is_compiling())
+    # The ops called directly mark their saved output constant (_setup_context), so a derivative
+    # could not be refused later: there create_graph=True is refused at once.
+    differentiated = gradient_is_differentiated()
     if differentiated and ctx.saved_is_constant and not _in_transform():
         raise RuntimeError(SECOND_DERIVATIVE)
     if ctx.mode == NO_GRAD:
