@@ -267,7 +267,7 @@ def _toolkit(home: Path, runtime: bool) -> Path:
 
 
 @pytest.mark.parametrize("case", ["wrapper on PATH", "complete on PATH", "no nvcc", "no runtime anywhere",
-                                  "CUDA_HOME set", "CUDA_HOME incomplete"])
+                                  "CUDA_HOME set", "CUDA_HOME incomplete", "no toolkit"])
 def test_the_cuda_toolkit_is_one_that_can_link(case, tmp_path, monkeypatch):
     """nvcc on the PATH as a wrapper (``/usr/local/bin/nvcc`` calling the real one) makes torch guess
     CUDA_HOME=/usr/local, which has no runtime library: the link failed with ``cannot find
@@ -278,7 +278,7 @@ def test_the_cuda_toolkit_is_one_that_can_link(case, tmp_path, monkeypatch):
     monkeypatch.setattr(cpp, "INSTALL_ROOT", root)
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    complete = _toolkit(root / "cuda-13.0", runtime=True) if case != "no runtime anywhere" else None
+    complete = _toolkit(root / "cuda-13.0", runtime=True) if case not in ("no runtime anywhere", "no toolkit") else None
     if case in ("wrapper on PATH", "no runtime anywhere"):
         wrapper = _toolkit(root / "wrapper", runtime=False)
         monkeypatch.setenv("PATH", str(wrapper / "bin"))
@@ -296,6 +296,8 @@ def test_the_cuda_toolkit_is_one_that_can_link(case, tmp_path, monkeypatch):
         assert home is None and "no CUDA runtime library" in note and "set CUDA_HOME" in note, note
     elif case == "CUDA_HOME incomplete":
         assert home is None and "is not a complete CUDA toolkit" in note, note
+    elif case == "no toolkit":
+        assert home is None and note.startswith("nvcc was not found"), note
     else:
         assert home == complete, (home, note)
         assert (str(root / "wrapper") in note) == (case == "wrapper on PATH"), note
