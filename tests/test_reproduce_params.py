@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 
 from apl_kernels.catalogue import available_losses, make_spec
-from apl_kernels.reproduce import cli, grid, report, settings
+from apl_kernels.reproduce import cli, grid, report, settings, store
 from apl_kernels.reproduce.settings import published, training_settings
 from reproduce_support import run_main
 
@@ -348,3 +348,33 @@ def test_results_md_names_the_cifar10_quirks():
     markdown = report.results_markdown(report.summarize(records), records)
     for quirk in ("omits --asym", "beta = 5 as in the notes", "instantiates NGCE+MAE", "ignores alpha"):
         assert quirk in markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Names built from file content stay inside the output folder
+
+@pytest.mark.parametrize("field,value", [
+    ("rate", "x/../../../escape"), ("rate", "../../../escape"), ("rate", "noisy"), ("loss", "../../../escape"),
+    ("rate", 1.5),
+])
+def test_report_refuses_names_from_a_run_file_that_the_grid_never_makes(field, value, tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    (out / "runs").mkdir(parents=True)
+    good = fake_record("cifar10", "ce", "human", "aggre", 80.0)
+    bad = fake_record("cifar10", "nce", "human" if isinstance(value, str) else "sym", "worse" if isinstance(
+        value, str) else 0.4, 70.0)
+    bad["config"][field] = value  # "noisy" is CIFAR-100N's label set, not CIFAR-10N's
+    (out / "runs" / "good.json").write_text(json.dumps(good))
+    (out / "runs" / "bad.json").write_text(json.dumps(bad))
+    before = {p for p in tmp_path.rglob("*") if out not in p.parents}
+    code, stdout, stderr = run_main(["--report", out], capsys)
+    assert code == 0, stderr
+    assert f"skipped {out / 'runs' / 'bad.json'}: damaged (not a run result: config.{field} missing or invalid)" in stderr
+    assert {p for p in tmp_path.rglob("*") if out not in p.parents} == before  # nothing written outside out
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["grid_cifar10.png", "test_acc_cifar10_human-aggre.png"]
+
+
+@pytest.mark.parametrize("name", ["x/../../escape.png", "../escape.png", "..", "/tmp/escape.png", "a\x00b", ""])
+def test_a_file_name_from_file_content_is_a_file_directly_in_its_folder(name, tmp_path):
+    path = store.child(tmp_path / "plots", name)
+    assert path.parent == tmp_path / "plots" and path.name not in ("", ".", "..") and "/" not in path.name

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..catalogue import available_losses
 from . import datasets, plots, store
-from .noise import NOISE_KINDS
+from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
 from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, VARIANTS, UsageError, dataset_notes,
                        paper_losses, paper_results, published, training_settings)
 
@@ -29,10 +29,12 @@ def _accuracy(value) -> bool:
 # with its check: a result that fails one is damaged, as an unreadable file is.
 RESULT_FIELDS = {
     "config.dataset": lambda r: r["config"]["dataset"] in datasets.DATASETS,
-    "config.loss": lambda r: isinstance(r["config"]["loss"], str),
+    "config.loss": lambda r: r["config"]["loss"] in available_losses(),
     "config.noise": lambda r: r["config"]["noise"] in NOISE_KINDS,
-    "config.rate": lambda r: (isinstance(r["config"]["rate"], str) if r["config"]["noise"] == "human"
-                              else _number(r["config"]["rate"])),
+    # The rate names plots: a label set of the dataset's, or a number in [0, 1], nothing else.
+    "config.rate": lambda r: (r["config"]["rate"] in HUMAN_LABEL_SETS.get(r["config"]["dataset"], ())
+                              if r["config"]["noise"] == "human"
+                              else _number(r["config"]["rate"]) and 0.0 <= r["config"]["rate"] <= 1.0),
     "config.epochs": lambda r: isinstance(r["config"]["epochs"], int) and r["config"]["epochs"] >= 1,
     "config.loss_params": lambda r: isinstance(r["config"]["loss_params"], dict),
     "config.variant": lambda r: r["config"].get("variant", "paper") in VARIANTS,

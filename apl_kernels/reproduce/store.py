@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -126,6 +127,13 @@ def json_object(content: bytes) -> dict:
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ``ValueError`` if the file is not one (truncated, garbage)."""
     return json_object(Path(path).read_bytes())
+
+
+def child(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name built from file content, reduced to a safe file name
+    (letters, digits and ``._+-``, anything else ``_``, no leading dot): a file directly in
+    ``folder``, whatever ``name`` holds (``/``, ``..``)."""
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "_")
 
 
 def first_line(reason: object) -> str:
