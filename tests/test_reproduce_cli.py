@@ -460,6 +460,54 @@ def test_two_trainers_of_the_same_grid_share_its_runs(tmp_path, monkeypatch):
     assert not list((tmp_path / "locks").glob("*.lock"))
 
 
+@pytest.mark.parametrize("taken_at_epoch", [1, 3])
+@pytest.mark.parametrize("other", ["finished meanwhile", "still training"])
+def test_a_run_whose_lock_was_taken_over_while_stopped_is_left_to_the_new_owner(taken_at_epoch, other, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A trainer stopped past the stale-lock limit (SIGSTOP, a suspended laptop) loses its lock to
+    another process, which trains the run; woken, the first writes neither checkpoint nor result.
+    The stop is simulated: after epoch ``taken_at_epoch`` of 3 the lock becomes another's, whose
+    result is written at once or a second later."""
+    import threading
+
+    run = grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], epochs=3)[0]
+    lock, result = grid.lock_path(tmp_path, run), grid.result_path(tmp_path, run)
+    theirs = {"config": run.to_dict(), "status": "finished", "final_test_acc": 12.5, "best_test_acc": 12.5,
+              "noise": {"realized_rate": 0.4}, "history": {"test_acc": [12.5]}}
+    new_owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": "the other process"}  # alive
+    timers = []
+
+    def other_finishes():
+        store.write_text(result, json.dumps(theirs))
+        grid.checkpoint_path(tmp_path, run).unlink(missing_ok=True)
+        lock.unlink()
+
+    real_train_run = grid.train_run
+
+    def stopped_train_run(*args, on_epoch=None, **kwargs):
+        def after_epoch(epoch, record):
+            if epoch == taken_at_epoch:  # woken after the lock went stale and was taken over
+                lock.unlink()
+                lock.write_text(json.dumps(new_owner))
+                if other == "finished meanwhile":
+                    other_finishes()
+                else:
+                    timers.append(threading.Timer(1.0, other_finishes))
+                    timers[-1].start()
+        return real_train_run(*args, on_epoch=after_epoch, **kwargs)
+
+    monkeypatch.setattr(grid, "train_run", stopped_train_run)
+    monkeypatch.setattr(grid, "POLL_S", 0.05)
+    trained = grid.run_grid([run], tmp_path, train.Options(backend="torch", progress=False))
+    for timer in timers:
+        timer.join(30)
+    assert trained == []
+    assert json.loads(result.read_text()) == theirs  # kept, not overwritten
+    assert not grid.checkpoint_path(tmp_path, run).exists() and not lock.exists()
+    err = capsys.readouterr().err
+    assert f"warning: {run.run_id}: this process lost its lock {lock}" in err and "its result kept" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # Output: the headline, log lines, files' modes, threads
 

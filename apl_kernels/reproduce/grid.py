@@ -150,7 +150,11 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
                 bar.set_postfix_str(run.run_id)
                 with lock:
                     done_elsewhere = status(out, run, repair=True) == "done"
-                    record = None if done_elsewhere else _train(run, out, data, run_options, lines)
+                    try:
+                        record = None if done_elsewhere else _train(run, out, data, run_options, lines, lock)
+                    except store.LockLost as err:  # left to the process that took it over: wait for it
+                        store.warn(str(err))
+                        continue
                 waiting.remove(run)
                 bar.update(1)
                 if record is None:
@@ -174,13 +178,17 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
     return trained
 
 
-def _train(run: RunConfig, out: Path, data: datasets.Data, options: Options, lines: bool) -> dict:
-    """Train ``run``, whose lock this process holds, and write its result; returns its record."""
+def _train(run: RunConfig, out: Path, data: datasets.Data, options: Options, lines: bool,
+           lock: store.RunLock) -> dict:
+    """Train ``run``, whose ``lock`` this process holds, and write its result; returns its record.
+    :class:`store.LockLost`, before anything is written, if another process took the lock over."""
     for leftover in (store.temporaries(out / "runs", f"{run.run_id}.json")
                      + store.temporaries(out / "checkpoints", f"{run.run_id}.pt")):
         leftover.unlink(missing_ok=True)  # an interrupted write of this run's last owner
     record = train_run(run, data, options, checkpoint_path(out, run),
-                       on_epoch=epoch_logger(run) if lines else None)
+                       on_epoch=epoch_logger(run) if lines else None,
+                       before_write=lambda: lock.check_held(run.run_id))
+    lock.check_held(run.run_id)
     store.write_text(result_path(out, run), json.dumps(record, indent=1, allow_nan=False),
                      f"; the run's last checkpoint, {checkpoint_path(out, run).name}, is intact: "
                      f"free some space and run the same command again")
