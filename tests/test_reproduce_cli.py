@@ -508,6 +508,21 @@ def test_a_run_whose_lock_was_taken_over_while_stopped_is_left_to_the_new_owner(
     assert f"warning: {run.run_id}: this process lost its lock {lock}" in err and "its result kept" in err
 
 
+def test_a_lock_released_before_its_owner_is_read_is_not_announced(tmp_path, monkeypatch, capsys):
+    run = grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], epochs=1)[0]
+    real_acquire, looks = store.RunLock.acquire, []
+
+    def held_at_the_first_look(path):
+        looks.append(path)  # the first look: another process holds the lock, and releases it at once
+        return None if len(looks) == 1 else real_acquire(path)
+
+    monkeypatch.setattr(store.RunLock, "acquire", held_at_the_first_look)
+    monkeypatch.setattr(grid, "POLL_S", 0.01)
+    assert grid.run_grid([run], tmp_path, train.Options(backend="torch", progress=False)) == [run]
+    out = capsys.readouterr().out
+    assert len(looks) == 2 and "pid ?" not in out and "waiting" not in out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Output: the headline, log lines, files' modes, threads
 

@@ -168,9 +168,11 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
                                f"recorded as diverged")
             for run in waiting:
                 if run.run_id not in announced:
+                    owner = store.describe_owner(lock_path(out, run))
+                    if owner is None:
+                        continue  # released since: the next look takes the run, or finds it done
                     announced.add(run.run_id)
-                    tqdm.write(f"{run.run_id} is being trained by another process "
-                               f"({store.describe_owner(lock_path(out, run))}): waiting for it")
+                    tqdm.write(f"{run.run_id} is being trained by another process ({owner}): waiting for it")
             if waiting:
                 time.sleep(POLL_S)
     finally:

@@ -326,6 +326,10 @@ class RunLock:
         cls._heartbeat.start()
 
 
-def describe_owner(path: Path) -> str:
-    owner = RunLock.read_owner(path) or {}
-    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+def describe_owner(path: Path) -> str | None:
+    """``pid N on HOST`` of lock ``path``'s owner; ``None`` if the lock is gone (released since it was
+    seen) or unreadable."""
+    owner = RunLock.read_owner(path)
+    if not owner or "pid" not in owner or "host" not in owner:
+        return None
+    return f"pid {owner['pid']} on {owner['host']}"
