@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from apl_kernels.reproduce import cli, cost, grid, settings, store, train
+from apl_kernels.reproduce import cli, cost, grid, report, settings, store, train
 from reproduce_support import (cifar_train_labels, human_label_sets, interrupted_runs, json_files, run_main, spawn_held,
                                trained_count, write_cifar10, write_human_labels)
 
@@ -586,3 +586,46 @@ def test_cifar10n_grid_end_to_end(tmp_path, capsys, seed):
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| loss | human aggre | human worse |" in markdown and "CIFAR-N's human labels" in markdown
     assert (tmp_path / "out" / "plots" / "test_acc_cifar10_human-aggre.png").exists()
+
+
+def test_the_quick_grid_ends_with_a_sentence_from_its_numbers_and_what_its_files_hold(tmp_path, capsys):
+    code, stdout, _ = run_main(quick_grid(tmp_path, "--losses", "ce,nce,nce+rce", "--noise", "sym:0.0,0.4",
+                                          "--seeds", "1"), capsys)
+    assert code == 0
+    final = {(r["config"]["loss"], r["config"]["rate"]): r["final_test_acc"]
+             for r in map(json.loads, json_files(tmp_path).values())}
+    robust = sorted(final[loss, 0.4] for loss in ("nce", "nce+rce"))
+    sentence, files = stdout.rstrip().splitlines()[-3], stdout.rstrip().splitlines()[-1]
+    assert sentence == (f"At 40 % symmetric label noise cross entropy ends at {final['ce', 0.4]:.1f} % clean test "
+                        f"accuracy and the 2 robust losses at {robust[0]:.1f} to {robust[1]:.1f} % (median "
+                        f"{np.median(robust):.1f} %).")
+    # digits: one seed and no published numbers, so the files hold neither std nor paper numbers
+    assert files.startswith(f"files: {tmp_path / 'results.md'} (the tables, one seed, and notes on the settings)")
+    assert "std" not in files and "paper" not in files
+    two_seeds = report.summarize([dict(r, config=dict(r["config"], seed=s)) for s in (1, 2)
+                                  for r in map(json.loads, json_files(tmp_path).values())])
+    assert "(the tables, mean ± std over 2 seeds, and notes" in report.files_line(two_seeds, tmp_path)
+    assert "means over 2 seeds" in report.takeaway(two_seeds)
+
+
+def test_a_resumed_run_says_from_which_epoch(tmp_path, capsys, monkeypatch):
+    real_train_run = grid.train_run
+
+    def stopped_after_epoch_1(*args, on_epoch=None, **kwargs):
+        def after_epoch(epoch, record):
+            raise KeyboardInterrupt  # Ctrl-C once epoch 1's checkpoint is written
+        return real_train_run(*args, on_epoch=after_epoch, **kwargs)
+
+    argv = quick_grid(tmp_path, "--losses", "ce", "--seeds", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(grid, "train_run", stopped_after_epoch_1)
+        code, _, _ = run_main(argv, capsys)
+    assert code == 130
+    code, stdout, _ = run_main(argv, capsys)
+    assert code == 0
+    line = next(line for line in stdout.splitlines() if line.startswith("[1/1] "))
+    assert line.startswith("[1/1] ce sym 0.4 seed 1: ") and "(2 epochs, resumed from epoch 1, " in line
+    fresh = grid.run_line(grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], 2)[0],
+                          {"status": "finished", "final_test_acc": 50.0, "epochs_done": 2, "wall_time_s": 1.0,
+                           "resumed_at_epochs": []}, 1, 1)
+    assert "resumed" not in fresh and fresh.endswith("(2 epochs, 1.0 s)")

@@ -30,7 +30,7 @@ from . import datasets, store
 from .cost import choose_threads, estimate_cost
 from .grid import build_grid, describe, plan, result_path, run_grid, shard, status
 from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
-from .report import headline, load_record, summarize, write_report
+from .report import files_line, headline, load_record, summarize, write_report
 from .settings import PRESETS, VARIANTS, UsageError, nrce_published_scale
 from .train import ConfigMismatch, Options
 
@@ -253,11 +253,11 @@ def _main(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pass  # not done (another shard's), or damaged: write_report names it
     if records:
-        files = write_report(out)
+        write_report(out)
+        rows = summarize(records)
         print()
-        print(headline(summarize(records)))
-        print(f"\nfiles: {files[1]} (tables with std, paper numbers and notes), {files[0]}, "
-              f"{out / 'runs'}/*.json (one per run), {out / 'plots'}/")
+        print(headline(rows))
+        print(f"\n{files_line(rows, out)}")
     return 0
 
 

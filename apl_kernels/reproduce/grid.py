@@ -105,7 +105,14 @@ def run_line(run: RunConfig, record: dict, index: int, total: int) -> str:
     else:
         result = f"{record['final_test_acc']:.2f} % clean test accuracy"
     seconds = record["wall_time_s"]
-    return f"{what}: {result} ({plural(record['epochs_done'], 'epoch')}, {seconds:.{1 if seconds < 10 else 0}f} s)"
+    return (f"{what}: {result} ({plural(record['epochs_done'], 'epoch')}{resumed_text(record)}, "
+            f"{seconds:.{1 if seconds < 10 else 0}f} s)")
+
+
+def resumed_text(record: dict) -> str:
+    """``, resumed from epoch 20`` for a run continued from its checkpoint; empty for one trained in one go."""
+    epochs = record.get("resumed_at_epochs") or []
+    return f", resumed from epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}" if epochs else ""
 
 
 def load_backend(options: Options) -> str:

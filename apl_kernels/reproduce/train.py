@@ -232,7 +232,9 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
             record["options"] = ran | {"backends": record["options"]["backends"] + [ran["backend"]]}
 
     train_images, train_count = data.train_images, data.train_labels.numel()
-    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id, unit="epoch",
+    just_resumed = record["resumed_at_epochs"][-1:] == [record["epochs_done"]]
+    resumed = f" (resumed from epoch {record['epochs_done']})" if just_resumed else ""
+    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id + resumed, unit="epoch",
                leave=False, disable=not options.progress, dynamic_ncols=True)
     try:
         for epoch in range(record["epochs_done"], config.epochs):
