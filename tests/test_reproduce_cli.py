@@ -138,15 +138,34 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
     assert code == 2 and "use another --out" in stderr and stderr.count("\n") == 1
 
 
-def test_dry_run_lists_the_runs_and_estimates_their_cost(tmp_path, capsys):
+def test_dry_run_lists_the_runs_and_ends_with_its_summary(tmp_path, capsys):
     code, stdout, _ = run_main(["--preset", "quick", "--dry-run", "--backend", "torch", "--out", tmp_path], capsys)
     assert code == 0
-    listed = [line for line in stdout.splitlines() if line.strip().startswith("digits_")]
+    lines = stdout.splitlines()
     quick = settings.PRESETS["quick"]
-    assert len(listed) == len(quick.losses) * len(cli.parse_noise(quick.noise))
-    assert all("to run" in line for line in listed)
-    assert "PFLOP" in stdout and "hours on this device" in stdout
+    count = len(quick.losses) * len(cli.parse_noise(quick.noise))
+    assert all(line.strip().startswith("digits_") and "to run" in line for line in lines[:count])
+    summary = lines[count:]  # after the runs: how many, the threads, the cost
+    assert summary[0].startswith(f"{count} runs, 0 already done: digits, ")
+    assert not any(line.startswith("data: ") for line in summary)  # digits is bundled
+    assert "PFLOP" in summary[-2] and "hours on this device" in summary[-1]
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_dry_run_exits_2_after_its_summary_when_its_data_is_missing(tmp_path, capsys):
+    argv = ["--dataset", "cifar10", "--losses", "ce", "--noise", "sym:0.4", "--seeds", "1", "--backend", "torch",
+            "--threads", "1", "--data-dir", tmp_path / "data", "--out", tmp_path / "out", "--dry-run"]
+    code, stdout, stderr = run_main(argv, capsys)
+    assert code == 2 and stdout.splitlines()[0].strip().startswith("cifar10_ce_sym0.4_seed1 ")
+    data = [line for line in stdout.splitlines() if line.startswith("data: ")]
+    assert len(data) == 1 and "CIFAR-10 not found" in data[0] and "hours on this device" in stdout.splitlines()[-1]
+    assert stderr == ("python -m apl_kernels.reproduce: error: the data of this plan is missing: the data: line "
+                      "above says how to get it\n")
+    code, stdout, stderr = run_main([*argv, "--download"], capsys)  # --download would fetch it: the plan can run
+    assert code == 0 and stderr == "" and "data: not in " in stdout and "--download fetches it" in stdout
+    # CIFAR-N's label files cannot be downloaded: missing, they stop the plan even with --download
+    code, stdout, stderr = run_main([*argv, "--noise", "human:aggre", "--download"], capsys)
+    assert code == 2 and "data: CIFAR-10_human.pt not found" in stdout and "the data of this plan is missing" in stderr
 
 
 def test_forward_macs_of_cnn8():
@@ -568,7 +587,7 @@ def test_cifar10n_grid_end_to_end(tmp_path, capsys, seed):
                                 "--out", tmp_path / "out", "--epochs", "1", "--threads", "1", "--backend", "torch",
                                 "--dry-run"], capsys)
     data_lines = [line for line in stdout.splitlines() if line.startswith("data: ")]
-    assert code == 0 and len(data_lines) == 1 and "CIFAR-10_human.pt not found" in data_lines[0]
+    assert code == 2 and len(data_lines) == 1 and "CIFAR-10_human.pt not found" in data_lines[0]
     write_human_labels(tmp_path, "cifar10", clean, sets)
     code, stdout, stderr = run_main(["--preset", "cifar10n", "--losses", "ce", "--noise", "human:aggre,worse",
                                      "--seeds", "1", "--epochs", "1", "--backend", "torch", "--threads", "1",

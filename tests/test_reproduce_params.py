@@ -240,7 +240,8 @@ def test_training_settings_variants():
 # The run plan: --dry-run --json
 
 def plan_of(argv, capsys) -> list[dict]:
-    code, stdout, stderr = run_main([*argv, "--dry-run", "--json"], capsys)
+    # --download: the data is not in --data-dir, and a dry run without it would exit 2 (after the plan)
+    code, stdout, stderr = run_main([*argv, "--dry-run", "--json", "--download"], capsys)
     assert code == 0, stderr
     return [json.loads(line) for line in stdout.splitlines()]  # stdout holds the plan and nothing else
 
@@ -309,9 +310,10 @@ def test_anl_plan_has_weight_decay_0_and_the_l1_penalty(tmp_path, capsys):
 def test_the_plan_says_when_the_data_is_missing(tmp_path, capsys):
     code, stdout, stderr = run_main(["--preset", "cifar10n", "--out", tmp_path, "--data-dir", tmp_path,
                                      "--dry-run", "--json"], capsys)
-    assert code == 0 and len(stdout.splitlines()) == 23 * 5 * 3
-    data_lines = [line for line in stderr.splitlines() if line.startswith("data: ")]
-    assert len(data_lines) == 1 and "CIFAR-10 not found" in data_lines[0]
+    assert code == 2 and len(stdout.splitlines()) == 23 * 5 * 3  # the plan, then the exit status says it cannot run
+    lines = stderr.splitlines()
+    assert lines[-2].startswith("data: CIFAR-10 not found") and len([x for x in lines if x.startswith("data: ")]) == 1
+    assert lines[-1].startswith("python -m apl_kernels.reproduce: error: the data of this plan is missing")
 
 
 # ---------------------------------------------------------------------------------------------

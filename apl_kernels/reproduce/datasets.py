@@ -189,12 +189,15 @@ CIFAR_LAYOUT = {  # folder, training files, test files, label key
 }
 
 
-def missing(name: str, data_dir: str | Path = "data", human: bool = False) -> str | None:
+def missing(name: str, data_dir: str | Path = "data", human: bool = False, download: bool = False) -> str | None:
     """Why dataset ``name`` (and its CIFAR-N labels if ``human``) cannot be read from ``data_dir``,
-    in one line that says what to do; ``None`` when its files are there."""
+    in one line that says what to do; ``None`` when its files are there. ``download``: only what
+    ``--download`` cannot fetch (CIFAR-N's label files)."""
     check_dataset(name)
     data_dir = Path(data_dir)
-    if name in CIFAR_LAYOUT:
+    if download:
+        pass
+    elif name in CIFAR_LAYOUT:
         folder_name, train_files, test_files, _ = CIFAR_LAYOUT[name]
         folder = data_dir / folder_name
         absent = [f for f in train_files + test_files if not (folder / f).is_file()]
