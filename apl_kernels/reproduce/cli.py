@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..catalogue import available_losses, canonical_name
-from . import datasets, store
+from . import datasets, store, webvision, webvision_grid
 from .cost import choose_threads, estimate_cost
 from .grid import build_grid, describe, plan, result_path, run_grid, shard, status
 from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars: a line per finished run and per minute of a long run instead "
                              "(also when the output is not a terminal)")
+    webvision_grid.add_arguments(parser)
     return parser
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (UsageError, ConfigMismatch, datasets.DatasetNotFound) as err:
+    except (UsageError, ConfigMismatch, datasets.DatasetNotFound, webvision.ImageUnreadable) as err:
         print(f"python -m apl_kernels.reproduce: error: {err}", file=sys.stderr)
         return 2
     except store.WriteError as err:
@@ -173,6 +174,8 @@ def _main(args: argparse.Namespace) -> int:
             print(path)
         return 0
     preset = PRESETS[args.preset]
+    if args.preset == "webvision":
+        return webvision_grid.main(args)
     dataset = args.dataset or preset.dataset
     losses = parse_losses(args.losses) if args.losses else list(preset.loss_list(dataset))
     cells = parse_noise(" ".join(args.noise) if args.noise else preset.noise, dataset)

@@ -241,4 +241,9 @@ PRESETS = {
                        device=None, threads=None,
                        help="CIFAR-10N's five human label sets (CIFAR-10_human.pt in --data-dir), "
                             "CNN8 and the paper's losses"),
+    "webvision": Preset("webvision", ("ce", "gce", "sce", "nce+mae", "nce+rce", "nfl+mae", "nfl+rce", "nce+agce",
+                                      "nce+nnce"), "", "1", device=None, threads=None,
+                        help="WebVision-mini (real web label noise), ResNet-50, both papers' configs; "
+                             "several GPUs: torchrun --nproc_per_node=G -m apl_kernels.reproduce "
+                             "--preset webvision --data-dir DIR (docs/reproduction.md, \"WebVision-mini\")"),
 }
