@@ -89,6 +89,34 @@ def torchrun(nproc: int, argv: list[str], timeout: float = PROCESS_TIMEOUT_S) ->
     return run(command, timeout)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` and everything it started, as a node failure would."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(command: list[str], timeout: float = PROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run ``command`` in its own session; on timeout kill the whole session and fail."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -96,7 +124,7 @@ def run(command: list[str], timeout: float = PROCESS_TIMEOUT_S) -> subprocess.Co
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_tree(process)
         stdout, stderr = process.communicate()
         raise AssertionError(f"{' '.join(command)} ran over {timeout} s:\n{stdout}\n{stderr}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

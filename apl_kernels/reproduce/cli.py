@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..batch_losses import BATCH_LOSSES, batch_loss_name
 from ..catalogue import available_losses, canonical_name
 from . import datasets, store, webvision, webvision_grid
 from .cost import choose_threads, estimate_cost
@@ -72,10 +73,10 @@ def parse_losses(text: str) -> list[str]:
     names = []
     for item in text.split(","):
         try:
-            name = canonical_name(item)
+            name = batch_loss_name(item) or canonical_name(item)
         except ValueError:
             raise UsageError(f"unknown loss {item.strip()!r} in --losses; available: "
-                             f"{', '.join(available_losses())}") from None
+                             f"{', '.join(available_losses() + list(BATCH_LOSSES))}") from None
         if name not in names:
             names.append(name)
     return names
@@ -218,8 +219,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"note: NRCE alone trains at the published code's effective scale A(K-1)^2/4 = "
               f"{nrce_published_scale(datasets.DATASETS[dataset].num_classes):.3f}, A = -ln(1e-4)", file=log)
     if args.preset == "anl":
-        print("note: the anl preset trains the later families' published configs except ANL-CE-ER (a batch "
-              "entropy term, not a per-sample loss) and WebVision (not a dataset of this package)", file=log)
+        print("note: the anl preset trains the later families' published configs; their WebVision configs are "
+              "--preset webvision's", file=log)
     human = any(kind == "human" for kind, _ in cells)
     problem = None if dataset == "digits" else datasets.missing(dataset, args.data_dir, human)
     if args.dry_run and args.json:

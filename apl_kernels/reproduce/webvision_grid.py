@@ -228,7 +228,7 @@ def _train(run: WebRun, out: Path, data, group: ddp.Group, options: ddp.Options,
     if group.main:
         if options.save_model:
             state = model.state_dict()
-            store.write_verified(files["model"], lambda f: torch.save(state, f))
+            store.write(files["model"], lambda f: torch.save(state, f))  # plain: torch.load reads it
         store.write_text(files["result"], json.dumps(record, indent=1, allow_nan=False))
         files["checkpoint"].unlink(missing_ok=True)
         log(f"{run.run_id}: {record['status']}, WebVision top-1 {record['final_webvision_top1']}, "
@@ -326,6 +326,8 @@ def _main(args, group: ddp.Group) -> int:
             raise UsageError(f"bad --{name.replace('_', '-')} {value}: must be >= {0 if name == 'workers' else 1}")
     changes = {k: v for k, v in (("model", args.model), ("image_size", args.image_size),
                                  ("batch_size", args.batch_size)) if v is not None}
+    if args.sync_bn and torch.device(group.device).type != "cuda" and not args.dry_run:
+        raise UsageError("--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only; leave it out on CPU")
     changes |= {"sync_bn": True} if args.sync_bn else {}
     changes |= {"augment": False} if args.no_augment else {}
     runs = build_runs(losses, parse_seeds(args.seeds or "1"), args.epochs, changes, args.l1)
