@@ -162,3 +162,14 @@ def test_one_process_trains_and_reports(root, tmp_path, capsys):
     # three epochs now: the finished result is of other settings
     assert cli.main(argv[:5] + ["3"] + argv[6:]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_speed_options_are_recorded(root, tmp_path):
+    folder, _ = root
+    out = tmp_path / "out"
+    assert cli.main(["--preset", "webvision", "--losses", "ce", "--epochs", "1", "--bf16", "--channels-last",
+                     "--data-dir", str(folder), "--out", str(out), *TINY]) == 0
+    record = json.loads((out / "runs" / "webvision_ce_seed1.json").read_text())
+    options = record["options"]
+    assert (options["bf16"], options["channels_last"], options["compile"], options["backend"]) == (True, True, False, "torch")
+    assert all(v is not None and 0 <= v <= 100 for v in record["history"]["imagenet_top5"])

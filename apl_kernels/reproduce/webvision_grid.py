@@ -171,9 +171,13 @@ def plan(run: WebRun, out: Path) -> dict:
 
 
 def make_loss_factory(run: WebRun, backend: str):
+    from ..batch_losses import batch_loss_name
     from ..nn import get_loss
 
-    return lambda reduction: get_loss(run.loss, backend=backend, reduction=reduction, **run.loss_params)
+    # a batch loss (ANL-CE-ER) takes its batch statistics over every rank's batch, as the official
+    # single-process code did (apl_kernels/batch_losses.py)
+    extra = {"sync": True} if batch_loss_name(run.loss) else {}
+    return lambda reduction: get_loss(run.loss, backend=backend, reduction=reduction, **run.loss_params, **extra)
 
 
 def run_grid(runs: list[WebRun], out: Path, data, group: ddp.Group, options: ddp.Options,
