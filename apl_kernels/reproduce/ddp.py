@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .. import backends
 from ..distributed.global_mean import global_mean, mean_divisor
 from . import store
-from .train import objective, read_checkpoint, seed_everything
+from .train import ConfigMismatch, objective, read_checkpoint, seed_everything
 
 STEP_GAMMA = 0.97  # StepLR(step_size=1, gamma=0.97): the learning rate times 0.97 after every epoch
 TOP = (1, 5)
@@ -152,7 +152,7 @@ def evaluate(model: nn.Module, dataset, criterion_sum, batch: int, options: Opti
     """Loss and top-1 / top-5 accuracy (%) over the whole of ``dataset``: each rank takes every
     G-th sample (no padding, unlike DistributedSampler), one all-reduce of the sums."""
     part = Subset(dataset, range(group.rank, len(dataset), group.world))
-    sums = [0.0, 0.0] + [0.0] * len(TOP)  # loss, count, correct at each k
+    sums = torch.zeros(2 + len(TOP), dtype=torch.float64, device=group.device)  # loss, count, correct at each k
     model.eval()
     with torch.no_grad():
         for x, y in _loader(part, batch, options.workers, group):
@@ -162,12 +162,10 @@ def evaluate(model: nn.Module, dataset, criterion_sum, batch: int, options: Opti
             with autocast():
                 logits = model(x).float()
             ranked = logits.topk(max(TOP), dim=1).indices == y[:, None]
-            sums[0] += criterion_sum(logits, y).item()
-            sums[1] += y.numel()
-            for i, k in enumerate(TOP):
-                sums[2 + i] += ranked[:, :k].any(1).sum().item()
+            sums += torch.stack([criterion_sum(logits, y).double(), torch.tensor(float(y.numel()), device=y.device,
+                                 dtype=torch.float64), *(ranked[:, :k].any(1).sum().double() for k in TOP)])
     model.train()
-    loss, count, *correct = all_sum(sums, group, group.device)
+    loss, count, *correct = all_sum(sums.tolist(), group, group.device)
     return {"loss": loss / count, **{f"top{k}": 100.0 * c / count for k, c in zip(TOP, correct)}}
 
 
@@ -195,7 +193,7 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
     batch_loss = getattr(criterion_sum, "batch_loss", False)
     criterion = make_loss("mean") if batch_loss else None
     backend = backends.resolve(options.backend, device.type).name if not batch_loss else "torch"
-    ran = {k: v for k, v in asdict(options).items()} | {"backend": backend, "world_size": group.world,
+    ran = asdict(options) | {"backend": backend, "world_size": group.world,
                                                          "batch_per_rank": per_rank}
     history = {name: [] for name in METRICS}
     record = {"run_id": run.run_id, "config": run.to_dict(), "settings": asdict(settings), "status": "running",
@@ -205,8 +203,6 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
     state = read_checkpoint(checkpoint, run) if group.main and checkpoint is not None else None
     state = broadcast(state, group)
     if state is not None:
-        from .train import ConfigMismatch
-
         if state["record"]["config"] != record["config"]:
             raise ConfigMismatch(f"checkpoint {checkpoint} is of another configuration of run {run.run_id}; "
                                  f"delete it or use another output directory")
@@ -278,6 +274,8 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
                 history[f"{name}_{metric}"].append(value)
         record["wall_time_s"] += time.perf_counter() - started
         if group.main and checkpoint is not None:
+            # generator and torch_rng: the fields train.read_checkpoint checks; nothing is drawn from
+            # them here (the sampler and the augmentation are reseeded per epoch)
             saved = {"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "generator": torch.Generator().get_state(),
                      "torch_rng": torch.get_rng_state()}

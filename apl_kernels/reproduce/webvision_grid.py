@@ -360,8 +360,8 @@ def _main(args, group: ddp.Group) -> int:
                           compile=args.compile, workers=args.workers, save_model=args.save_model)
     if group.main:
         store.prepare_output(out)
-        for name in ("models",):
-            (out / name).mkdir(exist_ok=True)
+        if options.save_model:
+            (out / "models").mkdir(exist_ok=True)
     data = webvision.load(args.data_dir, args.imagenet_dir, runs[0].settings.image_size if runs else 224,
                           runs[0].settings.augment if runs else True)
     log(f"{len(runs)} runs on WebVision-mini: {len(data.train)} training images, "
