@@ -78,6 +78,10 @@ def check_inputs(input: Tensor, target: Tensor, weight: Tensor | None = None) ->
                     if tuple(target.shape) == index_shape else "")
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}; got "
                              f"{tuple(target.shape)}{hint}")
+    elif tuple(target.shape) == tuple(input.shape):
+        raise TypeError(f"target has the input's shape {tuple(input.shape)}, as class probabilities do, but "
+                        f"is {target.dtype}: probability targets must be floating point (use "
+                        f"target.to(input.dtype)); class indices have shape {index_shape}")
     elif tuple(target.shape) != index_shape:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
                          f"expected {index_shape} (class indices) or {tuple(input.shape)} (class probabilities)")

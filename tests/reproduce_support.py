@@ -25,7 +25,41 @@ from apl_kernels.reproduce import cli, noise
 TRAIN_PER_BATCH, TEST_IMAGES = 16, 20  # CIFAR-10: 5 x 16 training images
 
 
-def write_cifar10(root: Path, rng: np.random.Generator) -> None:
+# How a CIFAR batch may have been pickled: the official files by Python 2 and numpy 1 (protocol 2,
+# numpy.core names, byte strings as Python 2 str), or by Python 3 and numpy 2 at protocol 2 (bytes
+# through _codecs.encode) or 5 (arrays through numpy._core.numeric._frombuffer).
+PICKLE_STYLES = ("python 3, protocol 5", "python 3, protocol 2", "python 2 and numpy 1 (the official files)")
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Python 2's protocol 2: bytes as byte strings (BINSTRING), which Python 3 reads with latin1."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_byte_string(self, obj: bytes) -> None:
+        size = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([size]) if size < 256
+                   else pickle.BINSTRING + size.to_bytes(4, "little"))
+        self.write(obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_byte_string
+
+
+def cifar_pickle(obj, style: str = PICKLE_STYLES[0]) -> bytes:
+    """``obj`` pickled in ``style`` (PICKLE_STYLES)."""
+    if style == PICKLE_STYLES[0]:
+        return pickle.dumps(obj, protocol=5)
+    if style == PICKLE_STYLES[1]:
+        return pickle.dumps(obj, protocol=2)
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    data = buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in data and b"_codecs" not in data
+    return data
+
+
+def write_cifar10(root: Path, rng: np.random.Generator, style: str = PICKLE_STYLES[0]) -> None:
     """A small CIFAR-10 in torchvision's layout: pickled dicts of (N, 3072) uint8 rows and labels."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -35,8 +69,7 @@ def write_cifar10(root: Path, rng: np.random.Generator) -> None:
         batch = {"batch_label": name, "labels": labels,
                  "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
                  "filenames": [f"{name}_{i}.png" for i in range(count)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+        (folder / name).write_bytes(cifar_pickle(batch, style))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": TRAIN_PER_BATCH, "num_vis": 3072}, f)

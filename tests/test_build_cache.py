@@ -10,6 +10,7 @@ compiler with a copy of the good library, which tests every decision around the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -252,3 +253,132 @@ def test_a_failed_cuda_build_fails_the_command_only_where_it_is_needed(monkeypat
     assert build.main(["--require-cuda"]) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert build.main([]) == 1
+
+
+def _toolkit(home: Path, runtime: bool) -> Path:
+    """A stand-in CUDA toolkit at ``home``: bin/nvcc, and lib64/libcudart.so when ``runtime``."""
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "bin" / "nvcc").chmod(0o755)
+    if runtime:
+        (home / "lib64").mkdir()
+        (home / "lib64" / "libcudart.so.13").write_bytes(b"")
+    return home
+
+
+@pytest.mark.parametrize("case", ["wrapper on PATH", "complete on PATH", "no nvcc", "no runtime anywhere",
+                                  "CUDA_HOME set", "CUDA_HOME incomplete", "no toolkit"])
+def test_the_cuda_toolkit_is_one_that_can_link(case, tmp_path, monkeypatch):
+    """nvcc on the PATH as a wrapper (``/usr/local/bin/nvcc`` calling the real one) makes torch guess
+    CUDA_HOME=/usr/local, which has no runtime library: the link failed with ``cannot find
+    -lcudart``. The build takes the complete toolkit under the install root instead and says why;
+    with none anywhere, the reason names the missing runtime library; CUDA_HOME is used as given."""
+    root = tmp_path / "local"
+    root.mkdir()
+    monkeypatch.setattr(cpp, "INSTALL_ROOT", root)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    complete = _toolkit(root / "cuda-13.0", runtime=True) if case not in ("no runtime anywhere", "no toolkit") else None
+    if case in ("wrapper on PATH", "no runtime anywhere"):
+        wrapper = _toolkit(root / "wrapper", runtime=False)
+        monkeypatch.setenv("PATH", str(wrapper / "bin"))
+    elif case == "complete on PATH":
+        monkeypatch.setenv("PATH", str(complete / "bin"))
+    else:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    if case == "CUDA_HOME set":
+        monkeypatch.setenv("CUDA_HOME", str(complete))
+    if case == "CUDA_HOME incomplete":
+        monkeypatch.setenv("CUDA_HOME", str(_toolkit(tmp_path / "partial", runtime=False)))
+
+    home, note = cpp.cuda_toolkit()
+    if case == "no runtime anywhere":
+        assert home is None and "no CUDA runtime library" in note and "set CUDA_HOME" in note, note
+    elif case == "CUDA_HOME incomplete":
+        assert home is None and "is not a complete CUDA toolkit" in note, note
+    elif case == "no toolkit":
+        assert home is None and note.startswith("nvcc was not found"), note
+    else:
+        assert home == complete, (home, note)
+        assert (str(root / "wrapper") in note) == (case == "wrapper on PATH"), note
+    if home is None:
+        monkeypatch.setattr(cpp.torch.version, "cuda", "13.0")
+        monkeypatch.delenv("APL_KERNELS_CPU_ONLY", raising=False)
+        assert cpp.cuda_unavailable_reason() == note
+
+
+AUTO_CHILD = r"""
+import warnings, torch, apl_kernels as ak
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    logits, target = torch.randn(16, 7), torch.randint(0, 7, (16,))
+    loss = ak.NCEMAE(1.0, 1.0)(logits, target)
+torch.testing.assert_close(loss, ak.NCEMAE(1.0, 1.0, backend="torch")(logits, target))
+print("auto ok:", " | ".join(str(w.message) for w in caught))
+"""
+
+
+def test_a_stopped_build_blocks_nobody_for_long(tmp_path, good_cache, monkeypatch):
+    """A build stopped while it holds the lock (SIGSTOP, a suspended job): waiters say whom they wait
+    for; once it has made no progress for APL_KERNELS_BUILD_WAIT seconds an explicit build fails in
+    one line naming the lock and its holder, and ``auto`` computes with the reference and warns."""
+    good = library_in(good_cache, monkeypatch)
+    cache = tmp_path / "cache"
+    library_in(cache, monkeypatch)
+    log = tmp_path / "builds.log"
+    with (tmp_path / "first.err").open("w") as err:
+        first = subprocess.Popen([sys.executable, "-c", CHILD, str(good), str(log)],
+                                 env=child_env(cache, HOLD_BUILD="1"), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while len(builds(log)) < 1:
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        explicit = run_child(cache, good, log, APL_KERNELS_BUILD_WAIT="2")
+        waited = time.monotonic() - start
+        assert explicit.returncode == 1, describe(explicit)
+        assert f"(pid {first.pid} on " in explicit.stderr, describe(explicit)
+        assert f"the build lock {cache}" in explicit.stderr and "made no progress for 2 s" in explicit.stderr
+        assert waited < 60, waited
+        auto = subprocess.run([sys.executable, "-c", AUTO_CHILD], env=child_env(cache, APL_KERNELS_BUILD_WAIT="2"),
+                              capture_output=True, text=True, timeout=300)
+        assert auto.returncode == 0 and "auto ok:" in auto.stdout, describe(auto)
+        assert "made no progress" in auto.stdout, describe(auto)  # the fallback's warning names why
+        assert len(builds(log)) == 1, "a waiter built while the lock was held"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_failed_build_names_its_cause(tmp_path, monkeypatch, verbose):
+    """A full disk shows first as ``No space left on device`` in the compiler's output, then as the
+    linker's ``collect2: error: ld returned 1 exit status``: the error names the first. With
+    --verbose the output is on the screen already, so the message does not suggest --verbose."""
+    output = ("[1/2] c++ -c apl_cpu.cpp\n/usr/bin/ld: final link failed: No space left on device\n"
+              "collect2: error: ld returned 1 exit status\nninja: build stopped: subcommand failed.\n")
+    monkeypatch.setattr(cpp.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, stdout=None if verbose else output))
+    with pytest.raises(cpp.BackendUnavailable) as raised:
+        cpp._build({"name": "apl_kernels_cpu"}, {}, tmp_path, verbose)
+    message = str(raised.value)
+    if verbose:
+        assert "the compiler's output is above" in message and "--verbose" not in message, message
+    else:
+        assert "No space left on device" in message and "`python -m apl_kernels.build --verbose`" in message, message
+
+
+@pytest.mark.parametrize("error,fix", [(errno.EROFS, "it is read-only here: set APL_KERNELS_BUILD_DIR"),
+                                       (errno.ENOSPC, "its disk is full")])
+def test_an_unwritable_cache_is_named_for_what_it_is(monkeypatch, error, fix):
+    """A read-only cache is not told to free some space, and a full one is."""
+    def refuse(variant):
+        raise OSError(error, os.strerror(error), "/cache/apl_kernels")
+
+    monkeypatch.setattr(cpp, "build_directory", refuse)
+    with pytest.raises(cpp.BackendUnavailable, match=fix) as raised:
+        cpp._compile("cpu")
+    assert ("free some space" in str(raised.value)) == (error == errno.ENOSPC)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from apl_kernels.reproduce import cli, cost, grid, settings, store, train
+from apl_kernels.reproduce import cli, cost, grid, report, settings, store, train
 from reproduce_support import (cifar_train_labels, human_label_sets, interrupted_runs, json_files, run_main, spawn_held,
                                trained_count, write_cifar10, write_human_labels)
 
@@ -138,15 +138,34 @@ def test_cli_interrupted_sharded_grid_finishes_only_missing_runs_and_writes_ever
     assert code == 2 and "use another --out" in stderr and stderr.count("\n") == 1
 
 
-def test_dry_run_lists_the_runs_and_estimates_their_cost(tmp_path, capsys):
+def test_dry_run_lists_the_runs_and_ends_with_its_summary(tmp_path, capsys):
     code, stdout, _ = run_main(["--preset", "quick", "--dry-run", "--backend", "torch", "--out", tmp_path], capsys)
     assert code == 0
-    listed = [line for line in stdout.splitlines() if line.strip().startswith("digits_")]
+    lines = stdout.splitlines()
     quick = settings.PRESETS["quick"]
-    assert len(listed) == len(quick.losses) * len(cli.parse_noise(quick.noise))
-    assert all("to run" in line for line in listed)
-    assert "PFLOP" in stdout and "hours on this device" in stdout
+    count = len(quick.losses) * len(cli.parse_noise(quick.noise))
+    assert all(line.strip().startswith("digits_") and "to run" in line for line in lines[:count])
+    summary = lines[count:]  # after the runs: how many, the threads, the cost
+    assert summary[0].startswith(f"{count} runs, 0 already done: digits, ")
+    assert not any(line.startswith("data: ") for line in summary)  # digits is bundled
+    assert "PFLOP" in summary[-2] and "hours on this device" in summary[-1]
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_dry_run_exits_2_after_its_summary_when_its_data_is_missing(tmp_path, capsys):
+    argv = ["--dataset", "cifar10", "--losses", "ce", "--noise", "sym:0.4", "--seeds", "1", "--backend", "torch",
+            "--threads", "1", "--data-dir", tmp_path / "data", "--out", tmp_path / "out", "--dry-run"]
+    code, stdout, stderr = run_main(argv, capsys)
+    assert code == 2 and stdout.splitlines()[0].strip().startswith("cifar10_ce_sym0.4_seed1 ")
+    data = [line for line in stdout.splitlines() if line.startswith("data: ")]
+    assert len(data) == 1 and "CIFAR-10 not found" in data[0] and "hours on this device" in stdout.splitlines()[-1]
+    assert stderr == ("python -m apl_kernels.reproduce: error: the data of this plan is missing: the data: line "
+                      "above says how to get it\n")
+    code, stdout, stderr = run_main([*argv, "--download"], capsys)  # --download would fetch it: the plan can run
+    assert code == 0 and stderr == "" and "data: not in " in stdout and "--download fetches it" in stdout
+    # CIFAR-N's label files cannot be downloaded: missing, they stop the plan even with --download
+    code, stdout, stderr = run_main([*argv, "--noise", "human:aggre", "--download"], capsys)
+    assert code == 2 and "data: CIFAR-10_human.pt not found" in stdout and "the data of this plan is missing" in stderr
 
 
 def test_forward_macs_of_cnn8():
@@ -460,6 +479,69 @@ def test_two_trainers_of_the_same_grid_share_its_runs(tmp_path, monkeypatch):
     assert not list((tmp_path / "locks").glob("*.lock"))
 
 
+@pytest.mark.parametrize("taken_at_epoch", [1, 3])
+@pytest.mark.parametrize("other", ["finished meanwhile", "still training"])
+def test_a_run_whose_lock_was_taken_over_while_stopped_is_left_to_the_new_owner(taken_at_epoch, other, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A trainer stopped past the stale-lock limit (SIGSTOP, a suspended laptop) loses its lock to
+    another process, which trains the run; woken, the first writes neither checkpoint nor result.
+    The stop is simulated: after epoch ``taken_at_epoch`` of 3 the lock becomes another's, whose
+    result is written at once or a second later."""
+    import threading
+
+    run = grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], epochs=3)[0]
+    lock, result = grid.lock_path(tmp_path, run), grid.result_path(tmp_path, run)
+    theirs = {"config": run.to_dict(), "status": "finished", "final_test_acc": 12.5, "best_test_acc": 12.5,
+              "noise": {"realized_rate": 0.4}, "history": {"test_acc": [12.5]}}
+    new_owner = {"pid": os.getpid(), "host": socket.gethostname(), "token": "the other process"}  # alive
+    timers = []
+
+    def other_finishes():
+        store.write_text(result, json.dumps(theirs))
+        grid.checkpoint_path(tmp_path, run).unlink(missing_ok=True)
+        lock.unlink()
+
+    real_train_run = grid.train_run
+
+    def stopped_train_run(*args, on_epoch=None, **kwargs):
+        def after_epoch(epoch, record):
+            if epoch == taken_at_epoch:  # woken after the lock went stale and was taken over
+                lock.unlink()
+                lock.write_text(json.dumps(new_owner))
+                if other == "finished meanwhile":
+                    other_finishes()
+                else:
+                    timers.append(threading.Timer(1.0, other_finishes))
+                    timers[-1].start()
+        return real_train_run(*args, on_epoch=after_epoch, **kwargs)
+
+    monkeypatch.setattr(grid, "train_run", stopped_train_run)
+    monkeypatch.setattr(grid, "POLL_S", 0.05)
+    trained = grid.run_grid([run], tmp_path, train.Options(backend="torch", progress=False))
+    for timer in timers:
+        timer.join(30)
+    assert trained == []
+    assert json.loads(result.read_text()) == theirs  # kept, not overwritten
+    assert not grid.checkpoint_path(tmp_path, run).exists() and not lock.exists()
+    err = capsys.readouterr().err
+    assert f"warning: {run.run_id}: this process lost its lock {lock}" in err and "its result kept" in err
+
+
+def test_a_lock_released_before_its_owner_is_read_is_not_announced(tmp_path, monkeypatch, capsys):
+    run = grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], epochs=1)[0]
+    real_acquire, looks = store.RunLock.acquire, []
+
+    def held_at_the_first_look(path):
+        looks.append(path)  # the first look: another process holds the lock, and releases it at once
+        return None if len(looks) == 1 else real_acquire(path)
+
+    monkeypatch.setattr(store.RunLock, "acquire", held_at_the_first_look)
+    monkeypatch.setattr(grid, "POLL_S", 0.01)
+    assert grid.run_grid([run], tmp_path, train.Options(backend="torch", progress=False)) == [run]
+    out = capsys.readouterr().out
+    assert len(looks) == 2 and "pid ?" not in out and "waiting" not in out, out
+
+
 # ---------------------------------------------------------------------------------------------
 # Output: the headline, log lines, files' modes, threads
 
@@ -505,7 +587,7 @@ def test_cifar10n_grid_end_to_end(tmp_path, capsys, seed):
                                 "--out", tmp_path / "out", "--epochs", "1", "--threads", "1", "--backend", "torch",
                                 "--dry-run"], capsys)
     data_lines = [line for line in stdout.splitlines() if line.startswith("data: ")]
-    assert code == 0 and len(data_lines) == 1 and "CIFAR-10_human.pt not found" in data_lines[0]
+    assert code == 2 and len(data_lines) == 1 and "CIFAR-10_human.pt not found" in data_lines[0]
     write_human_labels(tmp_path, "cifar10", clean, sets)
     code, stdout, stderr = run_main(["--preset", "cifar10n", "--losses", "ce", "--noise", "human:aggre,worse",
                                      "--seeds", "1", "--epochs", "1", "--backend", "torch", "--threads", "1",
@@ -523,3 +605,46 @@ def test_cifar10n_grid_end_to_end(tmp_path, capsys, seed):
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| loss | human aggre | human worse |" in markdown and "CIFAR-N's human labels" in markdown
     assert (tmp_path / "out" / "plots" / "test_acc_cifar10_human-aggre.png").exists()
+
+
+def test_the_quick_grid_ends_with_a_sentence_from_its_numbers_and_what_its_files_hold(tmp_path, capsys):
+    code, stdout, _ = run_main(quick_grid(tmp_path, "--losses", "ce,nce,nce+rce", "--noise", "sym:0.0,0.4",
+                                          "--seeds", "1"), capsys)
+    assert code == 0
+    final = {(r["config"]["loss"], r["config"]["rate"]): r["final_test_acc"]
+             for r in map(json.loads, json_files(tmp_path).values())}
+    robust = sorted(final[loss, 0.4] for loss in ("nce", "nce+rce"))
+    sentence, files = stdout.rstrip().splitlines()[-3], stdout.rstrip().splitlines()[-1]
+    assert sentence == (f"At 40 % symmetric label noise cross entropy ends at {final['ce', 0.4]:.1f} % clean test "
+                        f"accuracy and the 2 robust losses at {robust[0]:.1f} to {robust[1]:.1f} % (median "
+                        f"{np.median(robust):.1f} %).")
+    # digits: one seed and no published numbers, so the files hold neither std nor paper numbers
+    assert files.startswith(f"files: {tmp_path / 'results.md'} (the tables, one seed, and notes on the settings)")
+    assert "std" not in files and "paper" not in files
+    two_seeds = report.summarize([dict(r, config=dict(r["config"], seed=s)) for s in (1, 2)
+                                  for r in map(json.loads, json_files(tmp_path).values())])
+    assert "(the tables, mean ± std over 2 seeds, and notes" in report.files_line(two_seeds, tmp_path)
+    assert "means over 2 seeds" in report.takeaway(two_seeds)
+
+
+def test_a_resumed_run_says_from_which_epoch(tmp_path, capsys, monkeypatch):
+    real_train_run = grid.train_run
+
+    def stopped_after_epoch_1(*args, on_epoch=None, **kwargs):
+        def after_epoch(epoch, record):
+            raise KeyboardInterrupt  # Ctrl-C once epoch 1's checkpoint is written
+        return real_train_run(*args, on_epoch=after_epoch, **kwargs)
+
+    argv = quick_grid(tmp_path, "--losses", "ce", "--seeds", "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(grid, "train_run", stopped_after_epoch_1)
+        code, _, _ = run_main(argv, capsys)
+    assert code == 130
+    code, stdout, _ = run_main(argv, capsys)
+    assert code == 0
+    line = next(line for line in stdout.splitlines() if line.startswith("[1/1] "))
+    assert line.startswith("[1/1] ce sym 0.4 seed 1: ") and "(2 epochs, resumed from epoch 1, " in line
+    fresh = grid.run_line(grid.build_grid("digits", ["ce"], [("sym", 0.4)], [1], 2)[0],
+                          {"status": "finished", "final_test_acc": 50.0, "epochs_done": 2, "wall_time_s": 1.0,
+                           "resumed_at_epochs": []}, 1, 1)
+    assert "resumed" not in fresh and fresh.endswith("(2 epochs, 1.0 s)")

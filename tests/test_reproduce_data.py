@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from apl_kernels.reproduce import cli, datasets, noise, train
-from reproduce_support import (TRAIN_PER_BATCH, TEST_IMAGES, cifar_train_labels, human_label_sets, run_main,
-                               write_cifar10, write_cifar100, write_human_labels, write_mnist)
+from reproduce_support import (PICKLE_STYLES, TRAIN_PER_BATCH, TEST_IMAGES, cifar_pickle, cifar_train_labels,
+                               human_label_sets, run_main, write_cifar10, write_cifar100, write_human_labels,
+                               write_mnist)
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +209,117 @@ def test_download_without_network_is_one_line(dataset, tmp_path, monkeypatch, ca
     assert "could not download" in stderr and "Temporary failure in name resolution" in stderr
     assert "--data-dir" in stderr and "Traceback" not in stdout + stderr
     assert not list((tmp_path / "out").glob("runs/*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files from --data-dir: nothing in them runs, damage is one line naming the file
+
+CIFAR10_ONE_RUN = ["--dataset", "cifar10", "--losses", "ce", "--noise", "sym:0.2", "--seeds", "1", "--epochs", "1",
+                   "--backend", "torch", "--threads", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("style", PICKLE_STYLES[1:])
+def test_cifar_batches_pickled_by_python_2_or_3_and_numpy_1_or_2_read_alike(style, tmp_path, seed):
+    write_cifar10(tmp_path / "a", np.random.default_rng(seed))
+    write_cifar10(tmp_path / "b", np.random.default_rng(seed), style)
+    assert (tmp_path / "a/cifar-10-batches-py/test_batch").read_bytes() != (
+        tmp_path / "b/cifar-10-batches-py/test_batch").read_bytes()
+    expected, arrays = datasets.load_arrays("cifar10", tmp_path / "a"), datasets.load_arrays("cifar10", tmp_path / "b")
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(expected, arrays))
+
+
+class _Runs:
+    """Unpickled, calls ``function(*args)``: what a malicious pickle does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("function", ["os.system", "builtins.exec", "subprocess.call"])
+def test_a_cifar_batch_that_would_run_code_is_refused_and_nothing_runs(function, tmp_path, capsys):
+    import builtins
+    import os
+    import subprocess
+
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    marker = tmp_path / "PWNED"
+    command = f"touch {marker}"
+    payload = {"os.system": _Runs(os.system, command),
+               "builtins.exec": _Runs(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+               "subprocess.call": _Runs(subprocess.call, ["touch", str(marker)])}[function]
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(cifar_pickle(payload))
+    name = f"{payload.function.__module__}.{payload.function.__name__}"  # os.system pickles as posix.system
+    with pytest.raises(datasets.DatasetNotFound, match=f"it refers to {name}, which a CIFAR batch never holds"):
+        datasets.load_arrays("cifar10", tmp_path)
+    code, stdout, stderr = run_main([*CIFAR10_ONE_RUN, "--data-dir", tmp_path, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"python -m apl_kernels.reproduce: error: {batch} is not a readable CIFAR-10 batch")
+    assert "is refused unread, as unpickling it could run code" in stderr and "download CIFAR-10 again" in stderr
+    assert not marker.exists()
+
+
+DAMAGE = {
+    "truncated": lambda data: data[:len(data) // 2],
+    "empty": lambda data: b"",
+    "random bytes": lambda data: np.random.default_rng(0).bytes(len(data)),
+    "a list": lambda data: cifar_pickle([1, 2, 3]),
+    "no labels": lambda data: cifar_pickle({"data": np.zeros((16, 3072), np.uint8)}),
+    "data a string": lambda data: cifar_pickle({"data": "pixels", "labels": [0] * 16}),
+    "float pixels": lambda data: cifar_pickle({"data": np.zeros((16, 3072)), "labels": [0] * 16}),
+    "too few labels": lambda data: cifar_pickle({"data": np.zeros((16, 3072), np.uint8), "labels": [0] * 15}),
+    "string labels": lambda data: cifar_pickle({"data": np.zeros((16, 3072), np.uint8), "labels": ["cat"] * 16}),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cifar_batch_is_one_line_naming_the_file(damage, tmp_path, capsys):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(DAMAGE[damage](batch.read_bytes()))
+    code, stdout, stderr = run_main([*CIFAR10_ONE_RUN, "--data-dir", tmp_path, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"python -m apl_kernels.reproduce: error: {batch} is not a readable CIFAR-10 batch (")
+    assert "Traceback" not in stdout + stderr and not list((tmp_path / "out").glob("runs/*"))
+
+
+def test_cifar_files_that_are_not_the_published_ones_are_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    folder = tmp_path / "cifar-10-batches-py"
+    assert set(datasets.published_md5("cifar10")) == {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch"}
+    ours = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in folder.glob("*_batch*")}
+    monkeypatch.setattr(datasets, "published_md5", lambda name: ours)  # as if these were the official files
+    expected = datasets.load_arrays("cifar10", tmp_path)
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(datasets, "published_md5", lambda name: ours | {"data_batch_3": "0" * 32})
+    arrays = datasets.load_arrays("cifar10", tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, arrays))  # used
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"warning: {folder}: data_batch_3 differs from the published CIFAR-10 files" in err
+
+
+@pytest.mark.parametrize("file", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_a_damaged_mnist_file_is_one_line_naming_it(file, tmp_path, capsys):
+    write_mnist(tmp_path, np.random.default_rng(0))
+    path = tmp_path / "MNIST" / "raw" / file
+    path.write_bytes(path.read_bytes()[:-5])  # truncated
+    code, stdout, stderr = run_main([*CIFAR10_ONE_RUN, "--dataset", "mnist", "--data-dir", tmp_path,
+                                     "--out", tmp_path / "out"], capsys)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"error: {path} is not a readable MNIST file (" in stderr and "download MNIST again" in stderr
+
+
+def test_mnist_is_read_from_its_idx_files_not_from_a_legacy_processed_file(tmp_path):
+    write_mnist(tmp_path, np.random.default_rng(0))
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    for name in ("training.pt", "test.pt"):  # torchvision's datasets.MNIST would read these instead
+        torch.save((torch.zeros(3, 28, 28, dtype=torch.uint8), torch.zeros(3, dtype=torch.long)), processed / name)
+    train_x, train_y, test_x, _ = datasets.load_arrays("mnist", tmp_path)
+    assert train_x.shape == (64, 1, 28, 28) and test_x.shape == (20, 1, 28, 28)
+    assert np.array_equal(train_y, np.arange(64) % 10)

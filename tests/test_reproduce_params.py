@@ -11,7 +11,7 @@ import pytest
 
 from apl_kernels.batch_losses import BATCH_LOSSES
 from apl_kernels.catalogue import available_losses, make_spec
-from apl_kernels.reproduce import cli, grid, report, settings
+from apl_kernels.reproduce import cli, grid, report, settings, store
 from apl_kernels.reproduce.settings import published, training_settings
 from reproduce_support import run_main
 
@@ -259,7 +259,8 @@ def test_training_settings_variants():
 # The run plan: --dry-run --json
 
 def plan_of(argv, capsys) -> list[dict]:
-    code, stdout, stderr = run_main([*argv, "--dry-run", "--json"], capsys)
+    # --download: the data is not in --data-dir, and a dry run without it would exit 2 (after the plan)
+    code, stdout, stderr = run_main([*argv, "--dry-run", "--json", "--download"], capsys)
     assert code == 0, stderr
     return [json.loads(line) for line in stdout.splitlines()]  # stdout holds the plan and nothing else
 
@@ -328,9 +329,10 @@ def test_anl_plan_has_weight_decay_0_and_the_l1_penalty(tmp_path, capsys):
 def test_the_plan_says_when_the_data_is_missing(tmp_path, capsys):
     code, stdout, stderr = run_main(["--preset", "cifar10n", "--out", tmp_path, "--data-dir", tmp_path,
                                      "--dry-run", "--json"], capsys)
-    assert code == 0 and len(stdout.splitlines()) == 23 * 5 * 3
-    data_lines = [line for line in stderr.splitlines() if line.startswith("data: ")]
-    assert len(data_lines) == 1 and "CIFAR-10 not found" in data_lines[0]
+    assert code == 2 and len(stdout.splitlines()) == 23 * 5 * 3  # the plan, then the exit status says it cannot run
+    lines = stderr.splitlines()
+    assert lines[-2].startswith("data: CIFAR-10 not found") and len([x for x in lines if x.startswith("data: ")]) == 1
+    assert lines[-1].startswith("python -m apl_kernels.reproduce: error: the data of this plan is missing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,3 +369,33 @@ def test_results_md_names_the_cifar10_quirks():
     markdown = report.results_markdown(report.summarize(records), records)
     for quirk in ("omits --asym", "beta = 5 as in the notes", "instantiates NGCE+MAE", "ignores alpha"):
         assert quirk in markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Names built from file content stay inside the output folder
+
+@pytest.mark.parametrize("field,value", [
+    ("rate", "x/../../../escape"), ("rate", "../../../escape"), ("rate", "noisy"), ("loss", "../../../escape"),
+    ("rate", 1.5),
+])
+def test_report_refuses_names_from_a_run_file_that_the_grid_never_makes(field, value, tmp_path, capsys):
+    out = tmp_path / "a" / "b"
+    (out / "runs").mkdir(parents=True)
+    good = fake_record("cifar10", "ce", "human", "aggre", 80.0)
+    bad = fake_record("cifar10", "nce", "human" if isinstance(value, str) else "sym", "worse" if isinstance(
+        value, str) else 0.4, 70.0)
+    bad["config"][field] = value  # "noisy" is CIFAR-100N's label set, not CIFAR-10N's
+    (out / "runs" / "good.json").write_text(json.dumps(good))
+    (out / "runs" / "bad.json").write_text(json.dumps(bad))
+    before = {p for p in tmp_path.rglob("*") if out not in p.parents}
+    code, stdout, stderr = run_main(["--report", out], capsys)
+    assert code == 0, stderr
+    assert f"skipped {out / 'runs' / 'bad.json'}: damaged (not a run result: config.{field} missing or invalid)" in stderr
+    assert {p for p in tmp_path.rglob("*") if out not in p.parents} == before  # nothing written outside out
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["grid_cifar10.png", "test_acc_cifar10_human-aggre.png"]
+
+
+@pytest.mark.parametrize("name", ["x/../../escape.png", "../escape.png", "..", "/tmp/escape.png", "a\x00b", ""])
+def test_a_file_name_from_file_content_is_a_file_directly_in_its_folder(name, tmp_path):
+    path = store.child(tmp_path / "plots", name)
+    assert path.parent == tmp_path / "plots" and path.name not in ("", ".", "..") and "/" not in path.name

@@ -12,12 +12,13 @@ Environment:
   APL_KERNELS_BUILD_DIR   where the libraries are built and cached
   APL_KERNELS_CPU_ONLY=1  never build the CUDA library
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0" when no GPU is visible)
-  CUDA_HOME               the CUDA toolkit used by nvcc
+  CUDA_HOME               the CUDA toolkit used by nvcc (default: see cuda_toolkit)
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ OP = "apl::fused_loss"
 LIBRARIES = {"cpu": ("apl_kernels_cpu", ("apl_cpu.cpp",)),
              "cuda": ("apl_kernels_cuda", ("apl_cuda.cu", "apl_cuda_emulation.cpp"))}
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+INSTALL_ROOT = Path("/usr/local")  # where CUDA toolkits install themselves: cuda -> cuda-X.Y
 
 _loaded: dict[str, Path] = {}
 
@@ -81,17 +83,51 @@ def build_directory(variant: str) -> Path:
     return path
 
 
+def _has_runtime(home: Path) -> bool:
+    """Whether ``home`` is a CUDA toolkit an extension can be linked in: nvcc and libcudart."""
+    libraries = [home / "lib64", home / "lib", *home.glob("targets/*/lib")]
+    return (home / "bin" / "nvcc").is_file() and any(any(d.glob("libcudart.so*")) for d in libraries)
+
+
+def cuda_toolkit() -> tuple[Path | None, str]:
+    """The CUDA toolkit to build with, and a note on how it was chosen (or why there is none).
+
+    ``CUDA_HOME`` (or ``CUDA_PATH``) when set is used as given. Otherwise torch guesses the
+    toolkit as the parent of the ``bin`` that holds the first ``nvcc`` on the PATH; where that is
+    a wrapper (``/usr/local/bin/nvcc`` calling the real one) the guess has no runtime library and
+    the link fails (``cannot find -lcudart``). So the guess is kept only if it can link, else the
+    first complete toolkit of ``/usr/local/cuda`` and ``/usr/local/cuda-*`` (newest first)."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        home = Path(explicit)
+        if _has_runtime(home):
+            return home, f"CUDA_HOME={home}"
+        return None, (f"CUDA_HOME={home} is not a complete CUDA toolkit (it needs bin/nvcc and the "
+                      f"runtime library lib64/libcudart.so); set CUDA_HOME to one, or unset it")
+    nvcc = shutil.which("nvcc")
+    guess = Path(nvcc).resolve().parent.parent if nvcc else None
+    if guess is not None and _has_runtime(guess):
+        return guess, f"the toolkit of nvcc on the PATH, {guess}"
+    installed = sorted(INSTALL_ROOT.glob("cuda-*"), key=lambda p: p.name, reverse=True)
+    for home in (INSTALL_ROOT / "cuda", *installed):
+        if _has_runtime(home):
+            why = (f"{guess}, where nvcc on the PATH is, has no CUDA runtime library" if guess
+                   else "no nvcc is on the PATH")
+            return home, f"{home} ({why})"
+    if guess is not None:
+        return None, (f"nvcc was found ({nvcc}) but no CUDA runtime library (libcudart) beside it or "
+                      f"in {INSTALL_ROOT / 'cuda'}; set CUDA_HOME to a complete CUDA toolkit")
+    return None, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why the CUDA library cannot be built here, or None."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
     if os.environ.get("APL_KERNELS_CPU_ONLY") == "1":
         return "APL_KERNELS_CPU_ONLY=1 is set"
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is not a CUDA build"
-    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
-        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
-    return None
+    home, note = cuda_toolkit()
+    return None if home else note
 
 
 def _build_spec(variant: str) -> tuple[dict, dict]:
@@ -109,6 +145,9 @@ def _build_spec(variant: str) -> tuple[dict, dict]:
     env = {}
     if variant == "cuda":
         spec["extra_cuda_cflags"] = ["-O3"]  # no fast math: the kernels match the reference
+        home, _ = cuda_toolkit()
+        if home is not None:  # the child's cpp_extension reads it at import
+            env["CUDA_HOME"] = str(home)
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             env["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     return spec, env
@@ -121,6 +160,7 @@ def _inputs_digest(spec: dict, env: dict) -> str:
     settings = {key: value for key, value in spec.items() if key not in ("sources", "extra_include_paths")}
     settings.update(torch=torch.__version__, git=torch.version.git_version, cxx=os.environ.get("CXX"),
                     archs=env.get("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST")),
+                    cuda_home=env.get("CUDA_HOME"),
                     sources=[Path(s).name for s in spec["sources"]])
     digest.update(json.dumps(settings, sort_keys=True).encode())
     src = source_dir()
@@ -167,24 +207,95 @@ def _unusable(library: Path, inputs: str) -> str | None:
     return None
 
 
+def _holder(handle) -> dict:
+    """The record the lock's holder wrote into it ({pid, host, since}), or {} if there is none
+    (a holder that has not written it yet, or is gone)."""
+    try:
+        handle.seek(0)
+        record = json.loads(handle.read() or "{}")
+        return record if isinstance(record, dict) and {"pid", "host", "since"} <= record.keys() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _holder_progress(record: dict, directory: Path) -> tuple | None:
+    """A value that changes while the holder makes progress, or None if it certainly makes none.
+
+    On this host the holder's process state says it: running or sleeping while its compiler works,
+    stopped (SIGSTOP, a suspended terminal job) or gone otherwise. On another host only its
+    files can: the newest modification time in its temporary build directories."""
+    if record.get("host") == platform.node():
+        try:
+            state = Path(f"/proc/{int(record['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        return None if state in ("T", "t", "Z", "X") else ("running", time.monotonic())
+    stamps = [path.stat().st_mtime for path in directory.glob("build-*/**/*") if path.exists()]
+    return ("files", max(stamps, default=0.0))
+
+
+def build_wait_limit() -> float:
+    """Seconds to wait for a build lock whose holder makes no progress (APL_KERNELS_BUILD_WAIT)."""
+    return float(os.environ.get("APL_KERNELS_BUILD_WAIT", "120"))
+
+
 @contextlib.contextmanager
 def _build_lock(directory: Path, variant: str):
     """One build at a time per cache directory. flock is released by the kernel when its holder
-    dies, so a killed build never blocks the next one (as a lock file's mere existence would)."""
-    with open(directory / "build.lock", "a") as handle:
+    dies, so a killed build never blocks the next one (as a lock file's mere existence would). The
+    holder writes who it is into the lock; a waiter says whom it waits for and gives up, raising
+    BackendUnavailable (``auto`` then falls back to the reference), once the holder has made no
+    progress for build_wait_limit() seconds: a stopped build must not block every process."""
+    path = directory / "build.lock"
+    with open(path, "a+") as handle:
         exclusive = fcntl is not None
         if exclusive:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"apl_kernels: waiting for another process compiling the {variant} extension "
-                      f"in {directory}...", file=sys.stderr, flush=True)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                _wait_for(handle, path, directory, variant)
             except OSError:  # a filesystem without locks: builds may overlap, each installs whole
                 exclusive = False
-        yield exclusive
+        if exclusive:
+            handle.truncate(0)
+            handle.write(json.dumps({"pid": os.getpid(), "host": platform.node(), "since": time.time()}))
+            handle.flush()
+        try:
+            yield exclusive
+        finally:
+            if exclusive:
+                handle.truncate(0)
 
 
+def _wait_for(handle, path: Path, directory: Path, variant: str) -> None:
+    """Block until the lock on ``handle`` is ours, or raise when its holder makes no progress."""
+    told, last, quiet_since = None, None, time.monotonic()
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        record = _holder(handle)
+        holder = (f"pid {record['pid']} on {record['host']}, since "
+                  f"{time.strftime('%H:%M:%S', time.localtime(record['since']))}") if record else ""
+        if holder != told:
+            print(f"apl_kernels: waiting for another process compiling the {variant} extension in "
+                  f"{directory}{f' ({holder})' if holder else ''}...", file=sys.stderr, flush=True)
+            told = holder
+        progress = _holder_progress(record, directory)
+        if progress is None or progress == last:
+            if time.monotonic() - quiet_since > build_wait_limit():
+                raise BackendUnavailable(
+                    f"the build lock {path} is held by {holder or 'another process'}, which has made no "
+                    f"progress for {build_wait_limit():.0f} s (stopped?): end or resume that process, or "
+                    f"set APL_KERNELS_BUILD_DIR to another directory")
+        else:
+            last, quiet_since = progress, time.monotonic()
+        time.sleep(0.2)
+
+
+_SYSTEM_CAUSES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 _BUILD_SCRIPT = ("import json, sys; from torch.utils import cpp_extension; "
                  "cpp_extension.load(**json.loads(sys.argv[1]))")
 
@@ -201,18 +312,22 @@ def _build(spec: dict, env: dict, directory: Path, verbose: bool) -> Path:
     if result.returncode == 0 and library.is_file():
         return library
     lines = [line.strip() for line in (result.stdout or "").splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]  # the compiler's first error says most
-    detail = (errors[0] if errors else lines[-1] if lines else "its output is above")[:400]
+    # What the system said (a full disk, a read-only directory) is the cause; the compiler's or
+    # linker's error after it ("collect2: error: ld returned 1 exit status") only its consequence.
+    causes = [line for line in lines if any(cause in line for cause in _SYSTEM_CAUSES)]
+    errors = [line for line in lines if "error:" in line]  # else the compiler's first error says most
+    detail = (causes or errors or lines[-1:] or ["its output is above"])[0][:400]
     if result.returncode < 0:
         detail = f"the compiling process was killed by signal {-result.returncode}"
     elif library.is_file():  # linked, then the child could not load it
+        see = "the build's output is above" if verbose else (
+            "run `python -m apl_kernels.build --force --verbose` to see the build")
         raise BackendUnavailable(
-            f"the C++ extension {spec['name']} compiled but cannot be loaded ({detail}); run "
-            f"`python -m apl_kernels.build --force --verbose` to see the build, and check that the "
-            f"compiler and CUDA toolkit suit this torch")
-    raise BackendUnavailable(
-        f"the C++ extension {spec['name']} failed to compile ({detail}); run "
-        f"`python -m apl_kernels.build --verbose` to see the compiler's output")
+            f"the C++ extension {spec['name']} compiled but cannot be loaded ({detail}); {see}, and check "
+            f"that the compiler and CUDA toolkit suit this torch")
+    see = "the compiler's output is above" if verbose else (
+        "run `python -m apl_kernels.build --verbose` to see the compiler's output")
+    raise BackendUnavailable(f"the C++ extension {spec['name']} failed to compile ({detail}); {see}")
 
 
 def _compile(variant: str, verbose: bool = False, rebuild: str | None = None) -> Path:
@@ -233,8 +348,9 @@ def _compile(variant: str, verbose: bool = False, rebuild: str | None = None) ->
             if exclusive:  # left by killed builds: nobody else builds here now
                 for leftover in directory.glob("build-*"):
                     shutil.rmtree(leftover, ignore_errors=True)
-            print(f"apl_kernels: compiling the {variant} extension for torch {torch.__version__} into "
-                  f"{directory} ({why})...", file=sys.stderr, flush=True)
+            toolkit = f" with the CUDA toolkit {cuda_toolkit()[1]}" if variant == "cuda" else ""
+            print(f"apl_kernels: compiling the {variant} extension for torch {torch.__version__}{toolkit} "
+                  f"into {directory} ({why})...", file=sys.stderr, flush=True)
             start = time.monotonic()
             temporary = Path(tempfile.mkdtemp(prefix="build-", dir=directory))
             try:
@@ -255,9 +371,13 @@ def _compile(variant: str, verbose: bool = False, rebuild: str | None = None) ->
             print(f"apl_kernels: compiled the {variant} extension in {time.monotonic() - start:.0f} s",
                   file=sys.stderr, flush=True)
     except OSError as err:
-        raise BackendUnavailable(
-            f"cannot build the {variant} extension in the build cache ({err}); free some space there "
-            f"or set APL_KERNELS_BUILD_DIR to a writable directory") from None
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "it is read-only here: set APL_KERNELS_BUILD_DIR to a writable directory"
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "its disk is full: free some space there or set APL_KERNELS_BUILD_DIR to another disk"
+        else:
+            fix = "set APL_KERNELS_BUILD_DIR to a writable directory"
+        raise BackendUnavailable(f"cannot build the {variant} extension in the build cache ({err}); {fix}") from None
     return library
 
 

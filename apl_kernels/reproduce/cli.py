@@ -31,7 +31,7 @@ from . import datasets, store, webvision, webvision_grid
 from .cost import choose_threads, estimate_cost
 from .grid import build_grid, describe, plan, result_path, run_grid, shard, status
 from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
-from .report import headline, load_record, summarize, write_report
+from .report import files_line, headline, load_record, summarize, write_report
 from .settings import PRESETS, VARIANTS, UsageError, nrce_published_scale
 from .train import ConfigMismatch, Options
 
@@ -208,45 +208,39 @@ def _main(args: argparse.Namespace) -> int:
     if args.shard:
         index, count = parse_shard(args.shard)
         runs = shard(runs, index, count)
-    log = sys.stderr if args.json else sys.stdout  # with --json, stdout is the plan alone
     done = sum(status(out, run) == "done" for run in runs)
     epochs = sorted({run.epochs for run in runs})
     shard_text = f" (shard {args.shard})" if args.shard else ""
-    print(f"{len(runs)} runs{shard_text}, {done} already done: {dataset}, {len(losses)} losses, "
-          f"{len(cells)} noise cells, seeds {','.join(map(str, seeds))}, {'/'.join(map(str, epochs))} epochs, "
-          f"{args.settings} settings; device {device}, loss backend {args.backend}; results in {out}", file=log)
+    summary = [f"{len(runs)} runs{shard_text}, {done} already done: {dataset}, {len(losses)} losses, "
+               f"{len(cells)} noise cells, seeds {','.join(map(str, seeds))}, {'/'.join(map(str, epochs))} epochs, "
+               f"{args.settings} settings; device {device}, loss backend {args.backend}; results in {out}"]
     if "nrce" in losses:
-        print(f"note: NRCE alone trains at the published code's effective scale A(K-1)^2/4 = "
-              f"{nrce_published_scale(datasets.DATASETS[dataset].num_classes):.3f}, A = -ln(1e-4)", file=log)
+        summary.append(f"note: NRCE alone trains at the published code's effective scale A(K-1)^2/4 = "
+                       f"{nrce_published_scale(datasets.DATASETS[dataset].num_classes):.3f}, A = -ln(1e-4)")
     if args.preset == "anl":
-        print("note: the anl preset trains the later families' published configs; their WebVision configs are "
-              "--preset webvision's", file=log)
+        summary.append("note: the anl preset trains the later families' published configs; their WebVision "
+                       "configs are --preset webvision's")
     human = any(kind == "human" for kind, _ in cells)
     problem = None if dataset == "digits" else datasets.missing(dataset, args.data_dir, human)
-    if args.dry_run and args.json:
-        if problem:
-            print(f"data: {problem}", file=log)
-        for run in runs:
-            print(json.dumps(plan(run, out)))
-        return 0
-    if problem and not args.dry_run:
-        if args.download:  # now, before timing threads: a failed download stops at once
+    if not args.dry_run:
+        print("\n".join(summary))
+        if problem and args.download:  # now, before timing threads: a failed download stops at once
             datasets.load_arrays(dataset, args.data_dir, download=True)
             problem = datasets.missing(dataset, args.data_dir, human)
         if problem:
             raise datasets.DatasetNotFound(problem)
     threads = args.threads or (preset.threads if dataset == preset.dataset else None)
-    if threads is None and torch.device(device).type == "cpu" and runs:
+    if threads is None and torch.device(device).type == "cpu" and runs and not args.json:
         threads, line = choose_threads(dataset, args.backend, runs[0].settings.model)
-        print(line)
+        if args.dry_run:
+            summary.append(line)
+        else:
+            print(line)
     if threads:
         torch.set_num_threads(threads)
     if args.dry_run:
-        if problem:
-            print(f"data: {problem}")
-        print(describe(runs, out))
-        print(estimate_cost([run for run in runs if status(out, run) != "done"], device, args.backend))
-        return 0
+        blocking = problem and datasets.missing(dataset, args.data_dir, human, download=args.download)
+        return _dry_run(runs, out, summary, problem, blocking, args, device)
     started = time.perf_counter()
     trained = run_grid(runs, out, options, args.data_dir, args.download)
     print(f"trained {len(trained)} runs in {time.perf_counter() - started:.0f} s")
@@ -257,11 +251,30 @@ def _main(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pass  # not done (another shard's), or damaged: write_report names it
     if records:
-        files = write_report(out)
+        write_report(out)
+        rows = summarize(records)
         print()
-        print(headline(summarize(records)))
-        print(f"\nfiles: {files[1]} (tables with std, paper numbers and notes), {files[0]}, "
-              f"{out / 'runs'}/*.json (one per run), {out / 'plots'}/")
+        print(headline(rows))
+        print(f"\n{files_line(rows, out)}")
+    return 0
+
+
+def _dry_run(runs, out: Path, summary: list[str], problem: str | None, blocking: str | None,
+             args: argparse.Namespace, device: str) -> int:
+    """The plan (``--json``: one JSON line per run on stdout, the rest on stderr), then its summary:
+    the runs, the data missing, the estimated cost. :class:`datasets.DatasetNotFound` after it if
+    data the grid needs is missing and ``--download`` cannot fetch it."""
+    log = sys.stderr if args.json else sys.stdout  # with --json, stdout is the plan alone
+    print("\n".join(json.dumps(plan(run, out)) for run in runs) if args.json else describe(runs, out))
+    if problem:
+        summary.append(f"data: {blocking}" if blocking else
+                       f"data: not in {args.data_dir} yet; --download fetches it before training starts")
+    if not args.json:
+        summary.append(estimate_cost([run for run in runs if status(out, run) != "done"], device, args.backend))
+    print("\n".join(summary), file=log)
+    log.flush()
+    if blocking:
+        raise datasets.DatasetNotFound("the data of this plan is missing: the data: line above says how to get it")
     return 0
 
 

@@ -14,6 +14,7 @@ no per-image PIL work and no DataLoader worker can starve a GPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import pickle
@@ -66,7 +67,8 @@ DIGITS_SPLIT_SEED = 0
 
 
 class DatasetNotFound(FileNotFoundError):
-    """A dataset is not in ``data_dir``; the message says where it was looked for and what to do."""
+    """A dataset is not in ``data_dir``, or a file of it cannot be read; the message (one line) names
+    the file or where it was looked for, and says what to do."""
 
 
 @dataclass
@@ -97,17 +99,88 @@ def check_dataset(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def _read_cifar(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``(N, 3, 32, 32)`` uint8 and labels of torchvision's CIFAR pickles ``files``."""
-    batches = [_unpickle(folder / name) for name in files]
-    images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-    return images.reshape(-1, 3, 32, 32), labels
+def numpy_globals() -> dict[str, object]:
+    """The numpy names a pickled array refers to, under numpy 1's module names (``numpy.core``: the
+    official CIFAR batches, the CIFAR-N files) and numpy 2's (``numpy._core``): ``_reconstruct``
+    (pickle protocols 0 to 4), ``_frombuffer`` (protocol 5), the array and dtype types."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+    names = {f"{core}.{module}.{function.__name__}": function for core in ("numpy.core", "numpy._core")
+             for module, function in (("multiarray", _reconstruct), ("numeric", _frombuffer))}
+    dtype_classes = {type(np.dtype(code)) for code in "bBhHiIlLqQefd?"}  # numpy.dtypes.Int64DType, ...
+    return names | {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype} | {
+        f"{cls.__module__}.{cls.__qualname__}": cls for cls in dtype_classes}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as pickle protocols 0 to 2 of Python 3 use it for ``bytes``, and nothing more."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a saved bytes object")
+    return text.encode("latin1")
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds what a CIFAR batch holds (dicts, lists, str, bytes, ints, numpy
+    arrays and their dtypes) and refuses every other name a pickle refers to: a pickle names the
+    functions that unpickling it calls (``os.system``...), so reading an arbitrary one runs code."""
+
+    allowed = {**numpy_globals(), "_codecs.encode": _latin1_encode}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[f"{module}.{name}"]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds, "
+                                         f"and is refused unread, as unpickling it could run code") from None
+
+
+def published_md5(name: str) -> dict[str, str]:
+    """The MD5 of each official file of CIFAR ``name``, as torchvision publishes them."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    dataset_class = CIFAR10 if name == "cifar10" else CIFAR100
+    return dict(dataset_class.train_list + dataset_class.test_list)
+
+
+def _read_batch(path: Path, label_key: str, title: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Rows ``(N, 3072)`` uint8, labels ``(N,)`` int64 and the MD5 of CIFAR batch ``path``;
+    :class:`DatasetNotFound`, one line naming the file, if it is not a CIFAR batch."""
+    try:
+        content = path.read_bytes()
+        batch = BatchUnpickler(io.BytesIO(content), encoding="latin1").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"a dict was expected, found {type(batch).__name__}")
+        data, labels = batch["data"], np.asarray(batch[label_key])
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            raise ValueError(f"'data' must be a uint8 array of 3072 pixels per row, found "
+                             f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+        if labels.dtype.kind not in "iu" or labels.shape != data.shape[:1]:
+            raise ValueError(f"{label_key!r} must be {data.shape[0]} integers, found {labels.dtype} {labels.shape}")
+    except KeyError as err:
+        reason = f"no key {err}"
+    except Exception as err:  # whatever a damaged file makes reading it raise: truncated, wrong types
+        reason = _first_line(err)
+    else:
+        return data, labels.astype(np.int64), hashlib.md5(content, usedforsecurity=False).hexdigest()
+    raise DatasetNotFound(f"{path} is not a readable {title} batch ({reason}); download {title} again "
+                          f"(--download into an empty --data-dir; {DOCS})")
+
+
+def _read_cifar(title: str, folder: Path, files: list[str], label_key: str):
+    """Images ``(N, 3, 32, 32)`` uint8 and labels of torchvision's CIFAR pickles ``files``, and the
+    MD5 of each file."""
+    batches = [_read_batch(folder / file, label_key, title) for file in files]
+    images = np.concatenate([data for data, _, _ in batches])
+    labels = np.concatenate([labels for _, labels, _ in batches])
+    return images.reshape(-1, 3, 32, 32), labels, {file: md5 for file, (*_, md5) in zip(files, batches)}
 
 
 CIFAR_LAYOUT = {  # folder, training files, test files, label key
@@ -116,12 +189,15 @@ CIFAR_LAYOUT = {  # folder, training files, test files, label key
 }
 
 
-def missing(name: str, data_dir: str | Path = "data", human: bool = False) -> str | None:
+def missing(name: str, data_dir: str | Path = "data", human: bool = False, download: bool = False) -> str | None:
     """Why dataset ``name`` (and its CIFAR-N labels if ``human``) cannot be read from ``data_dir``,
-    in one line that says what to do; ``None`` when its files are there."""
+    in one line that says what to do; ``None`` when its files are there. ``download``: only what
+    ``--download`` cannot fetch (CIFAR-N's label files)."""
     check_dataset(name)
     data_dir = Path(data_dir)
-    if name in CIFAR_LAYOUT:
+    if download:
+        pass
+    elif name in CIFAR_LAYOUT:
         folder_name, train_files, test_files, _ = CIFAR_LAYOUT[name]
         folder = data_dir / folder_name
         absent = [f for f in train_files + test_files if not (folder / f).is_file()]
@@ -168,33 +244,41 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     problem = missing(name, data_dir)
     if problem:
         raise DatasetNotFound(problem)
-    return (*_read_cifar(folder, train_files, label_key), *_read_cifar(folder, test_files, label_key))
+    title = DATASETS[name].title
+    *train, train_md5 = _read_cifar(title, folder, train_files, label_key)
+    *test, test_md5 = _read_cifar(title, folder, test_files, label_key)
+    published = published_md5(name)
+    altered = [file for file, md5 in (train_md5 | test_md5).items() if published.get(file) != md5]
+    if altered:  # valid batches, not the official ones: used, with a warning
+        from .store import warn
+
+        warn(f"{folder}: {', '.join(altered)} {'differs' if len(altered) == 1 else 'differ'} from the published "
+             f"{title} files (MD5); they hold valid batches and are used, but results from them are not "
+             f"comparable with the paper's")
+    return (*train, *test)
 
 
 def _load_mnist(data_dir: Path, download: bool):
+    """MNIST's IDX files in ``data_dir/MNIST/raw``, read by torchvision's IDX reader (not through
+    ``datasets.MNIST``, which prefers a legacy ``processed/*.pt`` file beside them if there is one)."""
     from torchvision import datasets
+    from torchvision.datasets.mnist import read_image_file, read_label_file
 
     if download and missing("mnist", data_dir):
         _download("mnist", lambda: datasets.MNIST(str(data_dir), train=True, download=True))
     problem = missing("mnist", data_dir)
     if problem:
         raise DatasetNotFound(problem)
-    train = datasets.MNIST(str(data_dir), train=True)
-    test = datasets.MNIST(str(data_dir), train=False)
-    return (train.data.numpy()[:, None], train.targets.numpy().astype(np.int64),
-            test.data.numpy()[:, None], test.targets.numpy().astype(np.int64))
-
-
-def _numpy_globals() -> list:
-    """What a torch.save'd numpy array needs under ``weights_only=True``, under the module names
-    of numpy 1 (the CIFAR-N files) and numpy 2."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1
-        from numpy.core.multiarray import _reconstruct
-    dtype_classes = {type(np.dtype(code)) for code in "bBhHiIlLqQefd?"}  # numpy.dtypes.Int64DType, ...
-    return [np.ndarray, np.dtype, *dtype_classes, (_reconstruct, "numpy.core.multiarray._reconstruct"),
-            (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    arrays = []
+    for name in MNIST_FILES:  # train images, train labels, test images, test labels
+        path = data_dir / "MNIST" / "raw" / name
+        try:
+            array = (read_image_file if "images" in name else read_label_file)(str(path)).numpy()
+        except Exception as err:  # truncated, not an IDX file, wrong type or dimensions
+            raise DatasetNotFound(f"{path} is not a readable MNIST file ({_first_line(err)}); download MNIST "
+                                  f"again (--download into an empty --data-dir; {DOCS})") from None
+        arrays.append(array[:, None] if "images" in name else array.astype(np.int64))
+    return tuple(arrays)
 
 
 def load_human_labels(name: str, data_dir: str | Path, clean_train_labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -207,7 +291,7 @@ def load_human_labels(name: str, data_dir: str | Path, clean_train_labels: np.nd
         raise DatasetNotFound(problem)
     path = Path(data_dir) / HUMAN_FILES[name]
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals([(obj, name) for name, obj in numpy_globals().items()]):
             content = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(content, dict):
             raise ValueError(f"a dict of label arrays was expected, found {type(content).__name__}")

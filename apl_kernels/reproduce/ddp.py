@@ -170,10 +170,12 @@ def evaluate(model: nn.Module, dataset, criterion_sum, batch: int, options: Opti
 
 
 def train_run(run, data, group: Group, options: Options, checkpoint: Path | None,
-              make_loss: Callable, on_epoch: Callable[[int, dict], None] | None = None) -> tuple[dict, nn.Module]:
+              make_loss: Callable, on_epoch: Callable[[int, dict], None] | None = None,
+              before_write: Callable[[], None] | None = None) -> tuple[dict, nn.Module]:
     """Train ``run`` (a webvision_grid.WebRun) on ``data`` (webvision.WebVisionData) on every rank
     of ``group``; returns the run's record (the same on every rank) and the trained model. ``make_loss(reduction)`` gives
-    the loss module. Rank 0 writes ``checkpoint`` after every epoch and resumes from it."""
+    the loss module. Rank 0 writes ``checkpoint`` after every epoch, calling ``before_write()`` first
+    (it raises to stop: the run's lock lost), and resumes from it."""
     settings = run.settings
     device = torch.device(group.device)
     if settings.batch_size % group.world:
@@ -274,6 +276,8 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
                 history[f"{name}_{metric}"].append(value)
         record["wall_time_s"] += time.perf_counter() - started
         if group.main and checkpoint is not None:
+            if before_write is not None:
+                before_write()
             # generator and torch_rng: the fields train.read_checkpoint checks; nothing is drawn from
             # them here (the sampler and the augmentation are reseeded per epoch)
             saved = {"record": record, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

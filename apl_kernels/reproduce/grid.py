@@ -105,7 +105,14 @@ def run_line(run: RunConfig, record: dict, index: int, total: int) -> str:
     else:
         result = f"{record['final_test_acc']:.2f} % clean test accuracy"
     seconds = record["wall_time_s"]
-    return f"{what}: {result} ({plural(record['epochs_done'], 'epoch')}, {seconds:.{1 if seconds < 10 else 0}f} s)"
+    return (f"{what}: {result} ({plural(record['epochs_done'], 'epoch')}{resumed_text(record)}, "
+            f"{seconds:.{1 if seconds < 10 else 0}f} s)")
+
+
+def resumed_text(record: dict) -> str:
+    """``, resumed from epoch 20`` for a run continued from its checkpoint; empty for one trained in one go."""
+    epochs = record.get("resumed_at_epochs") or []
+    return f", resumed from epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}" if epochs else ""
 
 
 def load_backend(options: Options) -> str:
@@ -150,7 +157,11 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
                 bar.set_postfix_str(run.run_id)
                 with lock:
                     done_elsewhere = status(out, run, repair=True) == "done"
-                    record = None if done_elsewhere else _train(run, out, data, run_options, lines)
+                    try:
+                        record = None if done_elsewhere else _train(run, out, data, run_options, lines, lock)
+                    except store.LockLost as err:  # left to the process that took it over: wait for it
+                        store.warn(str(err))
+                        continue
                 waiting.remove(run)
                 bar.update(1)
                 if record is None:
@@ -164,9 +175,11 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
                                f"recorded as diverged")
             for run in waiting:
                 if run.run_id not in announced:
+                    owner = store.describe_owner(lock_path(out, run))
+                    if owner is None:
+                        continue  # released since: the next look takes the run, or finds it done
                     announced.add(run.run_id)
-                    tqdm.write(f"{run.run_id} is being trained by another process "
-                               f"({store.describe_owner(lock_path(out, run))}): waiting for it")
+                    tqdm.write(f"{run.run_id} is being trained by another process ({owner}): waiting for it")
             if waiting:
                 time.sleep(POLL_S)
     finally:
@@ -174,13 +187,17 @@ def run_grid(runs: list[RunConfig], out: str | Path, options: Options, data_dir:
     return trained
 
 
-def _train(run: RunConfig, out: Path, data: datasets.Data, options: Options, lines: bool) -> dict:
-    """Train ``run``, whose lock this process holds, and write its result; returns its record."""
+def _train(run: RunConfig, out: Path, data: datasets.Data, options: Options, lines: bool,
+           lock: store.RunLock) -> dict:
+    """Train ``run``, whose ``lock`` this process holds, and write its result; returns its record.
+    :class:`store.LockLost`, before anything is written, if another process took the lock over."""
     for leftover in (store.temporaries(out / "runs", f"{run.run_id}.json")
                      + store.temporaries(out / "checkpoints", f"{run.run_id}.pt")):
         leftover.unlink(missing_ok=True)  # an interrupted write of this run's last owner
     record = train_run(run, data, options, checkpoint_path(out, run),
-                       on_epoch=epoch_logger(run) if lines else None)
+                       on_epoch=epoch_logger(run) if lines else None,
+                       before_write=lambda: lock.check_held(run.run_id))
+    lock.check_held(run.run_id)
     store.write_text(result_path(out, run), json.dumps(record, indent=1, allow_nan=False),
                      f"; the run's last checkpoint, {checkpoint_path(out, run).name}, is intact: "
                      f"free some space and run the same command again")

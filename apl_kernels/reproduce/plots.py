@@ -50,7 +50,7 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
                  title=f"{datasets.DATASETS[dataset].title}, {report.cell_label(kind, rate)}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=2)
-        path = plots / f"test_acc_{dataset}_{cell_name(kind, rate)}.png"
+        path = store.child(plots, f"test_acc_{dataset}_{cell_name(kind, rate)}.png")
         figure.tight_layout()
         save(figure, path)
         written.append(path)
@@ -91,7 +91,7 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
             figure.colorbar(image, ax=axes, fraction=0.046)
         figure.suptitle(f"{datasets.DATASETS[dataset].title}: last-epoch clean test accuracy", fontsize=10)
         figure.tight_layout()
-        path = plots / f"grid_{dataset}.png"
+        path = store.child(plots, f"grid_{dataset}.png")
         save(figure, path)
         written.append(path)
     return written

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batch_losses import BATCH_LOSSES
 from ..catalogue import available_losses
 from . import datasets, plots, store
-from .noise import NOISE_KINDS
+from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
 from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, VARIANTS, UsageError, dataset_notes,
                        paper_losses, paper_results, published, training_settings)
 
@@ -29,10 +30,12 @@ def _accuracy(value) -> bool:
 # with its check: a result that fails one is damaged, as an unreadable file is.
 RESULT_FIELDS = {
     "config.dataset": lambda r: r["config"]["dataset"] in datasets.DATASETS,
-    "config.loss": lambda r: isinstance(r["config"]["loss"], str),
+    "config.loss": lambda r: r["config"]["loss"] in available_losses() or r["config"]["loss"] in BATCH_LOSSES,
     "config.noise": lambda r: r["config"]["noise"] in NOISE_KINDS,
-    "config.rate": lambda r: (isinstance(r["config"]["rate"], str) if r["config"]["noise"] == "human"
-                              else _number(r["config"]["rate"])),
+    # The rate names plots: a label set of the dataset's, or a number in [0, 1], nothing else.
+    "config.rate": lambda r: (r["config"]["rate"] in HUMAN_LABEL_SETS.get(r["config"]["dataset"], ())
+                              if r["config"]["noise"] == "human"
+                              else _number(r["config"]["rate"]) and 0.0 <= r["config"]["rate"] <= 1.0),
     "config.epochs": lambda r: isinstance(r["config"]["epochs"], int) and r["config"]["epochs"] >= 1,
     "config.loss_params": lambda r: isinstance(r["config"]["loss_params"], dict),
     "config.variant": lambda r: r["config"].get("variant", "paper") in VARIANTS,
@@ -281,4 +284,41 @@ def headline(rows: list[dict]) -> str:
         for row in [header] + table_rows:
             cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in indices]
             lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    sentence = takeaway(rows)
+    return "\n".join(lines + (["", sentence] if sentence else []))
+
+
+NON_ROBUST = ("ce", "fl")  # the APL paper's baselines that are not robust to label noise
+
+
+def takeaway(rows: list[dict]) -> str | None:
+    """What the table shows, in one sentence from its numbers: at the symmetric noise rate nearest
+    40 %, where cross entropy ends and where the robust losses (all but :data:`NON_ROBUST`) end;
+    ``None`` without that column, cross entropy or a robust loss in it."""
+    column = [r for r in rows if r["noise"] == "sym" and r["rate"] > 0 and r["mean"] is not None]
+    if not column:
+        return None
+    rate = min({r["rate"] for r in column}, key=lambda rate: (abs(rate - 0.4), rate))
+    ce = [r["mean"] for r in column if r["rate"] == rate and r["loss"] == "ce"]
+    robust = {r["loss"]: r["mean"] for r in column if r["rate"] == rate and r["loss"] not in NON_ROBUST}
+    if not ce or not robust:
+        return None
+    seeds = max(r["seeds"] for r in column if r["rate"] == rate)
+    where = (f"at {min(robust.values()):.1f} to {max(robust.values()):.1f} % (median "
+             f"{float(np.median(list(robust.values()))):.1f} %)" if len(robust) > 1 else
+             f"at {next(iter(robust.values())):.1f} %")
+    who = f"the {len(robust)} robust losses" if len(robust) > 1 else next(iter(robust))
+    return (f"At {rate * 100:g} % symmetric label noise cross entropy ends at {ce[0]:.1f} % clean test accuracy "
+            f"and {who} {where}{f', means over {seeds} seeds' if seeds > 1 else ''}.")
+
+
+def files_line(rows: list[dict], out: Path) -> str:
+    """The line that ends a grid: the files written, and what each holds for these ``rows``."""
+    out = Path(out)
+    seeds = max(r["seeds"] + r["diverged"] for r in rows)
+    tables = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    paper = ", beside the paper's numbers" if any(r["paper_mean"] is not None for r in rows) else ""
+    return (f"files: {out / 'results.md'} (the tables, {tables}{paper}, and notes on the settings), "
+            f"{out / 'results.csv'} (the same, a row per cell, with the realized noise), "
+            f"{out / 'runs'}/*.json (each run's settings and per-epoch history), "
+            f"{out / 'plots'}/ (test accuracy by epoch, the grid as a heat map)")

@@ -14,7 +14,8 @@ the same run at the same time.
   whole (linked into place) or not at all. A lock whose owner is gone (the process no longer
   exists on this host, or no heartbeat for :data:`STALE_LOCK_S`) or that cannot be read (damage,
   as locks are never partly written) is taken over; a live owner touches its locks every
-  :data:`HEARTBEAT_S`.
+  :data:`HEARTBEAT_S`. An owner checks that its lock is still its own before it writes a run's
+  files (:meth:`RunLock.check_held`), so a process that lost it while stopped yields the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -37,6 +39,11 @@ from .. import files
 HEARTBEAT_S = 60.0  # a lock's owner touches it this often
 STALE_LOCK_S = 600.0  # a lock not touched for this long is stale, whoever owned it
 STALE_TMP_S = 600.0  # a temporary file not written to for this long belongs to no live write
+
+
+class LockLost(Exception):
+    """This process no longer holds the lock of the run it trains (it was stopped past
+    :data:`STALE_LOCK_S` and another process took the run over); the message says so."""
 
 
 class WriteError(OSError):
@@ -126,6 +133,13 @@ def json_object(content: bytes) -> dict:
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; ``ValueError`` if the file is not one (truncated, garbage)."""
     return json_object(Path(path).read_bytes())
+
+
+def child(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name built from file content, reduced to a safe file name
+    (letters, digits and ``._+-``, anything else ``_``, no leading dot): a file directly in
+    ``folder``, whatever ``name`` holds (``/``, ``..``)."""
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "_")
 
 
 def first_line(reason: object) -> str:
@@ -271,6 +285,18 @@ class RunLock:
         os.unlink(aside)
         return True
 
+    def held(self) -> bool:
+        """Whether the lock is still this one's: not taken over (after a stop of this process past
+        :data:`STALE_LOCK_S`, a suspended laptop, a preempted job) nor removed since."""
+        return self.read_owner(self.path) == self.owner
+
+    def check_held(self, what: str) -> None:
+        """:class:`LockLost` unless :meth:`held`; ``what`` names the run in its message."""
+        if not self.held():
+            raise LockLost(f"{what}: this process lost its lock {self.path} (it was stopped for longer than "
+                           f"{STALE_LOCK_S / 60:.0f} minutes and another process took the run over); the run "
+                           f"is left to that process, and its result kept")
+
     def release(self) -> None:
         RunLock._held.discard(self.path)
         if self.read_owner(self.path) == self.owner:
@@ -300,6 +326,10 @@ class RunLock:
         cls._heartbeat.start()
 
 
-def describe_owner(path: Path) -> str:
-    owner = RunLock.read_owner(path) or {}
-    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+def describe_owner(path: Path) -> str | None:
+    """``pid N on HOST`` of lock ``path``'s owner; ``None`` if the lock is gone (released since it was
+    seen) or unreadable."""
+    owner = RunLock.read_owner(path)
+    if not owner or "pid" not in owner or "host" not in owner:
+        return None
+    return f"pid {owner['pid']} on {owner['host']}"

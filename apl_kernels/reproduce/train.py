@@ -156,10 +156,12 @@ def read_checkpoint(path: Path, config: RunConfig) -> dict | None:
 
 def train_run(config: RunConfig, data: datasets.Data, options: Options | None = None,
               checkpoint_path: str | Path | None = None,
-              on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+              on_epoch: Callable[[int, dict], None] | None = None,
+              before_write: Callable[[], None] | None = None) -> dict:
     """Train ``config`` on ``data`` (already on ``options.device``) and return the run's record.
 
-    ``on_epoch(epoch, record)`` is called after each epoch's checkpoint is written.
+    ``on_epoch(epoch, record)`` is called after each epoch's checkpoint is written, ``before_write()``
+    before it is (it raises to stop the run: a grid's lock lost, store.LockLost).
     The record's ``status`` is ``"finished"`` or ``"diverged"`` (the training loss became NaN or
     infinite: the run stops there and keeps the epochs before it). The training loss recorded is the
     loss function's; an L1 penalty (``settings.l1``) is added to it for the gradient only.
@@ -230,7 +232,9 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
             record["options"] = ran | {"backends": record["options"]["backends"] + [ran["backend"]]}
 
     train_images, train_count = data.train_images, data.train_labels.numel()
-    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id, unit="epoch",
+    just_resumed = record["resumed_at_epochs"][-1:] == [record["epochs_done"]]
+    resumed = f" (resumed from epoch {record['epochs_done']})" if just_resumed else ""
+    bar = tqdm(total=config.epochs, initial=record["epochs_done"], desc=config.run_id + resumed, unit="epoch",
                leave=False, disable=not options.progress, dynamic_ncols=True)
     try:
         for epoch in range(record["epochs_done"], config.epochs):
@@ -287,6 +291,8 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
                          "torch_rng": torch.get_rng_state()}
                 kept = (f"; the last complete checkpoint of {config.run_id} (epoch {epoch}) is intact"
                         if epoch else f"; {config.run_id} had no checkpoint yet")
+                if before_write is not None:
+                    before_write()
                 store.write_verified(checkpoint_path, lambda f: torch.save(state, f),
                                      kept + ": free some space and run the same command again")
             bar.update(1)

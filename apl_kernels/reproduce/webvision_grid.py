@@ -203,7 +203,7 @@ def run_grid(runs: list[WebRun], out: Path, data, group: ddp.Group, options: ddp
             progressed = True
             if decision == "train":
                 try:
-                    record = _train(run, out, data, group, options, log)
+                    _train(run, out, data, group, options, log, lock)
                 finally:
                     if lock is not None:
                         lock.release()
@@ -215,8 +215,11 @@ def run_grid(runs: list[WebRun], out: Path, data, group: ddp.Group, options: ddp
     return trained
 
 
-def _train(run: WebRun, out: Path, data, group: ddp.Group, options: ddp.Options, log) -> dict:
+def _train(run: WebRun, out: Path, data, group: ddp.Group, options: ddp.Options, log, lock) -> dict:
+    """Train ``run`` on every rank; rank 0 holds ``lock`` and checks it is still its own before each
+    write (store.LockLost: another job took the run over; torchrun then stops every rank)."""
     files = paths(out, run)
+    check = (lambda: lock.check_held(run.run_id)) if lock is not None else None
 
     def on_epoch(epoch: int, record: dict) -> None:
         if group.main:
@@ -226,10 +229,11 @@ def _train(run: WebRun, out: Path, data, group: ddp.Group, options: ddp.Options,
                 f"({record['wall_time_s'] / 60:.1f} min)")
 
     record, model = ddp.train_run(run, data, group, options, files["checkpoint"],
-                                  make_loss_factory(run, options.backend), on_epoch)
+                                  make_loss_factory(run, options.backend), on_epoch, check)
     published = PUBLISHED_TOP1.get(run.loss)
     record["published_webvision_top1"] = None if published is None else {"paper": published[0], "value": published[1]}
     if group.main:
+        check()
         if options.save_model:
             state = model.state_dict()
             store.write(files["model"], lambda f: torch.save(state, f))  # plain: torch.load reads it
@@ -309,6 +313,9 @@ def main(args) -> int:
         lines = [line for line in str(err).splitlines() if line.strip()]
         print(f"python -m apl_kernels.reproduce: error: {lines[-1].split(': ', 1)[-1]}", file=sys.stderr)
         return 2
+    except store.LockLost as err:
+        print(f"python -m apl_kernels.reproduce: error: {err}", file=sys.stderr)
+        return 1
     finally:
         if group.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
