@@ -119,7 +119,7 @@ def test_dry_run_json_shows_every_setting_of_each_row(tmp_path, capsys):
                      "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
     plans = [json.loads(line) for line in captured.out.splitlines()]
-    assert code == 0 and "data: no WebVision training list" in captured.err
+    assert code == 2 and "data: no WebVision training list" in captured.err
     assert [p["loss"] for p in plans] == list(webvision_grid.LOSSES)
     by_loss = {p["loss"]: p for p in plans}
     settings = by_loss["nce+rce"]["settings"]
@@ -134,6 +134,7 @@ def test_dry_run_json_shows_every_setting_of_each_row(tmp_path, capsys):
     code = cli.main(["--preset", "webvision", "--dry-run", "--json", "--sync-bn", "--shard", "1/3",
                      "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
     plans = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 2
     assert [p["loss"] for p in plans] == list(webvision_grid.LOSSES[1::3]) and all(p["settings"]["sync_bn"] for p in plans)
 
 

@@ -358,7 +358,7 @@ def _main(args, group: ddp.Group) -> int:
                 print(json.dumps(plan(run, out)) if args.json else
                       f"  {run.run_id:<32} {status(out, run):<7} {run.epochs} epochs  "
                       + ", ".join(f"{k}={v}" for k, v in run.loss_params.items()))
-        return 0
+        return 2 if problem else 0  # as the other grids' dry runs: the data it plans for is missing
     if problem:
         raise webvision.DatasetNotFound(problem)
     if args.threads:
