@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,41 +133,44 @@ def run(command: list[str], timeout: float = PROCESS_TIMEOUT_S) -> subprocess.Co
 
 def run_ranks(function: str, world: int, workdir: Path, timeout: float = PROCESS_TIMEOUT_S, **kwargs) -> list:
     """Run ``module:function(rank, world, **kwargs)`` in ``world`` processes of a gloo group (each
-    collective under :data:`GROUP_TIMEOUT_S`); returns each rank's return value (torch.save'd)."""
+    collective under :data:`GROUP_TIMEOUT_S`); returns each rank's return value (torch.save'd).
+    The group meets in a file of ``workdir`` (no TCP port that another job could take meanwhile);
+    each rank's output goes to ``workdir/rankN.log`` (no pipe to fill), quoted on failure."""
     import torch
 
-    port = free_port()
-    processes = []
+    processes, logs = [], [workdir / f"rank{rank}.log" for rank in range(world)]
     for rank in range(world):
-        env = environment() | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = environment() | {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
         code = ("import webvision_support as s; s._rank_main("
-                f"{function!r}, {json.dumps(kwargs)!r}, {str(workdir / f'rank{rank}.pt')!r})")
-        processes.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                                          start_new_session=True))
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            raise AssertionError(f"{function} on {world} ranks ran over {timeout} s") from None
+                f"{function!r}, {json.dumps(kwargs)!r}, {str(workdir)!r})")
+        with open(logs[rank], "w") as log:
+            processes.append(subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                              env=env, cwd=REPO, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    late = [p for p in processes if p.poll() is None]
+    for p in late:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    outputs = [log.read_text()[-3000:] for log in logs]
+    assert not late, f"{function} on {world} ranks ran over {timeout} s:\n" + "\n".join(outputs)
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} of {function} failed:\n{output}"
     return [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def _rank_main(function: str, kwargs: str, result_path: str) -> None:
+def _rank_main(function: str, kwargs: str, workdir: str) -> None:
     from datetime import timedelta
     from importlib import import_module
 
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    result_path = Path(workdir) / f"rank{rank}.pt"
+    dist.init_process_group("gloo", init_method=f"file://{Path(workdir) / 'group'}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         module, name = function.split(":")
         result = getattr(import_module(module), name)(dist.get_rank(), dist.get_world_size(), **json.loads(kwargs))
