@@ -15,6 +15,7 @@ The contract every backend follows is docs/losses.md.
 
 from . import functional, linear
 from .backends import available_backends
+from .batch_losses import ANLCEER, anl_ce_er
 from .catalogue import available_losses
 from .linear import LinearLoss, get_linear_loss, linear_loss
 from .nn import (
@@ -29,5 +30,5 @@ __all__ = [
     "AEL", "AGCE", "ANLCE", "ANLFL", "AUL", "CE", "FL", "GCE", "GCEMAE", "GCENCE", "GCERCE", "MAE", "MAERCE", "NCE",
     "NCEAEL", "NCEAGCE", "NCEAUL", "NCEMAE", "NCERCE", "NFL", "NFLMAE", "NFLNCE", "NFLRCE", "NGCE", "NGCEMAE",
     "NGCENCE", "NGCERCE", "NMAE", "NNCE", "NNFL", "NRCE", "RCE", "SCE", "APLLoss", "Loss", "available_backends",
-    "available_losses", "functional", "get_linear_loss", "get_loss", "linear", "linear_loss", "LinearLoss",
+    "available_losses", "functional", "ANLCEER", "anl_ce_er", "get_linear_loss", "get_loss", "linear", "linear_loss", "LinearLoss",
 ]

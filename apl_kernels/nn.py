@@ -135,6 +135,10 @@ assert {name: cls.__name__ for name, cls in NAMED_MODULES.items()} == (
 def get_loss(name: str, **params) -> Loss:
     """The module of loss ``name`` (a name of :func:`available_losses`), e.g. ``get_loss("nce+mae")``;
     ``params`` are its parameters and options as keywords."""
+    from .batch_losses import BATCH_LOSSES, batch_loss_name
+
+    if batch_loss_name(name):  # a loss of the whole batch (ANL-CE-ER), not a catalogue entry
+        return BATCH_LOSSES[batch_loss_name(name)](**params)
     name = canonical_name(name)
     cls = NAMED_MODULES.get(name)
     if cls is not None:

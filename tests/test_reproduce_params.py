@@ -9,6 +9,7 @@ from importlib import resources
 
 import pytest
 
+from apl_kernels.batch_losses import BATCH_LOSSES
 from apl_kernels.catalogue import available_losses, make_spec
 from apl_kernels.reproduce import cli, grid, report, settings, store
 from apl_kernels.reproduce.settings import published, training_settings
@@ -53,13 +54,13 @@ def test_paper_preset_has_every_paper_row_of_the_catalogue(dataset):
 
 
 def test_the_later_and_human_noise_presets():
-    assert settings.PRESETS["anl"].losses == ("nce+nnce", "nfl+nnfl", "nce+agce", "nce+aul", "nce+ael")
+    assert settings.PRESETS["anl"].losses == ("nce+nnce", "nfl+nnfl", "nce+agce", "nce+aul", "nce+ael", "anl-ce-er")
     cifar10n = settings.PRESETS["cifar10n"]
     assert cifar10n.dataset == "cifar10" and cifar10n.loss_list("cifar10") == settings.paper_losses("cifar10")
     assert cli.parse_noise(cifar10n.noise, "cifar10") == [
         ("human", s) for s in ("aggre", "random1", "random2", "random3", "worse")]
     for preset in settings.PRESETS.values():
-        assert set(preset.loss_list(preset.dataset)) <= set(available_losses())
+        assert set(preset.loss_list(preset.dataset)) <= set(available_losses()) | set(BATCH_LOSSES)
     with pytest.raises(settings.UsageError, match="CIFAR-100's human label sets are noisy"):
         cli.parse_noise("human:aggre", "cifar100")
     with pytest.raises(settings.UsageError, match="human noise is CIFAR-10N's and CIFAR-100N's"):
@@ -198,6 +199,20 @@ def test_the_later_families_train_their_published_configs(variant):
     assert checked == 3 * 5 * 2
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_anl_ce_er_trains_its_published_configs(dataset):
+    row = next(r for r in raw_csv("anl_neurips2023_configs.csv") if r["config"] == f"{dataset}_anl_ce_er")
+    for noise in ("sym", "asym"):
+        cell = published(dataset, "anl-ce-er", noise)
+        assert cell.params == numbers(row, ("alpha", "beta", "min_prob", "lamb")) and cell.source == "anl"
+        trained = training_settings(dataset, cell.variant, cell.overrides)
+        assert trained.model == ANL_MODELS[row["model"]]
+        assert (trained.epochs, trained.batch_size, trained.lr, trained.weight_decay, trained.momentum,
+                trained.lr_min, trained.grad_clip, trained.l1) == (
+            int(row["epochs"]), int(row["batch"]), float(row["lr"]), float(row["weight_decay"]),
+            float(row["momentum"]), float(row["eta_min"]), float(row["grad_bound"]), float(row["delta"]))
+
+
 def test_every_table_row_is_a_valid_loss_and_unique():
     seen = set()
     for row in settings.published_table():
@@ -210,7 +225,11 @@ def test_every_table_row_is_a_valid_loss_and_unique():
         assert row["source"] in ("configs", "notes", "spec", "anl")
         for noise in (["sym", "asym"] if row["noise"] == "*" else [row["noise"]]):
             for variant in (settings.VARIANTS if row["variant"] == "*" else [row["variant"]]):
-                make_spec(row["loss"], **published(row["dataset"], row["loss"], noise, variant).params)
+                params = published(row["dataset"], row["loss"], noise, variant).params
+                if row["loss"] in BATCH_LOSSES:
+                    BATCH_LOSSES[row["loss"]](**params)
+                else:
+                    make_spec(row["loss"], **params)
 
 
 def test_a_loss_without_published_parameters_falls_back_and_says_so():

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..batch_losses import BATCH_LOSSES, batch_loss_name
 from ..catalogue import available_losses, canonical_name
-from . import datasets, store
+from . import datasets, store, webvision, webvision_grid
 from .cost import choose_threads, estimate_cost
 from .grid import build_grid, describe, plan, result_path, run_grid, shard, status
 from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
@@ -72,10 +73,10 @@ def parse_losses(text: str) -> list[str]:
     names = []
     for item in text.split(","):
         try:
-            name = canonical_name(item)
+            name = batch_loss_name(item) or canonical_name(item)
         except ValueError:
             raise UsageError(f"unknown loss {item.strip()!r} in --losses; available: "
-                             f"{', '.join(available_losses())}") from None
+                             f"{', '.join(available_losses() + list(BATCH_LOSSES))}") from None
         if name not in names:
             names.append(name)
     return names
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars: a line per finished run and per minute of a long run instead "
                              "(also when the output is not a terminal)")
+    webvision_grid.add_arguments(parser)
     return parser
 
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (UsageError, ConfigMismatch, datasets.DatasetNotFound) as err:
+    except (UsageError, ConfigMismatch, datasets.DatasetNotFound, webvision.ImageUnreadable) as err:
         print(f"python -m apl_kernels.reproduce: error: {err}", file=sys.stderr)
         return 2
     except store.WriteError as err:
@@ -173,6 +175,8 @@ def _main(args: argparse.Namespace) -> int:
             print(path)
         return 0
     preset = PRESETS[args.preset]
+    if args.preset == "webvision":
+        return webvision_grid.main(args)
     dataset = args.dataset or preset.dataset
     losses = parse_losses(args.losses) if args.losses else list(preset.loss_list(dataset))
     cells = parse_noise(" ".join(args.noise) if args.noise else preset.noise, dataset)
@@ -214,8 +218,8 @@ def _main(args: argparse.Namespace) -> int:
         summary.append(f"note: NRCE alone trains at the published code's effective scale A(K-1)^2/4 = "
                        f"{nrce_published_scale(datasets.DATASETS[dataset].num_classes):.3f}, A = -ln(1e-4)")
     if args.preset == "anl":
-        summary.append("note: the anl preset trains the later families' published configs except ANL-CE-ER (a "
-                       "batch entropy term, not a per-sample loss) and WebVision (not a dataset of this package)")
+        summary.append("note: the anl preset trains the later families' published configs; their WebVision "
+                       "configs are --preset webvision's")
     human = any(kind == "human" for kind, _ in cells)
     problem = None if dataset == "digits" else datasets.missing(dataset, args.data_dir, human)
     if not args.dry_run:

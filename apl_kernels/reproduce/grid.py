@@ -225,11 +225,13 @@ def epoch_logger(run: RunConfig):
 
 def plan(run: RunConfig, out: Path) -> dict:
     """Everything ``run`` is configured by, for ``--dry-run --json``."""
+    from ..batch_losses import DEFAULTS, batch_loss_name
     from ..catalogue import accepted_params
 
+    defaults = dict(DEFAULTS) if batch_loss_name(run.loss) else accepted_params(run.loss)
     cell = published(run.dataset, run.loss, run.noise, run.variant)
     return {"run_id": run.run_id, "status": status(out, run), "dataset": run.dataset, "loss": run.loss,
-            "loss_params": accepted_params(run.loss) | run.loss_params, "params_source": cell.source,
+            "loss_params": defaults | run.loss_params, "params_source": cell.source,
             "noise": run.noise, "noise_meaning": NOISE_KINDS[run.noise], "rate": run.rate, "seed": run.seed,
             "epochs": run.epochs, "variant": run.variant, "settings": dataclasses.asdict(run.settings),
             "notes": list(cell.notes)}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batch_losses import BATCH_LOSSES
 from ..catalogue import available_losses
 from . import datasets, plots, store
 from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
@@ -29,7 +30,7 @@ def _accuracy(value) -> bool:
 # with its check: a result that fails one is damaged, as an unreadable file is.
 RESULT_FIELDS = {
     "config.dataset": lambda r: r["config"]["dataset"] in datasets.DATASETS,
-    "config.loss": lambda r: r["config"]["loss"] in available_losses(),
+    "config.loss": lambda r: r["config"]["loss"] in available_losses() or r["config"]["loss"] in BATCH_LOSSES,
     "config.noise": lambda r: r["config"]["noise"] in NOISE_KINDS,
     # The rate names plots: a label set of the dataset's, or a number in [0, 1], nothing else.
     "config.rate": lambda r: (r["config"]["rate"] in HUMAN_LABEL_SETS.get(r["config"]["dataset"], ())

@@ -107,7 +107,7 @@ def paper_losses(dataset: str = PAPER_DATASET) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # The published loss parameters (data/published_params.csv)
 
-PARAM_COLUMNS = ("alpha", "beta", "scale", "gamma", "q", "a", "min_prob")
+PARAM_COLUMNS = ("alpha", "beta", "scale", "gamma", "q", "a", "min_prob", "lamb")  # lamb: anl-ce-er's
 OVERRIDE_COLUMNS = ("weight_decay", "lr_min", "l1")
 TABLE_FILE = "published_params.csv"
 # Which rows a noise kind reads: symmetric noise and the human labels of CIFAR-N the sym rows.
@@ -128,7 +128,7 @@ def published_table() -> tuple[dict, ...]:
     """The rows of ``data/published_params.csv``, numbers as floats (absent: not in the dict)."""
     rows = []
     for row in _read_csv(TABLE_FILE):
-        numbers = {k: float(row[k]) for k in PARAM_COLUMNS + OVERRIDE_COLUMNS if row[k] != ""}
+        numbers = {k: float(row[k]) for k in PARAM_COLUMNS + OVERRIDE_COLUMNS if row.get(k) not in ("", None)}
         rows.append({k: row[k] for k in ("dataset", "noise", "loss", "variant", "source", "note")} | numbers)
     return tuple(rows)
 
@@ -205,7 +205,7 @@ def dataset_notes(dataset: str, noise: str, variant: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # Presets
 
-LATER_LOSSES = ("nce+nnce", "nfl+nnfl", "nce+agce", "nce+aul", "nce+ael")
+LATER_LOSSES = ("nce+nnce", "nfl+nnfl", "nce+agce", "nce+aul", "nce+ael", "anl-ce-er")
 PAPER_NOISE = "sym:0.0,0.2,0.4,0.6,0.8 asym:0.1,0.2,0.3,0.4"
 
 
@@ -235,10 +235,16 @@ PRESETS = {
                     help="scikit-learn's digits on CPU in minutes, offline"),
     "anl": Preset(PAPER_DATASET, LATER_LOSSES, PAPER_NOISE, "1,2,3", device=None, threads=None,
                   help="the later families with their published configs: NCE+NNCE and NFL+NNFL (ANL, "
-                       "weight decay 0 and an L1 penalty), NCE+AGCE, NCE+AUL, NCE+AEL, on --dataset "
-                       "cifar10 (default), cifar100 or mnist (not ANL-CE-ER nor WebVision)"),
+                       "weight decay 0 and an L1 penalty), NCE+AGCE, NCE+AUL, NCE+AEL, ANL-CE-ER (ANL-CE with "
+                       "a batch entropy term), on --dataset cifar10 (default), cifar100 or mnist (WebVision: "
+                       "--preset webvision)"),
     "cifar10n": Preset(PAPER_DATASET, None, "human:aggre,random1,random2,random3,worse", "1,2,3",
                        device=None, threads=None,
                        help="CIFAR-10N's five human label sets (CIFAR-10_human.pt in --data-dir), "
                             "CNN8 and the paper's losses"),
+    "webvision": Preset("webvision", ("ce", "gce", "sce", "nce+mae", "nce+rce", "nfl+mae", "nfl+rce", "nce+agce",
+                                      "nce+nnce"), "", "1", device=None, threads=None,
+                        help="WebVision-mini (real web label noise), ResNet-50, both papers' configs; "
+                             "several GPUs: torchrun --nproc_per_node=G -m apl_kernels.reproduce "
+                             "--preset webvision --data-dir DIR (docs/reproduction.md, \"WebVision-mini\")"),
 }
