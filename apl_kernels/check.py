@@ -254,8 +254,8 @@ def load_backends(check: Check) -> None:
     from apl_kernels.backends import cpp
 
     kind = check.device.type
-    progress = Progress("loading backends (a first use compiles the C++/CUDA extension)", len(backends._REGISTRY))
-    for name, backend in backends._REGISTRY.items():
+    progress = Progress("loading backends (a first use compiles the C++/CUDA extension)", len(backends.REGISTRY))
+    for name, backend in backends.REGISTRY.items():
         started = time.monotonic()
         if not backend.serves(kind):
             check.backend_rows.append([name, "no", f"serves {', '.join(backend.device_types())} tensors only"])
