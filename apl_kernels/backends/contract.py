@@ -116,7 +116,8 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
     terms = len(bases)
     if not 1 <= terms <= MAX_TERMS or len(coefficients) != terms + len(COEFFICIENTS):
         raise ValueError(f"apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then "
-                         f"{', '.join(COEFFICIENTS)}; got {terms} bases and {len(coefficients)} coefficients")
+                         f"{', '.join(COEFFICIENTS[:-1])} and {COEFFICIENTS[-1]}; got {terms} bases and "
+                         f"{len(coefficients)} coefficients")
     if len(options) != len(OPTIONS):
         raise ValueError(f"apl: options must be [{', '.join(OPTIONS)}]; got {len(options)} values")
     for base, w in zip(bases, coefficients):

@@ -13,9 +13,10 @@ from torch import Tensor
 
 from ..catalogue import LossSpec
 from ..options import CallOptions
+from . import contract
 from .contract import (
-    GRAD_IN_BACKWARD, GRAD_IN_FORWARD, GRAD_MODE, IGNORE_INDEX, NO_GRAD, REDUCTION, REDUCTION_CODES, STATS, fake,
-    fake_backward, mean_divisor, op_arguments,
+    GRAD_IN_BACKWARD, GRAD_IN_FORWARD, GRAD_MODE, IGNORE_INDEX, NO_GRAD, REDUCTION, REDUCTION_CODES, STATS,
+    mean_divisor, op_arguments,
 )
 
 
@@ -252,9 +253,9 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
     """Give fused op ``qualname`` its autograd, vmap rules (and fakes, unless the ops bring their
     own); ``backward_qualname`` is its ``<op>_backward`` if it has one (GRAD_IN_BACKWARD)."""
     if fake:
-        torch.library.register_fake(qualname)(fake)
+        torch.library.register_fake(qualname)(contract.fake)
         if backward_qualname:
-            torch.library.register_fake(backward_qualname)(fake_backward)
+            torch.library.register_fake(backward_qualname)(contract.fake_backward)
     backward_op = _op(backward_qualname) if backward_qualname else None
     BACKWARD_OPS[_op(qualname)] = backward_op
 
