@@ -20,6 +20,7 @@ from .catalogue import (
     BASE, NAMED_PAIRS, PARAMETER_TEXT, SCE_FORMULA, LossSpec, accepted_params, available_losses, canonical_name,
     check_classes, make_spec, members,
 )
+from .distributed import class_parallel
 from .options import DEFAULTS, CallOptions, check_inputs, check_target_range
 from .reference import accumulation_dtype
 
@@ -68,6 +69,8 @@ def describe(name: str, heading: str, example: str) -> str:
 def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None = None,
             options: CallOptions = DEFAULTS) -> Tensor:
     """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes."""
+    if not torch.compiler.is_compiling() and class_parallel.is_dtensor(input):  # logits sharded by class
+        return class_parallel.dtensor_loss(spec, input, target, weight, options)
     check_inputs(input, target, weight)
     num_classes = input.shape[1]
     check_classes(spec, num_classes)

@@ -1,13 +1,14 @@
 """One rank of tests/test_class_parallel.py's process groups (gloo, CPU): runs a job, writes a JSON
 report (failures, collective counts, errors raised) to OUT/rank<r>.json.
 
-    python tests/class_parallel_worker.py JOB RANK WORLD PORT SEED OUT
+    python tests/class_parallel_worker.py JOB[,JOB...] RANK WORLD PORT SEED[,SEED...] OUT
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import traceback
 from collections import Counter
@@ -50,6 +51,16 @@ def splits(world: int, seed: int) -> tuple[int, list[int]]:
     return sum(sizes), sizes
 
 
+def gather(x: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's ``x`` (padded to the widest along dim 1), on every rank; outside the counted calls."""
+    width = torch.tensor([x.shape[-1]])
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    padded = torch.nn.functional.pad(x.detach(), (0, int(width) - x.shape[-1]))
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return out
+
+
 def counted_call(fn):
     """Run fn() -> loss, then its backward; the collectives of each."""
     CALLS.clear()
@@ -73,7 +84,7 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
     for i, (name, params) in enumerate(LOSS_CASES):
         for mode in [m for j, m in enumerate(TARGET_MODES) if (i + j) % 3 == group]:
             for dtype in dtypes_of(i):
-                reduction = ("none", "mean", "sum")[(i + TARGET_MODES.index(mode)) % 3]
+                reduction = ("none", "mean", "sum")[i % 3]
                 s = seed + 1000 * i + 10 * TARGET_MODES.index(mode)
                 z = off_kinks(random_logits(rows, K, s).to(dtype), clamp_levels(params))
                 target, options = make_target(mode, rows, K, s)
@@ -83,31 +94,41 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
                     options["label_smoothing"] = 0.1
                 g = torch.Generator().manual_seed(s + 5)
                 upstream = torch.rand(rows if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
-                where = f"rank {rank} seed {seed} {case_id((name, params))} {mode} {dtype} {reduction} split {sizes}"
+                where = f"seed {seed} {case_id((name, params))} {mode} {dtype} {reduction} split {sizes}"
+                shard = z[:, offset:offset + kr].clone().requires_grad_()
+                local_target = target[:, offset:offset + kr].to(dtype) if mode == "probabilities" else target
+                weight = options.get("weight")
+
+                def call():
+                    loss = class_parallel_loss(
+                        shard, local_target, name, class_offset=offset, num_classes=K, reduction=reduction,
+                        weight=None if weight is None else weight[offset:offset + kr].to(dtype),
+                        label_smoothing=options.get("label_smoothing", 0.0), **params)
+                    return loss, lambda: loss.backward(upstream.to(dtype))
+
                 try:
-                    shard = z[:, offset:offset + kr].clone().requires_grad_()
-                    local_target = target[:, offset:offset + kr].to(dtype) if mode == "probabilities" else target
-                    weight = options.get("weight")
-
-                    def call():
-                        loss = class_parallel_loss(
-                            shard, local_target, name, class_offset=offset, num_classes=K, reduction=reduction,
-                            weight=None if weight is None else weight[offset:offset + kr].to(dtype),
-                            label_smoothing=options.get("label_smoothing", 0.0), **params)
-                        return loss, lambda: loss.backward(upstream.to(dtype))
-
                     got, forward, backward = counted_call(call)
                     counts[(forward, backward)] += 1
+                    assert got.dtype == dtype, f"loss dtype {got.dtype}"
+                    got, grad = got.detach(), shard.grad
+                except Exception as err:  # noqa: BLE001  (reported to the test; the gathers below go on)
+                    failures.append(f"rank {rank} {where}: {type(err).__name__}: {err}")
+                    got, grad = torch.full(upstream.shape, math.nan, dtype=dtype), torch.full_like(shard, math.nan)
+                # Rank 0 checks the whole loss (the same on every rank) and gradient against the reference.
+                values, grads = gather(got.reshape(-1), world), gather(grad, world)
+                if rank != 0:
+                    continue
+                try:
+                    assert all(torch.equal(v, values[0]) for v in values), f"the ranks' losses differ: {values}"
+                    full_grad = torch.cat([g[:, :k] for g, k in zip(grads, sizes)], 1)
                     truth = run(z.double(), target.double() if target.is_floating_point() else target, name, params,
                                 "torch", reduction, upstream, **dict(options))
                     value_terms, grad_terms = term_magnitudes(z, target, name, params, reduction, upstream,
                                                               **options)
-                    assert got.dtype == dtype, f"loss dtype {got.dtype}"
-                    assert_parity(got.detach(), truth[0], torch.maximum(value_terms, truth[0].abs().reshape(
+                    assert_parity(values[0], truth[0], torch.maximum(value_terms, truth[0].abs().reshape(
                         value_terms.shape)), dtype, 1, where + " value")
-                    row_max = grad_terms.amax(1, keepdim=True).expand(rows, kr)
-                    assert_parity(shard.grad, truth[1][:, offset:offset + kr], row_max, dtype, 1, where + " gradient")
-                except Exception as err:  # noqa: BLE001  (reported to the test)
+                    assert_parity(full_grad, truth[1], grad_terms, dtype, 1, where + " gradient")
+                except Exception as err:  # noqa: BLE001
                     failures.append(f"{where}: {type(err).__name__}: {err}")
     return {"failures": failures[:20], "failed": len(failures), "counts": {str(k): v for k, v in counts.items()}}
 
@@ -239,25 +260,24 @@ def errors_job(rank: int, world: int, seed: int) -> dict:
     return {"raised": raised, "after": [value, want], "failures": [], "failed": 0}
 
 
+JOBS = {"parity": parity_job, "linear": linear_job, "dtensor": dtensor_job, "errors": errors_job}
+
+
 def main() -> int:
-    job, rank, world, port, seed, out = sys.argv[1], *map(int, sys.argv[2:6]), Path(sys.argv[6])
+    jobs, rank, world, port, out = sys.argv[1].split(","), *map(int, sys.argv[2:5]), Path(sys.argv[6])
+    seeds = [int(s) for s in sys.argv[5].split(",")]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     count_collectives()
-    try:
-        if job == "parity":
-            report = parity_job(rank, world, seed)
-        elif job == "linear":
-            report = linear_job(rank, world, seed)
-        elif job == "dtensor":
-            report = dtensor_job(rank, world, seed)
-        elif job == "errors":
-            report = errors_job(rank, world, seed)
-        else:
-            raise ValueError(job)
-    except Exception:  # noqa: BLE001
-        report = {"failures": [traceback.format_exc()], "failed": 1}
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    reports = {}
+    for job in jobs:
+        reports[job] = []
+        for seed in seeds:
+            try:
+                reports[job].append(JOBS[job](rank, world, seed))
+            except Exception:  # noqa: BLE001
+                reports[job].append({"failures": [traceback.format_exc()], "failed": 1})
+    (out / f"rank{rank}.json").write_text(json.dumps(reports))
     dist.destroy_process_group()
     return 0
 
