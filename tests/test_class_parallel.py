@@ -128,6 +128,16 @@ def test_bad_input_raises_on_every_rank(base_seed, tmp_path_factory):
         assert abs(value - want) <= 1e-12 * max(1.0, abs(want))
 
 
+def test_the_benchmark_runs(tmp_path):
+    """bench/run_class_parallel.py on tiny shapes (so that it never rots): a report with both paths."""
+    bench = WORKER.parent.parent / "bench" / "run_class_parallel.py"
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
+    subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "linear", "--backend", "torch", "--out",
+                    str(tmp_path)], env=env, check=True, timeout=TIMEOUT, capture_output=True)
+    text = (tmp_path / "class-parallel-cpu.md").read_text()
+    assert "| linear | single process |" in text and "| linear | class-parallel, largest rank |" in text
+
+
 def test_num_sums_and_backend_checked_without_a_group():
     """Refusals that need no process group: a fused backend name, and no torch.distributed."""
     assert class_parallel.num_sums(make_spec("nfl+nnfl")) == 4
