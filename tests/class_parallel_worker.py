@@ -225,6 +225,57 @@ def dtensor_job(rank: int, world: int, seed: int) -> dict:
     return {"failures": failures, "failed": len(failures)}
 
 
+def extras_job(rank: int, world: int, seed: int) -> dict:
+    """(N, K, d) logits with (N, d) targets, a non-contiguous shard, bfloat16, the module form, no
+    gradient needed: the same as the single-process loss on the whole logits."""
+    K, sizes = splits(world, seed)
+    offset, kr = sum(sizes[:rank]), sizes[rank]
+    failures = []
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(4, K, 3, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, K, (4, 3), generator=g)
+    target[1, 2] = -100
+    checks = [
+        ("spatial none", lambda x, t, **kw: class_parallel_loss(x, t, "ngce+rce", reduction="none", **kw),
+         lambda x, t: ak.functional.ngce_rce(x, t, reduction="none", backend="torch"), z, target),
+        ("non-contiguous", lambda x, t, **kw: class_parallel_loss(x, t, "nfl", label_smoothing=0.2, **kw),
+         lambda x, t: ak.functional.nfl(x, t, label_smoothing=0.2, backend="torch"),
+         z[:, :, 0].t().contiguous().t(), target[:, 0]),
+        ("module", lambda x, t, **kw: ClassParallelLoss("nce+nnce", reduction="sum", alpha=2.0, **kw)(x, t),
+         lambda x, t: ak.ANLCE(2.0, reduction="sum", backend="torch")(x, t), z[:, :, 1], target[:, 1]),
+    ]
+    for label, parallel, single, full, t in checks:
+        try:
+            shard = full[:, offset:offset + kr].detach().requires_grad_()
+            got = parallel(shard, t, class_offset=offset, num_classes=K)
+            got.sum().backward()
+            whole = full.detach().clone().requires_grad_()
+            want = single(whole, t)
+            want.sum().backward()
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(shard.grad, whole.grad[:, offset:offset + kr], rtol=1e-10, atol=1e-12)
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"rank {rank} {label}: {type(err).__name__}: {err}")
+    try:  # bfloat16: accumulated in float32, returned in bfloat16, within bfloat16's rounding
+        x = z[:, :, 2].to(torch.bfloat16)
+        shard = x[:, offset:offset + kr].clone().requires_grad_()
+        got = class_parallel_loss(shard, target[:, 2], "nce+mae", class_offset=offset, num_classes=K)
+        got.backward()
+        whole = x.clone().requires_grad_()
+        want = ak.functional.nce_mae(whole, target[:, 2], backend="torch")
+        want.backward()
+        assert got.dtype == torch.bfloat16 and shard.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(shard.grad, whole.grad[:, offset:offset + kr], rtol=1e-2, atol=1e-3)
+        with torch.no_grad():
+            plain = class_parallel_loss(z[:, offset:offset + kr, 0], target[:, 0], "ce", class_offset=offset,
+                                        num_classes=K)
+        torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(z[:, :, 0], target[:, 0]))
+    except Exception as err:  # noqa: BLE001
+        failures.append(f"rank {rank} bfloat16 / no_grad: {type(err).__name__}: {err}")
+    return {"failures": failures, "failed": len(failures)}
+
+
 def errors_job(rank: int, world: int, seed: int) -> dict:
     """Bad input: every rank raises a clear error (none hangs), and the group stays usable."""
     K, sizes = splits(world, seed)
@@ -260,7 +311,8 @@ def errors_job(rank: int, world: int, seed: int) -> dict:
     return {"raised": raised, "after": [value, want], "failures": [], "failed": 0}
 
 
-JOBS = {"parity": parity_job, "linear": linear_job, "dtensor": dtensor_job, "errors": errors_job}
+JOBS = {"parity": parity_job, "linear": linear_job, "dtensor": dtensor_job, "extras": extras_job,
+        "errors": errors_job}
 
 
 def main() -> int:

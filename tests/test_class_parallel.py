@@ -55,7 +55,7 @@ def run_group(jobs: list[str], world: int, seeds: list[int], out: Path) -> list[
 
 
 # One process group per size runs every job of that size (starting processes dominates the time).
-GROUP_JOBS = {2: ["parity", "errors"], 3: ["parity", "linear", "dtensor"], 4: ["parity"]}
+GROUP_JOBS = {2: ["parity", "errors"], 3: ["parity", "linear", "dtensor", "extras"], 4: ["parity"]}
 _REPORTS: dict = {}
 
 
@@ -108,6 +108,12 @@ def test_dtensor_logits_through_the_ordinary_losses(base_seed, tmp_path_factory)
     modules with the single-process value and gradient; a replicated one is refused naming the
     explicit form."""
     assert_no_failures(reports_of("dtensor", 3, base_seed, tmp_path_factory))
+
+
+def test_spatial_noncontiguous_bfloat16_module_and_no_grad(base_seed, tmp_path_factory):
+    """(N, K, d) logits, a non-contiguous shard, bfloat16 (returned and differentiated in bfloat16),
+    the module form, and a call without gradients: the single-process results."""
+    assert_no_failures(reports_of("extras", 3, base_seed, tmp_path_factory))
 
 
 def test_bad_input_raises_on_every_rank(base_seed, tmp_path_factory):
