@@ -319,7 +319,7 @@ def main() -> int:
     jobs, rank, world, port, out = sys.argv[1].split(","), *map(int, sys.argv[2:5]), Path(sys.argv[6])
     seeds = [int(s) for s in sys.argv[5].split(",")]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=180))
     count_collectives()
     reports = {}
     for job in jobs:

@@ -23,7 +23,7 @@ from apl_kernels.catalogue import available_losses, make_spec
 from apl_kernels.testing.cases import LOSS_CASES, TARGET_MODES
 
 WORKER = Path(__file__).with_name("class_parallel_worker.py")
-TIMEOUT = 600  # seconds for a whole group's jobs (the collectives themselves time out after 60)
+TIMEOUT = 600  # seconds for a whole group's jobs (the collectives themselves time out after 180)
 
 
 def free_port() -> int:
