@@ -141,7 +141,8 @@ def test_the_benchmark_runs(tmp_path):
     subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "linear", "--backend", "torch", "--out",
                     str(tmp_path)], env=env, check=True, timeout=TIMEOUT, capture_output=True)
     text = (tmp_path / "class-parallel-cpu.md").read_text()
-    assert "| linear | single process |" in text and "| linear | class-parallel, largest rank |" in text
+    assert "| linear | 64 × 16 × 1000 | single process, backend torch |" in text
+    assert "| linear | 64 × 16 × 1000 | class-parallel, largest of 2 |" in text
 
 
 def test_num_sums_and_backend_checked_without_a_group():
