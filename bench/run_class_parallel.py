@@ -134,7 +134,7 @@ def mib(x: float | None) -> str:
 
 
 def ratio(x: float | None, y: float | None) -> str:
-    return "" if x is None or y is None else f" ({x / y:.2f}x)" if y else " (-)"
+    return "" if x is None else f" ({x / y:.2f}x)" if y else " (-)"
 
 
 def report(args, rows: list[tuple[str, tuple, list[dict], list[dict]]]) -> str:
@@ -152,8 +152,9 @@ def report(args, rows: list[tuple[str, tuple, list[dict], list[dict]]]) -> str:
         one = singles[0]
         allocated = None if one["allocated"] is None else max(r["allocated"] for r in ranks)
         rss, slowest = max(r["rss"] for r in ranks), max(r["time"] for r in ranks)
+        big = (lambda b: None if b is None or b < 2**20 else b)  # a ratio to less than 1 MiB says nothing
         lines.append(f"| {workload} | {size} | class-parallel, largest of {len(ranks)} | {mib(allocated)}"
-                     f"{ratio(allocated, one['allocated'])} | {mib(rss)}{ratio(rss, one['rss'])} | "
+                     f"{ratio(allocated, big(one['allocated']))} | {mib(rss)}{ratio(rss, big(one['rss']))} | "
                      f"{slowest:.3f}{ratio(slowest, one['time'])} |")
     return "\n".join(lines) + "\n"
 
