@@ -217,7 +217,9 @@ class _Problem:
     def loss(self, sums: Tensor) -> Tensor:
         sums = torch.where(self.counted[:, None], sums, 1)  # (uncounted rows: finite values and gradients)
         rows = torch.where(self.counted, row_values(self.spec, sums, self.total_c, self.K), 0)
-        return reduce_rows(rows, self.row_weight, self.options.reduction)
+        # the mean's divisor (contract.mean_divisor's rule): the counted rows' summed weight, 1 if none
+        divisor = self.row_weight.sum()
+        return reduce_rows(rows, torch.where(divisor == 0, 1, divisor), self.options.reduction)
 
     def forward(self, need_grad: bool, header: list[float], error: str | None) -> Tensor:
         self.statistics(header, error)
