@@ -13,21 +13,18 @@ computes the loss of a linear layer's output without the (N, K) logits (``apl_ke
 The contract every backend follows is docs/losses.md.
 """
 
-from . import functional, linear
+from . import functional, linear, nn
 from .backends import available_backends
 from .catalogue import available_losses
 from .linear import LinearLoss, get_linear_loss, linear_loss
-from .nn import (
-    AEL, AGCE, ANLCE, ANLFL, AUL, CE, FL, GCE, GCEMAE, GCENCE, GCERCE, MAE, MAERCE, NCE, NCEAEL, NCEAGCE, NCEAUL,
-    NCEMAE, NCERCE, NFL, NFLMAE, NFLNCE, NFLRCE, NGCE, NGCEMAE, NGCENCE, NGCERCE, NMAE, NNCE, NNFL, NRCE, RCE, SCE,
-    APLLoss, Loss, get_loss,
-)
+from .nn import APLLoss, Loss, get_loss
+
+# The loss modules, one per single loss and named pair of the catalogue: CE, NCE, ..., NCEMAE, ...
+globals().update({cls.__name__: cls for cls in nn.NAMED_MODULES.values()})
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "AEL", "AGCE", "ANLCE", "ANLFL", "AUL", "CE", "FL", "GCE", "GCEMAE", "GCENCE", "GCERCE", "MAE", "MAERCE", "NCE",
-    "NCEAEL", "NCEAGCE", "NCEAUL", "NCEMAE", "NCERCE", "NFL", "NFLMAE", "NFLNCE", "NFLRCE", "NGCE", "NGCEMAE",
-    "NGCENCE", "NGCERCE", "NMAE", "NNCE", "NNFL", "NRCE", "RCE", "SCE", "APLLoss", "Loss", "available_backends",
-    "available_losses", "functional", "get_linear_loss", "get_loss", "linear", "linear_loss", "LinearLoss",
+__all__ = sorted(cls.__name__ for cls in nn.NAMED_MODULES.values()) + [
+    "APLLoss", "Loss", "available_backends", "available_losses", "functional", "get_linear_loss", "get_loss",
+    "linear", "linear_loss", "LinearLoss",
 ]

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import fused
 from .catalogue import (
     BASE, NAMED_PAIRS, PARAMETER_TEXT, SCE_FORMULA, LossSpec, accepted_params, available_losses, canonical_name,
     check_classes, make_spec, members,
 )
-from .options import DEFAULTS, CallOptions, check_inputs, check_target_range
-from .reference import accumulation_dtype
+from .options import DEFAULTS, CallOptions, accumulation_dtype, check_inputs, check_target_range
 
 OPTION_TEXT = f"""\
     weight: class weights (K,), as ``nn.CrossEntropyLoss``'s: a row's loss is scaled by the weight
@@ -67,11 +67,13 @@ def describe(name: str, heading: str, example: str) -> str:
 
 def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None = None,
             options: CallOptions = DEFAULTS) -> Tensor:
-    """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes."""
+    """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes (the
+    fused linear + loss shares its steps: :func:`choose_backend`, :func:`check_labels`,
+    :func:`result_dtype`)."""
     check_inputs(input, target, weight)
     num_classes = input.shape[1]
     check_classes(spec, num_classes)
-    chosen = backends.resolve(options.backend, input.device.type)
+    chosen = choose_backend(options, input.device.type)
     spatial = input.dim() > 2
     probabilities = target.is_floating_point()
 
@@ -80,19 +82,44 @@ def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None
 
     logits = rows(input)
     labels = rows(target) if probabilities else (target.reshape(-1) if spatial else target).long()
-    # Labels are checked here wherever that is free (CPU tensors) or asked for (the reference on a
-    # GPU synchronizes for it), unless the backend checks them itself. Fused GPU kernels give a row
-    # with such a label a NaN loss instead (README).
-    if not probabilities and not chosen.checks_labels and labels.device.type != "meta" and (
-            chosen.name == "torch" or labels.device.type == "cpu") and not torch.compiler.is_compiling():
-        check_target_range(labels, num_classes, options.ignore_index)
-    loss = chosen.load()(logits, labels, weight, spec, options)
-    # The loss is returned in the input's dtype, or in float32 under autocast as F.cross_entropy's.
-    autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
-    dtype = accumulation_dtype(input.dtype) if autocast else input.dtype
-    loss = loss.to(dtype)
+    check_labels(labels, num_classes, options.ignore_index, chosen)
+    loss = chosen.load()(logits, labels, weight, spec, options).to(result_dtype(input))
     return loss.reshape(target.shape[:1] + target.shape[2:] if probabilities else target.shape) \
         if spatial and options.reduction == "none" else loss
+
+
+def choose_backend(options: CallOptions, device_type: str) -> backends.Backend:
+    """The backend that computes a call on ``device_type`` tensors (``backends.resolve``)."""
+    return backends.resolve(options.backend, device_type)
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int, backend: backends.Backend,
+                 chunked: bool = False) -> None:
+    """The label range check, where it is free (CPU tensors) or asked for (the reference on a GPU
+    synchronizes for it), unless the backend checks them itself: fused GPU kernels give a row with
+    such a label a NaN loss instead (README). A ``chunked`` call (the fused linear + loss) checks
+    CPU labels whatever the backend, so that an error names a position in the whole batch, not in a
+    chunk; it leaves them to its op under a torch.func transform. Never while traced: labels have
+    no values then."""
+    if labels.is_floating_point() or labels.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if chunked and fused.in_transform():
+        return
+    if (backend.name == "torch" or labels.device.type == "cpu") and (chunked or not backend.checks_labels):
+        check_target_range(labels, num_classes, ignore_index)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, or None where it is off."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def result_dtype(input: Tensor) -> torch.dtype:
+    """A loss is returned in the input's dtype, or in float32 (float64) under autocast, as
+    ``F.cross_entropy``'s."""
+    return input.dtype if autocast_dtype(input.device.type) is None else accumulation_dtype(input.dtype)
 
 
 def bind(name: str, args: tuple, kwargs: dict) -> dict:

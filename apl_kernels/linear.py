@@ -29,24 +29,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
-from .backends import fused
+from .backends import contract, fused
 from .catalogue import (
     NAMED_PAIRS, PARAMETER_TEXT, LossSpec, accepted_params, canonical_name, check_classes, make_spec,
 )
-from .functional import bind, compute, formula, signature_of, title
-from .options import DEFAULTS, FLOAT_DTYPES, CallOptions, check_target_range, check_weight
-from .reference import accumulation_dtype
+from .functional import (
+    autocast_dtype, bind, check_labels, choose_backend, compute, formula, result_dtype, signature_of, title,
+)
+from .options import DEFAULTS, FLOAT_DTYPES, CallOptions, accumulation_dtype, check_weight
 
 # CPU chunks: a fixed number of rows, chosen by matmul efficiency, not by cache. Each chunk's three
 # matmuls stream the whole weight (K x H) and its gradient (read and written) for 6 R K H flops: about
 # 0.4 R flops per byte whatever K is, so the rows, not the bytes, decide; and at such K no chunk worth
-# computing fits the 32 MiB L3 (256 rows of logits and gradient take 2 KiB per class). Measured on 2
-# cores of an AMD EPYC (bench/results/linear-cpu.md, "Chunk size"; H = 1024, float32, forward +
-# backward, time against materializing the logits in the same rounds, an idle machine): at
-# N = 1024, K = 128000, 64 rows 1.30x, 128 rows 1.19x, 256 rows 1.07x, 512 rows 1.03x; at N = 4096,
-# K = 32000, 128 rows 1.10x, 256 rows 1.06x, 512 rows 1.06x, 1024 rows 1.02x. Below 256 rows the
-# weight traffic shows; 256 rows keeps within ~7 % of the materialized time with a peak of 1/16 of
-# its memory at N = 4096, K = 32000 (512 rows would be 1/8, the most the design allows).
+# computing fits the 32 MiB L3 (256 rows of logits and gradient take 2 KiB per class). The measured
+# trade-off is bench/results/linear-cpu.md, "Chunk size" (time and peak memory against
+# materializing the logits, 64 to 1024 rows): below 256 rows the weight traffic shows; 256 rows
+# keeps within ~7 % of the materialized time with a fraction of its memory.
 CPU_CHUNK_ROWS = 256
 # CUDA chunks: Liger-Kernel's bound, the chunk's logits no larger than the hidden states (N x H
 # elements, so the transient memory is of the order of the input whatever K is), but at least
@@ -64,20 +62,6 @@ def default_chunk_size(rows: int, hidden_size: int, num_classes: int, device_typ
     return max(1, min(rows, CPU_CHUNK_ROWS))
 
 
-def _mean_divisor(target: Tensor, class_weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """What a ``mean`` divides by (reference.target_coefficients' rule): the summed class weight of
-    the counted rows (their number without weights), the number of rows for probability targets,
-    and 1 when that is 0. A device tensor: no host synchronization."""
-    if target.is_floating_point():
-        return torch.tensor(float(max(target.shape[0], 1)), dtype=dtype, device=target.device)
-    valid = target != ignore_index
-    if class_weight is None:
-        total = valid.sum().to(dtype)
-    else:
-        total = torch.where(valid, class_weight.to(dtype)[torch.where(valid, target, 0)], 0).sum()
-    return torch.where(total != 0, total, 1)
-
-
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, class_weight: Tensor | None,
                 backend: str, bases: list[int], coefficients: list[float], options: list[int], chunk_size: int,
                 needs: list[bool], row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -85,17 +69,17 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     upstream gradient of 1 (of ``row_scale`` per row, when given), ``chunk_size`` rows at a time (0:
     the default); a gradient not in ``needs`` is an empty tensor. Never holds more than one chunk of
     logits and their gradient."""
-    op = backends.resolve(backend, hidden.device.type).load().op
+    op = backends.REGISTRY[backend].load().op  # the backend _linear_loss chose
     rows, classes = hidden.shape[0], weight.shape[0]
     chunk_size = chunk_size or default_chunk_size(rows, hidden.shape[1], classes, hidden.device.type)
     acc = accumulation_dtype(hidden.dtype)
-    reduced = options[fused.REDUCTION] != fused.REDUCTION_CODES["none"]
-    grad_mode = fused.GRAD_IN_FORWARD if any(needs) else fused.NO_GRAD
+    reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
+    grad_mode = contract.GRAD_IN_FORWARD if any(needs) else contract.NO_GRAD
     # Each chunk's op sums (or keeps) its rows: the mean's divisor is the whole batch's, applied here.
     chunk_options = [*options]
-    chunk_options[fused.GRAD_MODE] = grad_mode
+    chunk_options[contract.GRAD_MODE] = grad_mode
     if reduced:
-        chunk_options[fused.REDUCTION] = fused.REDUCTION_CODES["sum"]
+        chunk_options[contract.REDUCTION] = contract.REDUCTION_CODES["sum"]
     loss = hidden.new_zeros((), dtype=acc) if reduced else hidden.new_empty(rows, dtype=acc)
     # Gradients not needed are empty tensors (distinct ones: a custom op's outputs must not alias).
     grad_hidden = hidden.new_empty(hidden.shape if needs[0] else 0)  # contiguous
@@ -112,7 +96,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             loss += chunk_loss
         else:
             loss[start:end] = chunk_loss
-        if grad_mode == fused.NO_GRAD:
+        if grad_mode == contract.NO_GRAD:
             continue
         if row_scale is not None:
             grad.mul_(row_scale[start:end, None].to(grad.dtype))
@@ -123,8 +107,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
         if needs[2]:  # (4 times as fast as grad.sum(0) here)
             grad_bias.addmv_(grad.t(), ones[:end - start])
         del grad  # before the next chunk's logits: one chunk's logits and gradient at a time
-    if options[fused.REDUCTION] == fused.REDUCTION_CODES["mean"]:
-        divisor = _mean_divisor(target, class_weight, options[fused.IGNORE_INDEX], acc)
+    if options[contract.REDUCTION] == contract.REDUCTION_CODES["mean"]:
+        divisor = contract.mean_divisor(target, class_weight, options[contract.IGNORE_INDEX], acc)
         loss = loss / divisor
         # (N + K) H elements, against the loop's 6 N K H flops. (In a half type the divisor is rounded
         # to it: one rounding of the result, as an upstream gradient in that type would make.)
@@ -140,7 +124,7 @@ def _linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, target:
     """Loss (reduced, or per row for ``none``) and, for ``mean``/``sum``, the gradients of hidden,
     weight and bias for an upstream gradient of 1 (those not in ``needs``, and all for ``none``,
     are empty)."""
-    reduced = options[fused.REDUCTION] != fused.REDUCTION_CODES["none"]
+    reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
     with torch.no_grad():
         return _chunk_loop(hidden, weight, bias, target, class_weight, backend, bases, coefficients, options,
                            chunk_size, needs if reduced else [False] * 3)
@@ -165,7 +149,7 @@ def _fake_gradients(hidden, weight, bias, needs, reduced=True):
 
 @_linear_loss_op.register_fake
 def _(hidden, weight, bias, target, class_weight, backend, bases, coefficients, options, chunk_size, needs):
-    reduced = options[fused.REDUCTION] != fused.REDUCTION_CODES["none"]
+    reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
     loss = hidden.new_empty(() if reduced else hidden.shape[:1], dtype=accumulation_dtype(hidden.dtype))
     return (loss, *_fake_gradients(hidden, weight, bias, needs, reduced))
 
@@ -212,7 +196,7 @@ class _LinearLoss(torch.autograd.Function):
         # derivative taken of the gradients they give reaches backward and is refused there, as in
         # backends/fused.py: marked constant, it would be a silent zero.
         ctx.set_materialize_grads(False)
-        ctx.reduced = ctx.arguments[3][fused.REDUCTION] != fused.REDUCTION_CODES["none"]
+        ctx.reduced = ctx.arguments[3][contract.REDUCTION] != contract.REDUCTION_CODES["none"]
         if ctx.reduced:
             ctx.save_for_backward(*output[1:])
         else:  # recomputed in backward from the inputs (nothing of N x K is kept)
@@ -225,16 +209,16 @@ class _LinearLoss(torch.autograd.Function):
             return (None,) * 6
         if ctx.reduced:
             grads = ctx.saved_tensors
-            if fused._released_after_this_backward(grad_loss):
+            if fused.released_after_this_backward(grad_loss):
                 # Nothing reads the saved gradients after this: hand them out, scaled in place if need be.
-                if not fused._is_exactly_one(grad_loss):
+                if not fused.is_exactly_one(grad_loss):
                     grads = tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
             else:
                 grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
         else:
             arguments = (*ctx.saved_tensors, grad_loss, *ctx.arguments)
             if fused.gradient_is_differentiated():
-                grads = fused._FirstDerivativeOnly.apply(_linear_loss_backward_op, *arguments)
+                grads = fused.FirstDerivativeOnly.apply(_linear_loss_backward_op, *arguments)
             else:
                 grads = _linear_loss_backward_op(*arguments)
         return (*(g if need else None for g, need in zip(grads, ctx.arguments[-1])), None, None, None)
@@ -290,9 +274,10 @@ def _constant_call(name: str, params: tuple, reduction: str, ignore_index: int, 
 
 @torch.compiler.assume_constant_result
 def _backend_name(backend: str, device_type: str) -> str:
-    """The name of the backend that computes for ``device_type``, a constant to torch.compile (a
-    backend must be loaded before a compiled first call: backends.preload, or LinearLoss)."""
-    return backends.resolve(backend, device_type).name
+    """The name of the backend that computes for ``device_type`` (choose_backend), a constant to
+    torch.compile (a backend must be loaded before a compiled first call: backends.preload, or
+    LinearLoss)."""
+    return choose_backend(CallOptions(backend=backend), device_type).name
 
 
 def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bias: Tensor | None = None,
@@ -357,28 +342,25 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
 def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                  class_weight: Tensor | None, options: CallOptions, chunk_size: int | None) -> Tensor:
     check_classes(spec, weight.shape[0])
-    chosen = _backend_name(options.backend, hidden.device.type)
-    if chosen == "torch":
+    chosen = backends.REGISTRY[_backend_name(options.backend, hidden.device.type)]
+    if chosen.name == "torch":
         return compute(spec, F.linear(hidden, weight, bias), target, class_weight, options)
     if not target.is_floating_point():
         target = target.long()
-        # Positions in the whole batch (the C++ op would name one in its chunk). Not while traced or
-        # under a torch.func transform, where labels have no values to read: the op checks them then.
-        if hidden.device.type == "cpu" and not torch.compiler.is_compiling() and not fused._in_transform():
-            check_target_range(target, weight.shape[0], options.ignore_index)
+        check_labels(target, weight.shape[0], options.ignore_index, chosen, chunked=True)
     # Under autocast, as F.linear then a loss: matmuls in the autocast dtype, the loss in float32.
-    autocast = hidden.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(hidden.device.type)
-    if autocast:
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    dtype = autocast_dtype(hidden.device.type)
+    if dtype is not None:
         hidden, weight, bias = (x if x is None else x.to(dtype) for x in (hidden, weight, bias))
+    result = result_dtype(hidden)
     fused.refuse_other_gradients(target, class_weight)
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad]
     # (0: the op picks the default from the real shapes, which a compiled graph may only know symbolically.)
-    arguments = (chosen, *fused.op_arguments(spec, options, fused.GRAD_IN_FORWARD), chunk_size or 0, needs)
+    arguments = (chosen.name, *contract.op_arguments(spec, options, contract.GRAD_IN_FORWARD), chunk_size or 0, needs)
     loss = _LinearLoss.apply(hidden, weight, bias, target, class_weight, arguments)[0]
-    return loss.to(accumulation_dtype(hidden.dtype) if autocast else hidden.dtype)
+    return loss.to(result)
 
 
 class LinearLoss(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import backends
-from .catalogue import BASE, NAMED_PAIRS, SINGLES, LossSpec, canonical_name, make_spec
+from .catalogue import BASES, NAMED_PAIRS, LossSpec, canonical_name, make_spec
 from .functional import bind, compute, describe, signature_of, title
 from .options import DEFAULTS, CallOptions, check_weight
 
@@ -87,49 +87,16 @@ class APLLoss(Loss):
         return f"{self.spec.name!r}, " + super().extra_repr()
 
 
-# Singles: each takes `scale` (and its own parameters) first.
-class CE(_NamedLoss): loss_name = "ce"
-class FL(_NamedLoss): loss_name = "fl"
-class GCE(_NamedLoss): loss_name = "gce"
-class SCE(_NamedLoss): loss_name = "sce"  # alpha * CE + beta * RCE (alpha 0.1, beta 1)
-class MAE(_NamedLoss): loss_name = "mae"
-class RCE(_NamedLoss): loss_name = "rce"
-class NCE(_NamedLoss): loss_name = "nce"
-class NFL(_NamedLoss): loss_name = "nfl"
-class NGCE(_NamedLoss): loss_name = "ngce"
-class NMAE(_NamedLoss): loss_name = "nmae"
-class NRCE(_NamedLoss): loss_name = "nrce"
-class NNCE(_NamedLoss): loss_name = "nnce"
-class NNFL(_NamedLoss): loss_name = "nnfl"
-class AGCE(_NamedLoss): loss_name = "agce"
-class AUL(_NamedLoss): loss_name = "aul"
-class AEL(_NamedLoss): loss_name = "ael"
+def _named_class(name: str, module: str) -> type:
+    """The module class ``module`` of loss ``name`` (``NCEMAE`` of ``"nce+mae"``)."""
+    return type(module, (_NamedLoss,), {"loss_name": name, "__module__": __name__, "__qualname__": module})
 
 
-# The named pairs: alpha * first + beta * second, alpha and beta first.
-class NCEMAE(_NamedLoss): loss_name = "nce+mae"
-class NCERCE(_NamedLoss): loss_name = "nce+rce"
-class NFLMAE(_NamedLoss): loss_name = "nfl+mae"
-class NFLRCE(_NamedLoss): loss_name = "nfl+rce"
-class NGCEMAE(_NamedLoss): loss_name = "ngce+mae"
-class NGCERCE(_NamedLoss): loss_name = "ngce+rce"
-class GCEMAE(_NamedLoss): loss_name = "gce+mae"
-class GCERCE(_NamedLoss): loss_name = "gce+rce"
-class GCENCE(_NamedLoss): loss_name = "gce+nce"
-class MAERCE(_NamedLoss): loss_name = "mae+rce"
-class NFLNCE(_NamedLoss): loss_name = "nfl+nce"
-class NGCENCE(_NamedLoss): loss_name = "ngce+nce"
-class NCEAGCE(_NamedLoss): loss_name = "nce+agce"
-class NCEAUL(_NamedLoss): loss_name = "nce+aul"
-class NCEAEL(_NamedLoss): loss_name = "nce+ael"
-class ANLCE(_NamedLoss): loss_name = "nce+nnce"  # Active Negative Loss with NCE
-class ANLFL(_NamedLoss): loss_name = "nfl+nnfl"  # Active Negative Loss with NFL
-
-
-NAMED_MODULES = {cls.loss_name: cls for cls in _NamedLoss.__subclasses__()}
-# One class per single loss and named pair, named as the catalogue says.
-assert {name: cls.__name__ for name, cls in NAMED_MODULES.items()} == (
-    {**{b: BASE[b].module for b in SINGLES if b in BASE}, "sce": "SCE", **NAMED_PAIRS})
+# One class per single loss (``scale`` and its own parameters first) and per named pair (``alpha``
+# and ``beta`` first), named as the catalogue says: CE, ..., SCE, NCEMAE, ..., ANLCE, ANLFL.
+NAMED_MODULES = {name: _named_class(name, module) for name, module in (
+    *((base.name, base.module) for base in BASES), ("sce", "SCE"), *NAMED_PAIRS.items())}
+globals().update({cls.__name__: cls for cls in NAMED_MODULES.values()})
 
 
 def get_loss(name: str, **params) -> Loss:

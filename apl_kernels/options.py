@@ -18,6 +18,12 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is computed and returned in for inputs of ``dtype``: float64 for float64,
+    float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """How a loss is applied (not which loss): the same meaning as in ``nn.CrossEntropyLoss``."""

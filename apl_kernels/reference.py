@@ -18,15 +18,12 @@ import math
 import torch
 from torch import Tensor
 
+from .backends.contract import mean_divisor
 from .catalogue import LossSpec
-from .options import CallOptions
+from .options import CallOptions, accumulation_dtype
 
 CLAMP_MIN = 1e-7  # p̂ = clamp(p, CLAMP_MIN, 1), as the published code clamps
 RCE_A = -math.log(1e-4)  # RCE's -log(clamp(one_hot, 1e-4, 1)) off the label
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _OneMinusExp(torch.autograd.Function):
@@ -175,13 +172,11 @@ BASE_FUNCTIONS = {
 
 
 def target_coefficients(target: Tensor, num_classes: int, weight: Tensor | None, label_smoothing: float,
-                        ignore_index: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Each row's coefficients ``c`` (R, K) over the labels, and its weight in a ``mean``.
+                        ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """Each row's coefficients ``c`` (R, K) over the labels, by ``F.cross_entropy``'s rules.
 
     Index targets (R,): ``c = (1 - eps) w[y] onehot(y) + eps / K w`` (w = 1 without class
-    weights), and a mean divides by ``sum w[y]`` over the rows not ignored; an ignored row has
-    ``c = 0``. Probability targets (R, K): ``c = w ((1 - eps) t + eps / K)``, and a mean divides by
-    the number of rows. Both are ``F.cross_entropy``'s rules.
+    weights); an ignored row has ``c = 0``. Probability targets (R, K): ``c = w ((1 - eps) t + eps / K)``.
     """
     w = None if weight is None else weight.to(dtype)
     if target.is_floating_point():
@@ -190,7 +185,7 @@ def target_coefficients(target: Tensor, num_classes: int, weight: Tensor | None,
             c = (1 - label_smoothing) * c + label_smoothing / num_classes
         if w is not None:
             c = c * w
-        return c, torch.ones(target.shape[0], dtype=dtype, device=target.device)
+        return c
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
     row_weight = valid.to(dtype) if w is None else torch.where(valid, w[safe], 0)
@@ -200,19 +195,16 @@ def target_coefficients(target: Tensor, num_classes: int, weight: Tensor | None,
         spread = label_smoothing / num_classes * (torch.ones(num_classes, dtype=dtype, device=target.device)
                                                   if w is None else w)
         c = c + valid[:, None] * spread
-    return c, row_weight
+    return c
 
 
-def reduce_rows(rows: Tensor, row_weight: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` to per-row losses; a ``mean`` divides by the sum of the rows' weights
-    (0 when every row is ignored: the mean is then 0 with zero gradient, not NaN)."""
+def reduce_rows(rows: Tensor, divisor: Tensor, reduction: str) -> Tensor:
+    """Apply ``reduction`` to per-row losses; a ``mean`` divides by ``divisor``
+    (contract.mean_divisor)."""
     if reduction == "none":
         return rows
     total = rows.sum()
-    if reduction == "sum":
-        return total
-    divisor = row_weight.sum()
-    return total / torch.where(divisor != 0, divisor, 1)
+    return total if reduction == "sum" else total / divisor
 
 
 def reference_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
@@ -220,8 +212,7 @@ def reference_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: 
     """The torch backend on rows: ``(R, K)`` logits, ``(R,)`` int64 labels or ``(R, K)`` probabilities
     (validated by the caller); the loss in the accumulation dtype."""
     acc = accumulation_dtype(logits.dtype)
-    c, row_weight = target_coefficients(target, logits.shape[1], weight, options.label_smoothing,
-                                        options.ignore_index, acc)
+    c = target_coefficients(target, logits.shape[1], weight, options.label_smoothing, options.ignore_index, acc)
     # Rows without any coefficient (ignored ones) see zero logits, so that neither their value
     # nor their gradient can be NaN; their loss is then set to 0.
     counted = (c != 0).any(1)
@@ -229,4 +220,4 @@ def reference_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: 
     row = Row(z, c, spec)
     rows = sum(weight * BASE_FUNCTIONS[base](row) for base, weight in spec.terms)
     rows = torch.where(counted, rows, 0)
-    return reduce_rows(rows, row_weight, options.reduction)
+    return reduce_rows(rows, mean_divisor(target, weight, options.ignore_index, acc), options.reduction)

@@ -217,9 +217,9 @@ class RowKernel {
   acc_t* e() { return scratch_.data() + padded_; }
   acc_t* derivative_row(int t) { return scratch_.data() + (3 + t) * padded_; }
 
-  // Pass 3 for term t, whose base kBase is known at compile time (so that element() is one case
-  // of its switch): its sums over the row, and its V' per element into derivative_row(t) when
-  // `store` (the gradient pass reads them).
+  // Pass 3 for term t, whose base kBase is known at compile time (its element is
+  // base_element<kBase>, inlined): its sums over the row, and its V' per element into
+  // derivative_row(t) when `store` (the gradient pass reads them).
   template <bool kDense, int kBase>
   TermSums<acc_t> term_pass(int t, const acc_t* z, int64_t y, acc_t total_c, const RowStats<acc_t>& row, acc_t inv_s,
                             bool store) {
@@ -235,7 +235,8 @@ class RowKernel {
     // the label. Masks only for the vector holding the label and a partial last vector.
     auto accumulate = [&](int64_t i, int64_t count, auto counted, auto off_label) {
       const V p = V::loadu(e + i) * inv_s_v;
-      const Element<V> el = element<V, acc_t>(kBase, p, (load(z + i, count) - max_vec) - log_s_v, row, params_, K);
+      const V lp = (load(z + i, count) - max_vec) - log_s_v;
+      const Element<V> el = base_element<kBase, V, acc_t>(p, lp, row, params_, K);
       if (store) el.derivative.store(derivatives + i);
       if constexpr (kDense) {
         const V w = Math<V>::where(counted, omega<V, acc_t>(kBase, V::loadu(c + i), total_c), zero);
@@ -263,26 +264,17 @@ class RowKernel {
     return sum.result();
   }
 
-  // Calls f(std::integral_constant<int, base>{}).
+  // Calls f(std::integral_constant<int, base>{}) for every base of the catalogue; decode_call has
+  // refused any other index.
   template <typename F>
   static auto with_base(int base, F&& f) {
     switch (base) {
-      case kCE: return f(std::integral_constant<int, kCE>{});
-      case kFL: return f(std::integral_constant<int, kFL>{});
-      case kGCE: return f(std::integral_constant<int, kGCE>{});
-      case kMAE: return f(std::integral_constant<int, kMAE>{});
-      case kRCE: return f(std::integral_constant<int, kRCE>{});
-      case kNCE: return f(std::integral_constant<int, kNCE>{});
-      case kNFL: return f(std::integral_constant<int, kNFL>{});
-      case kNGCE: return f(std::integral_constant<int, kNGCE>{});
-      case kNMAE: return f(std::integral_constant<int, kNMAE>{});
-      case kNRCE: return f(std::integral_constant<int, kNRCE>{});
-      case kNNCE: return f(std::integral_constant<int, kNNCE>{});
-      case kNNFL: return f(std::integral_constant<int, kNNFL>{});
-      case kAGCE: return f(std::integral_constant<int, kAGCE>{});
-      case kAUL: return f(std::integral_constant<int, kAUL>{});
-      default: return f(std::integral_constant<int, kAEL>{});
+#define APL_WITH_BASE_CASE(NAME) \
+  case k##NAME: return f(std::integral_constant<int, k##NAME>{});
+      APL_BASES(APL_WITH_BASE_CASE)
+#undef APL_WITH_BASE_CASE
     }
+    TORCH_CHECK_VALUE(false, "apl: unknown base loss index ", base);
   }
 
   // Pass 3 for the terms that need it, the coefficients, and pass 4 (the gradient).

@@ -1,4 +1,4 @@
-// The fused losses on CUDA (the contract: apl_kernels/backends/fused.py; the math: apl_rowmath.h;
+// The fused losses on CUDA (the contract: apl_kernels/backends/contract.py; the math: apl_rowmath.h;
 // the rows and blocks: apl_cuda_rows.h, which the host emulation apl_cuda_emulation.cpp runs too;
 // the design and its bytes: docs/kernels.md, "CUDA C++").
 //
@@ -17,7 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "apl_cuda_rows.h"
+#include "apl_cuda_launch.h"
 
 namespace apl {
 namespace gpu {

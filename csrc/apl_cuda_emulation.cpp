@@ -17,7 +17,7 @@
 #include <random>
 #include <vector>
 
-#include "apl_cuda_rows.h"
+#include "apl_cuda_launch.h"
 
 namespace apl {
 namespace gpu {

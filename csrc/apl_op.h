@@ -1,6 +1,6 @@
 // Host-side pieces of the fused ops that the CPU and CUDA implementations share: the schema's
 // arguments decoded and checked, and the outputs. The ops' contract is written out in
-// apl_kernels/backends/fused.py; the math in apl_rowmath.h.
+// apl_kernels/backends/contract.py; the math in apl_rowmath.h.
 
 #pragma once
 
@@ -15,12 +15,8 @@
 
 namespace apl {
 
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-enum GradMode : int64_t { kNoGrad = 0, kGradInForward = 1, kGradInBackward = 2 };
-constexpr int kNumParameters = 4;  // gamma, q, a, min_prob: apl_kernels.catalogue.PARAMETERS
-constexpr int64_t kStats = 8;      // apl_kernels.backends.fused.STATS: see RowRecord
-
-// What a call computes, decoded from the schema's lists:
+// What a call computes, decoded from the schema's lists (their positions, codes and kStats are
+// apl_catalogue.h's, generated from apl_kernels/backends/contract.py):
 //   bases         the terms' base losses (1 or 2)
 //   coefficients  one weight per term, then gamma, q, a, min_prob, then label_smoothing
 //   options       ignore_index, reduction code, official_grad (0/1), gradient mode (0/1/2)
@@ -69,10 +65,10 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
                 logits.device());
   }
   const size_t terms = bases.size();
-  TORCH_CHECK_VALUE(terms >= 1 && terms <= kMaxTerms && coefficients.size() == terms + kNumParameters + 1,
+  TORCH_CHECK_VALUE(terms >= 1 && terms <= kMaxTerms && coefficients.size() == terms + kNumCoefficients,
               "apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma, q, a, "
               "min_prob and label_smoothing; got ", terms, " bases and ", coefficients.size(), " coefficients");
-  TORCH_CHECK_VALUE(options.size() == 4,
+  TORCH_CHECK_VALUE(options.size() == kNumOptions,
               "apl: options must be [ignore_index, reduction, official_grad, grad_mode]; got ", options.size(),
               " values");
   LossParams& params = call.params;
@@ -83,11 +79,11 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
     params.base[t] = static_cast<int>(bases[t]);
     params.weight[t] = coefficients[t];
   }
-  params.gamma = coefficients[terms];
-  params.q = coefficients[terms + 1];
-  params.a = coefficients[terms + 2];
-  params.min_prob = coefficients[terms + 3];
-  params.label_smoothing = coefficients[terms + 4];
+  params.gamma = coefficients[terms + kCoefficientGamma];
+  params.q = coefficients[terms + kCoefficientQ];
+  params.a = coefficients[terms + kCoefficientA];
+  params.min_prob = coefficients[terms + kCoefficientMinProb];
+  params.label_smoothing = coefficients[terms + kCoefficientLabelSmoothing];
   // The public API checks the catalogue's limits (apl_kernels.catalogue.LIMITS); direct callers get
   // at least values the math is defined for.
   TORCH_CHECK_VALUE(std::isfinite(params.gamma) && params.gamma >= 0, "apl: gamma must be finite and >= 0, got ",
@@ -101,15 +97,17 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
     TORCH_CHECK_VALUE(params.base[t] != kAUL || params.a > 1, "apl: aul needs a > 1, got ", params.a);
   }
   params.derive();
-  call.ignore_index = options[0];
-  call.reduction = options[1];
+  call.ignore_index = options[kOptionIgnoreIndex];
+  call.reduction = options[kOptionReduction];
   TORCH_CHECK_VALUE(call.reduction >= kNone && call.reduction <= kSum,
               "apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got ", call.reduction);
-  TORCH_CHECK_VALUE(options[2] == 0 || options[2] == 1, "apl: official_grad (options[2]) must be 0 or 1; got ", options[2]);
-  params.official_grad = options[2] == 1;
-  call.grad_mode = options[3];
+  const int64_t official_grad = options[kOptionOfficialGrad];
+  TORCH_CHECK_VALUE(official_grad == 0 || official_grad == 1, "apl: official_grad (options[", kOptionOfficialGrad,
+                    "]) must be 0 or 1; got ", official_grad);
+  params.official_grad = official_grad == 1;
+  call.grad_mode = options[kOptionGradMode];
   TORCH_CHECK_VALUE(call.grad_mode >= kNoGrad && call.grad_mode <= kGradInBackward,
-              "apl: the gradient mode (options[3]) must be 0, 1 or 2; got ", call.grad_mode);
+              "apl: the gradient mode (options[", kOptionGradMode, "]) must be 0, 1 or 2; got ", call.grad_mode);
   call.dense = call.probabilities || params.label_smoothing != 0;
   return call;
 }

@@ -64,43 +64,19 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define APL_HD __host__ __device__ __forceinline__
-#else
-#define APL_HD inline
-#endif
+#include "apl_catalogue.h"  // the bases, their families and APL_BASES, generated from the catalogue
 
 namespace apl {
 
-// Base losses, in the order of apl_kernels.catalogue.BASES (tests/test_catalogue.py checks it).
-enum Base : int {
-  kCE = 0, kFL, kGCE, kMAE, kRCE, kNCE, kNFL, kNGCE, kNMAE, kNRCE, kNNCE, kNNFL, kAGCE, kAUL, kAEL, kNumBases
-};
-enum Family : int { kLocal = 0, kReverse, kNormalized, kNegative };
-
 constexpr double kClampMin = 1e-7;            // p̂ = clamp(p, 1e-7, 1)
 constexpr double kRceA = 9.2103403719761836;  // -ln(1e-4)
-constexpr int kMaxTerms = 2;
-
-APL_HD constexpr int family_of(int base) {
-  switch (base) {
-    case kRCE:
-    case kNRCE: return kReverse;
-    case kNCE:
-    case kNFL:
-    case kNGCE: return kNormalized;
-    case kNNCE:
-    case kNNFL: return kNegative;
-    default: return kLocal;
-  }
-}
 
 // The loss of a call: sum of weight[t] * base[t], t < num_terms, with the members' parameters.
 struct LossParams {
   int num_terms;
   int base[kMaxTerms];
   double weight[kMaxTerms];
-  double gamma, q, a, min_prob, label_smoothing;
+  double gamma, q, a, min_prob, label_smoothing;  // coefficients[terms + kCoefficient...]
   bool official_grad;
   // Derived once per call by derive(): 1e-7^q, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q.
   double clamp_min_powered, log_min_prob, nnfl_b, agce_top, aul_bottom;
@@ -237,63 +213,68 @@ APL_HD Element<V> focal_term(V p, V lp, S one_minus_p_max, S gamma, bool officia
   return f;
 }
 
-// V[j] and V'[j] of base `base` at an element with probability p and log-probability lp (the
-// table at the top of this file).
-template <typename V, typename S>
-APL_HD Element<V> element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+// V[j] and V'[j] of base kBase at an element with probability p and log-probability lp (the
+// table at the top of this file). A base of the catalogue without its case here does not compile.
+template <int kBase, typename V, typename S>
+APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
   using M = Math<V>;
   const V zero(S(0)), one(S(1));
-  switch (base) {
-    case kCE: return {zero - lp, V(S(-1))};
-    case kFL:
-    case kNFL: return focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
-    case kGCE: {
-      const V powered = powered_p<V, S>(p, lp, params);
-      const V q(S(params.q));
-      return {(one - powered) / q, M::where(M::ge(p, V(S(kClampMin))), zero - powered, zero)};
-    }
-    case kMAE:
-    case kNMAE: {
-      const V norm(base == kMAE ? S(1) : S(1) / S(K - 1));
-      return {norm * one_minus_p<V, S>(p, row.one_minus_p_max), zero - norm * p};
-    }
-    case kRCE:
-    case kNRCE: {
-      const V norm(base == kRCE ? S(kRceA) : S(1) / S(K - 1));
-      return {norm * clamped_p<V, S>(p), norm * masked_p<V, S>(p)};
-    }
-    case kNCE: return {lp, one};
-    case kNGCE: {
-      const V powered = powered_p<V, S>(p, lp, params);
-      return {one - powered, M::where(M::ge(p, V(S(kClampMin))), V(S(-params.q)) * powered, zero)};
-    }
-    case kNNCE: {
-      const V log_m(S(params.log_min_prob));
-      return {M::max(lp, log_m) - log_m, M::where(M::ge(lp, log_m), one, zero)};
-    }
-    case kNNFL: {
-      // f̂ = f(max(p, m)) is B where the clamp is active: V = B - f(p) there, 0 elsewhere (f at the
-      // unclamped p, so that no element but the row's max is ever taken for p > 1/2).
-      const auto active = M::ge(lp, V(S(params.log_min_prob)));
-      const Element<V> f = focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
-      return {M::where(active, V(S(params.nnfl_b)) - f.value, zero), M::where(active, zero - f.derivative, zero)};
-    }
-    case kAGCE:
-    case kAUL: {
-      const V base_value = base == kAGCE ? V(S(params.a)) + p : V(S(params.a)) - p;  // a ± p > 0
-      const V powered = M::exp_any(V(S(params.q)) * M::log(base_value));  // (a ± p)^q
-      const V q(S(params.q));
-      const V slope = powered / base_value * p;  // (a ± p)^(q-1) p
-      if (base == kAGCE) return {(V(S(params.agce_top)) - powered) / q, zero - slope};
-      return {(powered - V(S(params.aul_bottom))) / q, zero - slope};
-    }
-    case kAEL: {
-      const V inv_a(S(1) / S(params.a));
-      const V e = M::exp(zero - p * inv_a);
-      return {e, zero - e * p * inv_a};
-    }
-    default: return {zero, zero};
+  if constexpr (kBase == kCE) {
+    return {zero - lp, V(S(-1))};
+  } else if constexpr (kBase == kFL || kBase == kNFL) {
+    return focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
+  } else if constexpr (kBase == kGCE) {
+    const V powered = powered_p<V, S>(p, lp, params);
+    const V q(S(params.q));
+    return {(one - powered) / q, M::where(M::ge(p, V(S(kClampMin))), zero - powered, zero)};
+  } else if constexpr (kBase == kMAE || kBase == kNMAE) {
+    const V norm(kBase == kMAE ? S(1) : S(1) / S(K - 1));
+    return {norm * one_minus_p<V, S>(p, row.one_minus_p_max), zero - norm * p};
+  } else if constexpr (kBase == kRCE || kBase == kNRCE) {
+    const V norm(kBase == kRCE ? S(kRceA) : S(1) / S(K - 1));
+    return {norm * clamped_p<V, S>(p), norm * masked_p<V, S>(p)};
+  } else if constexpr (kBase == kNCE) {
+    return {lp, one};
+  } else if constexpr (kBase == kNGCE) {
+    const V powered = powered_p<V, S>(p, lp, params);
+    return {one - powered, M::where(M::ge(p, V(S(kClampMin))), V(S(-params.q)) * powered, zero)};
+  } else if constexpr (kBase == kNNCE) {
+    const V log_m(S(params.log_min_prob));
+    return {M::max(lp, log_m) - log_m, M::where(M::ge(lp, log_m), one, zero)};
+  } else if constexpr (kBase == kNNFL) {
+    // f̂ = f(max(p, m)) is B where the clamp is active: V = B - f(p) there, 0 elsewhere (f at the
+    // unclamped p, so that no element but the row's max is ever taken for p > 1/2).
+    const auto active = M::ge(lp, V(S(params.log_min_prob)));
+    const Element<V> f = focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
+    return {M::where(active, V(S(params.nnfl_b)) - f.value, zero), M::where(active, zero - f.derivative, zero)};
+  } else if constexpr (kBase == kAGCE || kBase == kAUL) {
+    const V base_value = kBase == kAGCE ? V(S(params.a)) + p : V(S(params.a)) - p;  // a ± p > 0
+    const V powered = M::exp_any(V(S(params.q)) * M::log(base_value));  // (a ± p)^q
+    const V q(S(params.q));
+    const V slope = powered / base_value * p;  // (a ± p)^(q-1) p
+    if constexpr (kBase == kAGCE) return {(V(S(params.agce_top)) - powered) / q, zero - slope};
+    return {(powered - V(S(params.aul_bottom))) / q, zero - slope};
+  } else if constexpr (kBase == kAEL) {
+    const V inv_a(S(1) / S(params.a));
+    const V e = M::exp(zero - p * inv_a);
+    return {e, zero - e * p * inv_a};
+  } else {
+    static_assert(kBase != kBase, "a base loss of catalogue.BASES has no V, V' in base_element");
   }
+}
+
+// The same for a base known at run time (decode_call has checked it is one of the catalogue's):
+// NaN for any other index, never another loss.
+template <typename V, typename S>
+APL_HD Element<V> element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  switch (base) {
+#define APL_ELEMENT_CASE(NAME) \
+  case k##NAME: return base_element<k##NAME, V, S>(p, lp, row, params, K);
+    APL_BASES(APL_ELEMENT_CASE)
+#undef APL_ELEMENT_CASE
+  }
+  const V nan(S(NAN));
+  return {nan, nan};
 }
 
 // ----------------------------------------------------------------- rows

@@ -13,7 +13,7 @@ import torch
 
 import apl_kernels as ak
 from apl_kernels import backends
-from apl_kernels.backends import fused
+from apl_kernels.backends import contract
 from apl_kernels.catalogue import FOCAL, make_spec, members
 from apl_kernels.options import CallOptions
 from cases import (
@@ -254,7 +254,7 @@ def test_out_of_range_labels(device, backend):
             with pytest.raises(ValueError, match=rf"target {bad} at flat position 1 is outside \[0, 6\)"):
                 F.nce_rce(z, y, backend=backend)
         if backend != "cpp":
-            loss, _ = op(z, y, None, *fused.op_arguments(make_spec("nce+rce"), CallOptions("none"), fused.NO_GRAD))
+            loss, _ = op(z, y, None, *contract.op_arguments(make_spec("nce+rce"), CallOptions("none"), contract.NO_GRAD))
             assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all() and loss[3] == 0
 
 
@@ -365,10 +365,10 @@ def test_create_graph_through_the_ops_called_directly_is_refused(device, backend
     """The ops' own autograd (for direct callers) keeps no differentiable path to its saved
     output, so there create_graph=True is refused at once."""
     op = resolve_op(backend, device)
-    mode = fused.GRAD_IN_FORWARD if backend == "cpp" else fused.GRAD_IN_BACKWARD
+    mode = contract.GRAD_IN_FORWARD if backend == "cpp" else contract.GRAD_IN_BACKWARD
     z = random_logits(4, 5, seed, dtype=torch.float64).to(device).requires_grad_()
     spec, options = make_spec("nce+mae"), CallOptions(reduction="sum")
-    loss, _ = op.default(z, random_target(4, 5, seed).to(device), None, *fused.op_arguments(spec, options, mode))
+    loss, _ = op.default(z, random_target(4, 5, seed).to(device), None, *contract.op_arguments(spec, options, mode))
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(loss, z, create_graph=True)
 
@@ -406,7 +406,7 @@ def test_min_prob_above_its_limit_for_k_is_refused_and_the_limit_is_exact(name, 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
 def test_opcheck(device, backend):
     op = resolve_op(backend, device)
-    mode = fused.GRAD_IN_FORWARD if backend == "cpp" else fused.GRAD_IN_BACKWARD
+    mode = contract.GRAD_IN_FORWARD if backend == "cpp" else contract.GRAD_IN_BACKWARD
     for args in sample_inputs(device, mode):
         torch.library.opcheck(op.default, args)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import apl_kernels.linear as AL
-from apl_kernels.backends import fused
+from apl_kernels.backends import contract
 from apl_kernels.catalogue import NAMED_PAIRS, make_spec
 from apl_kernels.functional import apl_loss
 from apl_kernels.options import CallOptions
@@ -410,7 +410,7 @@ def test_opcheck(reduction, seed):
     """The custom ops' schemas and fakes (torch.compile traces with the fakes)."""
     hidden, weight, bias = exact_inputs(seed, n=9)
     target, options = make_target("weighted", seed, n=9)
-    arguments = ("cpp", *fused.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), fused.GRAD_IN_FORWARD),
+    arguments = ("cpp", *contract.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), contract.GRAD_IN_FORWARD),
                  4, [True, True, True])
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(AL._linear_loss_op, (hidden, weight, bias, target, options["class_weight"], *arguments),

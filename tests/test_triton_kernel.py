@@ -30,8 +30,9 @@ import triton.language as tl
 
 import apl_kernels as ak
 from apl_kernels import backends
-from apl_kernels.backends import fused
-from apl_kernels.backends import triton as triton_backend
+from apl_kernels.backends import contract, fused
+from apl_kernels.backends.triton import ops as triton_backend
+from apl_kernels.backends.triton import rowmath
 from apl_kernels.catalogue import make_spec
 from apl_kernels.options import CallOptions
 from cases import UNIT_ROUNDOFF, check_parity, make_target, random_logits, random_target, term_magnitudes
@@ -47,8 +48,8 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="counts the inter
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-def op_arguments(name, reduction="mean", grad_mode=fused.GRAD_IN_BACKWARD, label_smoothing=0.0, **params):
-    return fused.op_arguments(make_spec(name, **params), CallOptions(reduction, label_smoothing=label_smoothing),
+def op_arguments(name, reduction="mean", grad_mode=contract.GRAD_IN_BACKWARD, label_smoothing=0.0, **params):
+    return contract.op_arguments(make_spec(name, **params), CallOptions(reduction, label_smoothing=label_smoothing),
                               grad_mode)
 
 
@@ -72,7 +73,7 @@ def small_tiles(monkeypatch):
 def _one_minus_exp_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offsets, mask=offsets < n)
-    tl.store(out_ptr + offsets, triton_backend._one_minus_exp(x), mask=offsets < n)
+    tl.store(out_ptr + offsets, rowmath.one_minus_exp(x), mask=offsets < n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -158,7 +159,7 @@ def gradient_in_forward_and_backward(z, target, weight, args):
     """The GRAD_IN_FORWARD op's loss and saved gradient, and the GRAD_IN_BACKWARD op's loss and
     backward gradient for an upstream gradient of 1."""
     bases, coefficients, options = args
-    in_forward, in_backward = ([*options[:3], mode] for mode in (fused.GRAD_IN_FORWARD, fused.GRAD_IN_BACKWARD))
+    in_forward, in_backward = ([*options[:3], mode] for mode in (contract.GRAD_IN_FORWARD, contract.GRAD_IN_BACKWARD))
     forward_loss, saved = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_forward)
     loss, stats = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_backward)
     ones = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)
@@ -216,12 +217,12 @@ def test_the_reduction_counter_is_reset_and_kept(seed):
     """The last program sets the persistent counter back to 0: the next call needs no clearing."""
     z = random_logits(40, 9, seed, dtype=torch.float32).to(DEVICE)
     y = random_target(40, 9, seed).to(DEVICE)
-    args = op_arguments("nfl+rce", "sum", fused.NO_GRAD)
+    args = op_arguments("nfl+rce", "sum", contract.NO_GRAD)
     first = torch.ops.apl.triton_loss(z, y, None, *args)[0]
-    counters = dict(triton_backend._COUNTERS)
+    counters = dict(triton_backend.COUNTERS)
     assert counters and all(int(c) == 0 for c in counters.values())
     second = torch.ops.apl.triton_loss(z, y, None, *args)[0]
-    assert torch.equal(first, second) and all(triton_backend._COUNTERS[key] is c for key, c in counters.items())
+    assert torch.equal(first, second) and all(triton_backend.COUNTERS[key] is c for key, c in counters.items())
 
 
 # ---------------------------------------------------------------- launches, bytes, device
@@ -231,13 +232,13 @@ def test_the_reduction_counter_is_reset_and_kept(seed):
 def launches(monkeypatch):
     """Every kernel launch of the ops, by kernel name, with the launch's arguments."""
     seen = []
-    launch = triton_backend._launch
+    launch = triton_backend.launch
 
     def recording(kernel, grid, *args, **meta):
         seen.append((kernel.fn.__name__, dict(zip(kernel.arg_names, args)), meta))
         launch(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_backend, "_launch", recording)
+    monkeypatch.setattr(triton_backend, "launch", recording)
     return seen
 
 
@@ -257,13 +258,13 @@ def aten_launches(fn):
 def test_launches_per_call(launches, monkeypatch, seed):
     """A forward plus backward is two launches, an evaluation forward one; nothing else runs on the
     device (the reduction's counter is created once per stream, before this count)."""
-    launch = triton_backend._launch
+    launch = triton_backend.launch
 
     def marked(kernel, grid, *args, **meta):
         with torch.profiler.record_function("apl::triton_launch"):
             launch(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_backend, "_launch", marked)
+    monkeypatch.setattr(triton_backend, "launch", marked)
     z = random_logits(20, 9, seed, dtype=torch.float32).to(DEVICE)
     y = random_target(20, 9, seed).to(DEVICE)
     for reduction in ("mean", "sum", "none"):
@@ -273,19 +274,19 @@ def test_launches_per_call(launches, monkeypatch, seed):
         upstream = torch.ones(loss.shape, device=DEVICE)
         assert aten_launches(lambda: torch.ops.apl.triton_loss(z, y, None, *args)) == []
         assert aten_launches(lambda: torch.ops.apl.triton_loss_backward(z, y, None, stats, upstream, *args)) == []
-        no_grad = op_arguments("nfl+rce", reduction, fused.NO_GRAD)
+        no_grad = op_arguments("nfl+rce", reduction, contract.NO_GRAD)
         assert aten_launches(lambda: torch.ops.apl.triton_loss(z, y, None, *no_grad)) == []
-        assert [name for name, _, _ in launches] == ["_forward_kernel", "_backward_kernel", "_forward_kernel"]
+        assert [name for name, _, _ in launches] == ["forward_kernel", "backward_kernel", "forward_kernel"]
         # Through autograd: the forward and backward kernels, once each; the logits read in place.
         launches.clear()
         x = z.t().contiguous().t().requires_grad_()
         ak.functional.nfl_rce(x, y, reduction=reduction, backend="triton").sum().backward()
-        assert [name for name, _, _ in launches] == ["_forward_kernel", "_backward_kernel"]
+        assert [name for name, _, _ in launches] == ["forward_kernel", "backward_kernel"]
         assert all(arguments["logits_ptr"] is x for _, arguments, _ in launches)
         launches.clear()
         with torch.no_grad():
             ak.functional.nfl_rce(z, y, reduction=reduction, backend="triton")
-        assert [(name, meta["GRAD_MODE"]) for name, _, meta in launches] == [("_forward_kernel", fused.NO_GRAD)]
+        assert [(name, meta["GRAD_MODE"]) for name, _, meta in launches] == [("forward_kernel", contract.NO_GRAD)]
 
 
 def test_launches_happen_on_the_logits_device(monkeypatch, seed):
@@ -303,35 +304,35 @@ def test_launches_happen_on_the_logits_device(monkeypatch, seed):
         def __exit__(self, *exc):
             guarded.append(None)
 
-    monkeypatch.setattr(triton_backend, "_on_device", Guard)
-    launch = triton_backend._launch
-    monkeypatch.setattr(triton_backend, "_launch", lambda *a, **m: (launch(*a, **m), guarded.append("launch")))
+    monkeypatch.setattr(triton_backend, "on_device", Guard)
+    launch = triton_backend.launch
+    monkeypatch.setattr(triton_backend, "launch", lambda *a, **m: (launch(*a, **m), guarded.append("launch")))
     z = random_logits(4, 9, seed, dtype=torch.float32).to(DEVICE).requires_grad_()
     ak.functional.nce_rce(z, random_target(4, 9, seed).to(DEVICE), backend="triton").backward()
     assert guarded == [z.device, "launch", None] * 2
     monkeypatch.undo()
-    monkeypatch.setattr(fused, "_traced", lambda tensor: False)
+    monkeypatch.setattr(fused, "traced", lambda tensor: False)
 
     class OnSecondGPU:
         device = torch.device("cuda", 1)
 
-    guard = triton_backend._on_device(OnSecondGPU())
+    guard = triton_backend.on_device(OnSecondGPU())
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
 
 
 # Which docs/kernels.md row each measured path is: (loss, target mode, grad mode, K), run with the
 # small_tiles fixture (more than 64 classes, or 32 dense, are chunked).
 BYTE_PATHS = {
-    "forward, one-hot, on chip": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 50),
-    "forward, one-hot, chunked, no term with a pass": ("nce+mae", "index", fused.GRAD_IN_BACKWARD, 100),
-    "forward, one-hot, chunked, a term with a pass": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 100),
-    "forward, probabilities, on chip": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 20),
-    "forward, probabilities, chunked": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 50),
-    "forward without gradient (evaluation), one-hot, on chip": ("nfl+rce", "index", fused.NO_GRAD, 50),
-    "backward, one-hot": ("nfl+rce", "index", fused.GRAD_IN_BACKWARD, 100),
-    "backward, probabilities": ("nce+rce", "probabilities", fused.GRAD_IN_BACKWARD, 50),
-    "GRAD_IN_FORWARD, one-hot, on chip": ("nfl+rce", "index", fused.GRAD_IN_FORWARD, 50),
-    "GRAD_IN_FORWARD, one-hot, chunked, a term with a pass": ("nfl+rce", "index", fused.GRAD_IN_FORWARD, 100),
+    "forward, one-hot, on chip": ("nfl+rce", "index", contract.GRAD_IN_BACKWARD, 50),
+    "forward, one-hot, chunked, no term with a pass": ("nce+mae", "index", contract.GRAD_IN_BACKWARD, 100),
+    "forward, one-hot, chunked, a term with a pass": ("nfl+rce", "index", contract.GRAD_IN_BACKWARD, 100),
+    "forward, probabilities, on chip": ("nce+rce", "probabilities", contract.GRAD_IN_BACKWARD, 20),
+    "forward, probabilities, chunked": ("nce+rce", "probabilities", contract.GRAD_IN_BACKWARD, 50),
+    "forward without gradient (evaluation), one-hot, on chip": ("nfl+rce", "index", contract.NO_GRAD, 50),
+    "backward, one-hot": ("nfl+rce", "index", contract.GRAD_IN_BACKWARD, 100),
+    "backward, probabilities": ("nce+rce", "probabilities", contract.GRAD_IN_BACKWARD, 50),
+    "GRAD_IN_FORWARD, one-hot, on chip": ("nfl+rce", "index", contract.GRAD_IN_FORWARD, 50),
+    "GRAD_IN_FORWARD, one-hot, chunked, a term with a pass": ("nfl+rce", "index", contract.GRAD_IN_FORWARD, 100),
 }
 
 
@@ -397,12 +398,12 @@ def test_bytes_moved_match_the_docs_table(launches, monkeypatch, small_tiles, se
         where = f"{path}: {dict(totals)}"
         # The one-hot paths read each row's label logit once more (N b: O(N)).
         assert totals["logits_ptr", "read"] == (logits_reads * k + one_hot) * n * 2, where
-        assert totals["grad_ptr", "write"] + (grad_mode == fused.GRAD_IN_FORWARD) * totals["saved_ptr", "write"] \
+        assert totals["grad_ptr", "write"] + (grad_mode == contract.GRAD_IN_FORWARD) * totals["saved_ptr", "write"] \
             == grad_writes * n * k * 2, where
         assert totals["target_ptr", "read"] == (target_reads * n * k * 4 if not one_hot else 8 * n), where
         programs = triton.cdiv(n, meta["ROWS"])
         rest = sum(v for (arg, kind), v in totals.items() if arg not in ("logits_ptr", "target_ptr", "grad_ptr")
-                   and not (arg == "saved_ptr" and grad_mode == fused.GRAD_IN_FORWARD))
+                   and not (arg == "saved_ptr" and grad_mode == contract.GRAD_IN_FORWARD))
         assert rest <= 48 * (n + 1) + 64 * programs, where  # records, weights, losses, partials: O(N)
 
 
@@ -419,7 +420,7 @@ def test_auto_picks_triton_for_cuda_tensors_and_the_op_refuses_cpu_tensors():
 # ---------------------------------------------------------------- without the interpreter: sm_90
 
 # Run in a subprocess without TRITON_INTERPRET: a stub driver gives Triton's launcher an sm_90
-# target, and the ops' own host code runs with _launch compiling (JITFunction.run with warmup)
+# target, and the ops' own host code runs with launch compiling (JITFunction.run with warmup)
 # instead of launching.
 STUB_DRIVER = """
 import json, os, subprocess, sys, tempfile
@@ -437,13 +438,14 @@ class StubDriver:
         return torch.device("cpu")
 
 triton.runtime.driver.set_active(StubDriver())
-from apl_kernels.backends import fused, triton as tb
+from apl_kernels.backends import contract
+from apl_kernels.backends.triton import ops as tb, tiles
 from apl_kernels.catalogue import make_spec
 from apl_kernels.options import CallOptions
 tb.INTERPRETED = True  # the ops' checks then take CPU tensors
 launches = []
-wrapped_launch = tb._launch
-tb._launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
+wrapped_launch = tb.launch
+tb.launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
 
 def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, transposed=False, **params):
     launches.clear()
@@ -451,12 +453,12 @@ def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, transp
     z = torch.empty(k, 4, dtype=dtype).t() if transposed else torch.empty(4, k, dtype=dtype)
     y = torch.zeros(4, k) if target == "probabilities" else torch.zeros(4, dtype=torch.long)
     options = CallOptions(reduction, ignore_index, label_smoothing=0.1 * (target == "smoothed"))
-    args = fused.op_arguments(make_spec(name, **params), options, grad_mode)
+    args = contract.op_arguments(make_spec(name, **params), options, grad_mode)
     tb.triton_loss(z, y, None, *args)
-    if grad_mode == fused.GRAD_IN_BACKWARD:
+    if grad_mode == contract.GRAD_IN_BACKWARD:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         grad_loss = torch.empty(4 if reduction == "none" else (), dtype=acc)
-        tb.triton_loss_backward(z, y, None, torch.empty(5, fused.STATS, dtype=acc), grad_loss, *args)
+        tb.triton_loss_backward(z, y, None, torch.empty(5, contract.STATS, dtype=acc), grad_loss, *args)
     return list(launches)
 """
 
@@ -483,10 +485,10 @@ for config in json.loads(sys.argv[1]):
 # of 0.0 (whose bits would otherwise be an i32), ignore_index 1 (an int equal to 1 would otherwise
 # be a constant), transposed logits (whose loads would otherwise not be vectorized like contiguous
 # ones, so that their sums would be taken in another order).
-kernels = (tb._forward_kernel, tb._backward_kernel)
+kernels = (tb.forward_kernel, tb.backward_kernel)
 for kernel in kernels:  # the names match the parameters (a misspelt one would be ignored)
-    assert {p.name for p in kernel.params if p.do_not_specialize} == set(tb.UNSPECIALIZED), kernel.do_not_specialize
-    assert {p.name for p in kernel.params if p.do_not_specialize_on_alignment} == set(tb.UNALIGNED)
+    assert {p.name for p in kernel.params if p.do_not_specialize} == set(tiles.UNSPECIALIZED), kernel.do_not_specialize
+    assert {p.name for p in kernel.params if p.do_not_specialize_on_alignment} == set(tiles.UNALIGNED)
 binaries = lambda: sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
 before = binaries()
 variants = (({"gamma": 0.0, "alpha": 0.0}, 1, True), ({"gamma": 3.5, "beta": 1e-300}, -2**40, False))
@@ -497,14 +499,14 @@ for params, ignore_index, transposed in variants:
 assert binaries() == before, (before, binaries())
 # What torch.compile traces first: the triton_ops on fake CUDA tensors, through wrap_triton's HOP.
 from torch._subclasses.fake_tensor import FakeTensorMode
-tb._launch = wrapped_launch
+tb.launch = wrapped_launch
 with FakeTensorMode():
     z = torch.empty(64, 1000, device="cuda", dtype=torch.bfloat16)
     y = torch.zeros(64, dtype=torch.long, device="cuda")
     for reduction, shape in (("none", (64,)), ("mean", ())):
-        args = fused.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), fused.GRAD_IN_BACKWARD)
+        args = contract.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), contract.GRAD_IN_BACKWARD)
         loss, stats = torch.ops.apl.triton_loss(z, y, None, *args)
-        assert loss.shape == shape and loss.dtype == torch.float32 and stats.shape == (65, fused.STATS)
+        assert loss.shape == shape and loss.dtype == torch.float32 and stats.shape == (65, contract.STATS)
         grad = torch.ops.apl.triton_loss_backward(z, y, None, stats, torch.ones(shape, device="cuda"), *args)
         assert grad.shape == z.shape and grad.dtype == z.dtype and grad.device.type == "cuda"
 print("stable and traced ok")
@@ -533,14 +535,14 @@ has_ptxas = pytest.mark.skipif(
 # program, the gradient in forward, an evaluation forward: (name, dtype, K, target, reduction,
 # grad mode).
 COMPILE_CONFIGS = [
-    ("nfl+nnfl", "float32", 8000, "index", "mean", fused.GRAD_IN_BACKWARD),
-    ("nfl+nnfl", "bfloat16", 50257, "index", "mean", fused.GRAD_IN_BACKWARD),
-    ("nfl+nnfl", "float64", 2000, "index", "sum", fused.GRAD_IN_BACKWARD),
-    ("nfl+rce", "float64", 50000, "index", "mean", fused.GRAD_IN_BACKWARD),
-    ("nfl+rce", "float32", 4000, "probabilities", "mean", fused.GRAD_IN_BACKWARD),
-    ("nce+aul", "float16", 10, "index", "none", fused.GRAD_IN_BACKWARD),
-    ("fl+nrce", "float32", 1000, "smoothed", "sum", fused.GRAD_IN_FORWARD),
-    ("ce", "float64", 50000, "index", "mean", fused.NO_GRAD),
+    ("nfl+nnfl", "float32", 8000, "index", "mean", contract.GRAD_IN_BACKWARD),
+    ("nfl+nnfl", "bfloat16", 50257, "index", "mean", contract.GRAD_IN_BACKWARD),
+    ("nfl+nnfl", "float64", 2000, "index", "sum", contract.GRAD_IN_BACKWARD),
+    ("nfl+rce", "float64", 50000, "index", "mean", contract.GRAD_IN_BACKWARD),
+    ("nfl+rce", "float32", 4000, "probabilities", "mean", contract.GRAD_IN_BACKWARD),
+    ("nce+aul", "float16", 10, "index", "none", contract.GRAD_IN_BACKWARD),
+    ("fl+nrce", "float32", 1000, "smoothed", "sum", contract.GRAD_IN_FORWARD),
+    ("ce", "float64", 50000, "index", "mean", contract.NO_GRAD),
 ]
 
 
@@ -553,7 +555,7 @@ def test_kernels_compile_for_sm90_without_spills():
     trace on fake CUDA tensors as torch.compile traces them."""
     out = run_script(COMPILE_SCRIPT, json.dumps(COMPILE_CONFIGS))
     kernels = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(kernels) == sum(1 + (c[-1] == fused.GRAD_IN_BACKWARD) for c in COMPILE_CONFIGS), out
+    assert len(kernels) == sum(1 + (c[-1] == contract.GRAD_IN_BACKWARD) for c in COMPILE_CONFIGS), out
     assert "stable and traced ok" in out, out
     for kernel in kernels:
         cap = min(255, 65536 // (32 * kernel["warps"]))
@@ -572,13 +574,13 @@ for config in json.loads(sys.argv[1]):
 """
 
 ACCESS_CONFIGS = [
-    (("nfl+rce", "float32", 100, "index", "mean", fused.GRAD_IN_BACKWARD),
-     {"_forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"], "_backward_kernel": ["grad_ptr"]}),
-    (("nce+nnce", "bfloat16", 50000, "probabilities", "none", fused.GRAD_IN_BACKWARD),
-     {"_forward_kernel": ["loss_ptr", "saved_ptr"], "_backward_kernel": ["grad_ptr"]}),
-    (("nfl+rce", "float32", 50000, "index", "sum", fused.GRAD_IN_FORWARD),
-     {"_forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"]}),
-    (("ce", "float32", 10, "index", "none", fused.NO_GRAD), {"_forward_kernel": ["loss_ptr"]}),
+    (("nfl+rce", "float32", 100, "index", "mean", contract.GRAD_IN_BACKWARD),
+     {"forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"], "backward_kernel": ["grad_ptr"]}),
+    (("nce+nnce", "bfloat16", 50000, "probabilities", "none", contract.GRAD_IN_BACKWARD),
+     {"forward_kernel": ["loss_ptr", "saved_ptr"], "backward_kernel": ["grad_ptr"]}),
+    (("nfl+rce", "float32", 50000, "index", "sum", contract.GRAD_IN_FORWARD),
+     {"forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"]}),
+    (("ce", "float32", 10, "index", "none", contract.NO_GRAD), {"forward_kernel": ["loss_ptr"]}),
 ]
 
 

@@ -21,8 +21,6 @@ from typing import Callable
 
 import torch
 
-from .. import reference
-
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here; the message says why."""
@@ -65,9 +63,15 @@ class Backend:
         return True
 
 
-_REGISTRY: dict[str, Backend] = {}
+REGISTRY: dict[str, Backend] = {}
 # "auto" tries these in order for a device type; the reference serves the rest.
 AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+
+
+def _load_torch() -> Callable:
+    from .. import reference
+
+    return reference.reference_loss
 
 
 def _load_cpp() -> Callable:
@@ -97,23 +101,23 @@ def _triton_device_types() -> tuple[str, ...]:
 
 
 for _backend in (
-    Backend("torch", lambda: (), lambda: reference.reference_loss),
+    Backend("torch", lambda: (), _load_torch),
     Backend("cpp", lambda: ("cpu",), _load_cpp, checks_labels=True),
     Backend("cuda", lambda: ("cuda",), _load_cuda),
     Backend("triton", _triton_device_types, _load_triton),
 ):
-    _REGISTRY[_backend.name] = _backend
+    REGISTRY[_backend.name] = _backend
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:
     """The backends that can run on ``device_type`` here."""
-    return [b.name for b in _REGISTRY.values() if b.serves(device_type) and b.available()]
+    return [b.name for b in REGISTRY.values() if b.serves(device_type) and b.available()]
 
 
 def check_name(name: str) -> None:
     """Raise unless ``name`` is ``"auto"`` or a known backend (whether or not it runs here)."""
-    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
-        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}")
+    if not isinstance(name, str) or (name != "auto" and name not in REGISTRY):
+        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(REGISTRY)}")
 
 
 def resolve(name: str, device_type: str) -> Backend:
@@ -121,7 +125,7 @@ def resolve(name: str, device_type: str) -> Backend:
     a named backend cannot)."""
     if name == "auto":
         for candidate in AUTO_ORDER.get(device_type, ()):
-            backend = _REGISTRY[candidate]
+            backend = REGISTRY[candidate]
             if backend.available():
                 return backend
             if not backend._warned:
@@ -131,10 +135,10 @@ def resolve(name: str, device_type: str) -> Backend:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        return _REGISTRY["torch"]
-    backend = _REGISTRY.get(name) if isinstance(name, str) else None
+        return REGISTRY["torch"]
+    backend = REGISTRY.get(name) if isinstance(name, str) else None
     if backend is None:
-        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(_REGISTRY)}; "
+        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(REGISTRY)}; "
                          f"available for {device_type} tensors: {', '.join(available_backends(device_type))}")
     if not backend.serves(device_type):
         raise ValueError(
@@ -157,7 +161,7 @@ def preload(name: str = "auto") -> None:
     lets ``torch.compile`` trace their first call."""
     device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     for device_type in device_types:
-        if name == "auto" or _REGISTRY[name].serves(device_type):
+        if name == "auto" or REGISTRY[name].serves(device_type):
             try:
                 resolve(name, device_type)
             except ValueError:

@@ -65,7 +65,7 @@ _X86_VECTOR_FLAGS = {
 }
 
 
-def _vector_flags() -> tuple[str, list[str]]:
+def vector_width() -> tuple[str, list[str]]:
     """The at::vec width to compile for this CPU, as a cache tag and compiler flags."""
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine() in ("x86_64", "AMD64") and capability in _X86_VECTOR_FLAGS:
@@ -75,7 +75,7 @@ def _vector_flags() -> tuple[str, list[str]]:
 
 def build_directory(variant: str) -> Path:
     root = os.environ.get("APL_KERNELS_BUILD_DIR") or Path.home() / ".cache" / "apl_kernels"
-    vector_tag, _ = _vector_flags()
+    vector_tag, _ = vector_width()
     cuda_tag = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{cuda_tag}-{vector_tag}"
     path = Path(root) / tag / variant
@@ -135,7 +135,7 @@ def _build_spec(variant: str) -> tuple[dict, dict]:
     directory), and the environment its build needs."""
     name, sources = LIBRARIES[variant]
     src = source_dir()
-    _, vector_flags = _vector_flags()
+    _, vector_flags = vector_width()
     # at::parallel_for is inline: with an OpenMP build of torch it is an OpenMP pragma,
     # which runs on one thread unless this library is compiled with OpenMP too.
     openmp = ["-fopenmp"] if torch._C.has_openmp and platform.system() == "Linux" else []

@@ -1,33 +1,6 @@
-"""What every fused backend shares: the ops' contract, their autograd and their fakes.
+"""What every fused backend shares: the fused ops' autograd and vmap rules, and their registration.
 
-A fused op reads each row of logits once and returns the reduced loss and what backward needs::
-
-    apl::<op>(Tensor logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients,
-              int[] options) -> (Tensor loss, Tensor saved)
-    apl::<op>_backward(Tensor logits, Tensor target, Tensor? weight, Tensor stats, Tensor grad_loss,
-                       int[] bases, float[] coefficients, int[] options) -> Tensor grad
-
-* ``logits`` (R, K) with any strides, float16/bfloat16/float32/float64; ``target`` (R,) int64
-  class indices or (R, K) floating class probabilities (any strides); ``weight`` None or (K,)
-  floating class weights.
-* ``bases``: the LossSpec's base losses (indices of ``catalogue.BASE_LOSSES``); ``coefficients``:
-  one weight per base, then the values of ``catalogue.PARAMETERS`` (gamma, q, a, min_prob), then
-  ``label_smoothing``; ``options``: ``ignore_index``, the reduction's code (0 none, 1 mean, 2 sum),
-  ``official_grad`` (0 or 1) and the gradient mode (:data:`NO_GRAD`, :data:`GRAD_IN_FORWARD` or
-  :data:`GRAD_IN_BACKWARD`). :func:`op_arguments` makes them. (Three lists rather than a dozen
-  arguments: torch.library's autograd wrapper spends time per argument on every call, which
-  dominates small batches.)
-* ``loss``: float32 (float64 for float64 logits), shape () for ``mean``/``sum`` and (R,) for
-  ``none``; ignored rows count 0; a ``mean`` divides by the summed weight of the counted rows
-  (the number of rows for probability targets), and by 1 when that is 0.
-* ``saved``: empty for ``NO_GRAD``. ``GRAD_IN_FORWARD`` (the CPU kernel, which is bound by its
-  exponentials and must not compute them twice): the (R, K) contiguous gradient for an upstream
-  gradient of 1, in the logits' dtype, already divided by the mean's divisor. ``GRAD_IN_BACKWARD``
-  (the GPU kernels, bound by memory): (R + 1, STATS) accumulation-dtype row statistics — per row
-  max, log-sum-exp, C and the gradient coefficients of docs/kernels.md; the last row holds the
-  mean's divisor — from which ``<op>_backward`` computes the gradient times the upstream
-  gradient (a device scalar, or (R,) with any stride, stride 0 included) in one pass: the
-  logits are read twice and the gradient written once, with no host synchronization.
+The ops' contract (their arguments, outputs and fakes) is contract.py's.
 """
 
 from __future__ import annotations
@@ -40,41 +13,10 @@ from torch import Tensor
 
 from ..catalogue import LossSpec
 from ..options import CallOptions
-from ..reference import accumulation_dtype
-
-REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-# Positions in the ops' `options` list.
-IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE = range(4)
-NO_GRAD, GRAD_IN_FORWARD, GRAD_IN_BACKWARD = range(3)
-# Row statistics of GRAD_IN_BACKWARD: max, log s, C, alpha and beta of each term, H (docs/kernels.md).
-STATS = 8
-
-
-def op_arguments(spec: LossSpec, options: CallOptions, grad_mode: int) -> tuple:
-    """The op's ``bases, coefficients, options`` for ``spec`` and the call's options."""
-    return (
-        spec.base_indices,
-        spec.weights + spec.param_values + (options.label_smoothing,),
-        (options.ignore_index, REDUCTION_CODES[options.reduction], int(spec.official_grad), grad_mode),
-    )
-
-
-def _fake(logits, target, weight, bases, coefficients, options):
-    rows, classes = logits.shape
-    acc = accumulation_dtype(logits.dtype)
-    loss = logits.new_empty((rows,) if options[REDUCTION] == 0 else (), dtype=acc)
-    mode = options[GRAD_MODE]
-    if mode == GRAD_IN_FORWARD:
-        saved = logits.new_empty((rows, classes))
-    elif mode == GRAD_IN_BACKWARD:
-        saved = logits.new_empty((rows + 1, STATS), dtype=acc)
-    else:
-        saved = logits.new_empty((0,))
-    return loss, saved
-
-
-def _fake_backward(logits, target, weight, stats, grad_loss, bases, coefficients, options):
-    return logits.new_empty(logits.shape)
+from .contract import (
+    GRAD_IN_BACKWARD, GRAD_IN_FORWARD, GRAD_MODE, IGNORE_INDEX, NO_GRAD, REDUCTION, REDUCTION_CODES, STATS, fake,
+    fake_backward, mean_divisor, op_arguments,
+)
 
 
 def _setup_context(ctx, inputs, output, saved_is_constant: bool = True) -> None:
@@ -97,29 +39,29 @@ def _setup_context(ctx, inputs, output, saved_is_constant: bool = True) -> None:
         ctx.save_for_backward(output[1])
 
 
-def _in_transform() -> bool:
+def in_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
     return torch._C._functorch.maybe_current_level() is not None
 
 
-def _traced(tensor: Tensor) -> bool:
+def traced(tensor: Tensor) -> bool:
     """Whether ``tensor`` is being traced (fake, functional, a dispatch mode, a torch.func
     transform): no value is real, and nothing may be done in place."""
     return (
         torch.compiler.is_compiling()  # first: Dynamo traces no further
         or type(tensor) is not Tensor  # fake and functional tensors are subclasses
         or torch._C._len_torch_dispatch_stack() != 0
-        or _in_transform()
+        or in_transform()
     )
 
 
-def _released_after_this_backward(upstream: Tensor) -> bool:
+def released_after_this_backward(upstream: Tensor) -> bool:
     """Whether the graph's saved tensors are freed once this backward returns (no retain_graph):
     only then may backward hand out, or overwrite, the gradient it saved."""
-    return not _traced(upstream) and not torch._C._autograd._get_current_graph_task_keep_graph()
+    return not traced(upstream) and not torch._C._autograd._get_current_graph_task_keep_graph()
 
 
-def _is_exactly_one(upstream: Tensor) -> bool:
+def is_exactly_one(upstream: Tensor) -> bool:
     """True for a CPU scalar equal to 1 (never reads GPU memory)."""
     return upstream.is_cpu and upstream.dim() == 0 and upstream.item() == 1.0
 
@@ -138,7 +80,7 @@ def signature_kept(function_class: type) -> type:
 
 
 @signature_kept
-class _FirstDerivativeOnly(torch.autograd.Function):
+class FirstDerivativeOnly(torch.autograd.Function):
     """``apply(backward_op, *arguments)``: the ``<op>_backward`` call as a Function whose own
     derivative is refused, for a gradient that is being differentiated (create_graph=True, and
     torch.func's grad and vjp, which always differentiate so): a derivative of it, taken by an
@@ -171,8 +113,8 @@ def gradient_is_differentiated() -> bool:
     in backward for create_graph=True and under torch.func's grad and vjp, which always
     differentiate so (not for torch.compile's trace of backward outside a transform). The gradient
     is then given, and a derivative of it refused when one is taken: through a saved output kept
-    differentiable (:func:`refuse_gradients_of_saved`) or through :class:`_FirstDerivativeOnly`."""
-    return torch.is_grad_enabled() and (_in_transform() or not torch.compiler.is_compiling())
+    differentiable (:func:`refuse_gradients_of_saved`) or through :class:`FirstDerivativeOnly`."""
+    return torch.is_grad_enabled() and (in_transform() or not torch.compiler.is_compiling())
 
 
 def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
@@ -182,7 +124,7 @@ def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
     # The ops called directly mark their saved output constant (_setup_context), so a derivative
     # could not be refused later: there create_graph=True is refused at once.
     differentiated = gradient_is_differentiated()
-    if differentiated and ctx.saved_is_constant and not _in_transform():
+    if differentiated and ctx.saved_is_constant and not in_transform():
         raise RuntimeError(SECOND_DERIVATIVE)
     if ctx.mode == NO_GRAD:
         raise RuntimeError("the fused loss was computed without its gradient")
@@ -190,16 +132,16 @@ def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
         logits, target, weight, stats = ctx.saved_tensors
         arguments = (logits, target, weight, stats, grad_loss, *ctx.arguments)
         if differentiated:
-            grad = _FirstDerivativeOnly.apply(ctx.backward_op, *arguments)
+            grad = FirstDerivativeOnly.apply(ctx.backward_op, *arguments)
         else:
             grad = ctx.backward_op(*arguments)
         return grad, None, None, None, None, None
     (saved_grad,) = ctx.saved_tensors
     scale = grad_loss.to(saved_grad.dtype) if ctx.reduced else grad_loss.to(saved_grad.dtype)[:, None]
-    if _released_after_this_backward(grad_loss):
+    if released_after_this_backward(grad_loss):
         # Nothing reads the saved gradient after this: hand it out, scaled in place if need be.
         # (With retain_graph=True a later backward of this graph reads it: never alias it then.)
-        if ctx.reduced and _is_exactly_one(grad_loss):
+        if ctx.reduced and is_exactly_one(grad_loss):
             return saved_grad, None, None, None, None, None
         return saved_grad.mul_(scale), None, None, None, None, None
     return saved_grad * scale, None, None, None, None, None
@@ -241,18 +183,6 @@ def _batch_first(x: Tensor | None, dim: int | None, batch: int) -> Tensor | None
     return x.movedim(dim, 0) if dim is not None else x.expand(batch, *x.shape)
 
 
-def _sample_divisors(target: Tensor, weight: Tensor | None, ignore_index: int, dtype) -> Tensor:
-    """Each sample's mean divisor (B,): the summed weight of its counted rows (rows, for
-    probability targets), 1 where that is 0."""
-    if target.is_floating_point():
-        return torch.full(target.shape[:1], float(target.shape[1]), dtype=dtype, device=target.device)
-    counted = target != ignore_index
-    row_weight = counted.to(dtype) if weight is None else torch.where(
-        counted, weight.to(dtype)[torch.where(counted, target, 0)], 0)
-    divisor = row_weight.sum(1)
-    return torch.where(divisor != 0, divisor, 1)
-
-
 def _vmap_forward(op):
     def rule(info, in_dims, logits, target, weight, bases, coefficients, options):
         if in_dims[2] is not None:
@@ -267,7 +197,7 @@ def _vmap_forward(op):
         loss, saved = op(logits.reshape(batch * rows, classes), flat_target, weight, bases, coefficients,
                          flat_options)
         loss = loss.view(batch, rows)
-        divisor = _sample_divisors(target, weight, options[IGNORE_INDEX], loss.dtype)
+        divisor = mean_divisor(target, weight, options[IGNORE_INDEX], loss.dtype)  # each sample's (B,)
         if options[REDUCTION] != REDUCTION_CODES["none"]:
             loss = loss.sum(1)
             if options[REDUCTION] == REDUCTION_CODES["mean"]:
@@ -322,9 +252,9 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
     """Give fused op ``qualname`` its autograd, vmap rules (and fakes, unless the ops bring their
     own); ``backward_qualname`` is its ``<op>_backward`` if it has one (GRAD_IN_BACKWARD)."""
     if fake:
-        torch.library.register_fake(qualname)(_fake)
+        torch.library.register_fake(qualname)(fake)
         if backward_qualname:
-            torch.library.register_fake(backward_qualname)(_fake_backward)
+            torch.library.register_fake(backward_qualname)(fake_backward)
     backward_op = _op(backward_qualname) if backward_qualname else None
     BACKWARD_OPS[_op(qualname)] = backward_op
 

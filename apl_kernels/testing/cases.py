@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import apl_kernels as ak
-from apl_kernels.backends import fused
+from apl_kernels.backends import contract
 from apl_kernels.catalogue import FOCAL, available_losses, make_spec, members
 from apl_kernels.options import CallOptions
 from .formulas import coefficients, loss_and_grad
@@ -280,14 +280,14 @@ def sample_inputs(device: str, grad_mode: int):
             y = torch.randint(0, 11, (6,), generator=g)
             y[2] = -100
             yield (z.to(device).requires_grad_(), y.to(device), None,
-                   *fused.op_arguments(spec, CallOptions(reduction), grad_mode))
+                   *contract.op_arguments(spec, CallOptions(reduction), grad_mode))
     z = torch.randn(11, 12, generator=g).t()[:, :9]
     yield (z.to(device).requires_grad_(), torch.randint(0, 9, (12,), generator=g).to(device),
            torch.rand(9, generator=g).to(device),
-           *fused.op_arguments(make_spec("ngce", scale=2.0, q=0.1), CallOptions("mean", label_smoothing=0.2), grad_mode))
+           *contract.op_arguments(make_spec("ngce", scale=2.0, q=0.1), CallOptions("mean", label_smoothing=0.2), grad_mode))
     t = torch.softmax(torch.randn(5, 7, generator=g), 1)
     yield (torch.randn(5, 7, generator=g).to(device).requires_grad_(), t.to(device), None,
-           *fused.op_arguments(make_spec("nce+nnce"), CallOptions("sum"), grad_mode))
+           *contract.op_arguments(make_spec("nce+nnce"), CallOptions("sum"), grad_mode))
     yield (torch.randn(5, 4, generator=g).to(device), torch.randint(0, 4, (5,), generator=g).to(device), None,
-           *fused.op_arguments(make_spec("nce+mae"), CallOptions("mean"), fused.NO_GRAD))
+           *contract.op_arguments(make_spec("nce+mae"), CallOptions("mean"), contract.NO_GRAD))
 
