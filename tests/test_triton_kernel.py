@@ -103,15 +103,17 @@ def test_launch_table():
                 assert launch.block == (chunk if launch.chunked else triton.next_power_of_2(k))
                 backward = triton_backend.launch_config(k, dtype, dense, backward=True)
                 assert backward.block == min(launch.block, chunk) and backward.chunked == (k > backward.block)
-                # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program),
-                # SMALL_ROW_PER_THREAD where several rows of at most SMALL_ROW classes share a program.
-                small = launch.block <= triton_backend.SMALL_ROW
-                want = triton_backend.SMALL_ROW_PER_THREAD if small else triton_backend.PER_THREAD[wide]
+                # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program);
+                # where rows share a program, a warp's lanes hold BLOCK_K / 32 each, at least 4.
+                small = max(triton_backend.SMALL_ROW_PER_THREAD, launch.block // 32)
+                want = min(triton_backend.PER_THREAD[wide], small)
                 assert launch.rows == 1 or launch.rows * launch.block == 4 * 32 * want
                 per_thread = launch.rows * launch.block // (32 * launch.warps)
                 assert per_thread == want or (launch.warps == 1 and per_thread < want)
-                # A row spreads over min(BLOCK_K, 32) lanes: a thread holds at most 4 rows' values.
+                # A row spreads over min(BLOCK_K, 32) lanes: a thread holds at most 4 rows' values, and
+                # one where a row gives each lane 4 elements or more.
                 assert launch.rows * min(launch.block, 32) <= 4 * 32 * launch.warps
+                assert launch.block < 128 or launch.rows <= launch.warps
                 assert 1 <= launch.warps <= triton_backend.MAX_WARPS
 
 
