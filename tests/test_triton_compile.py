@@ -236,41 +236,66 @@ for i, (name, dtype, k, target, reduction, grad_mode, extra) in enumerate(json.l
 """
 
 GIB, GIF, NO_GRAD = contract.GRAD_IN_BACKWARD, contract.GRAD_IN_FORWARD, contract.NO_GRAD
-W, R64, WR64 = {"weighted": True}, {"rows": 64}, {"weighted": True, "rows": 64}
+W, R64 = {"weighted": True}, {"rows": 64}
 # What the ops launch, a representative of each kind: each K class of the launch table (several rows
 # a program at 2, 10, 100; 200 and 500, a few; one or two at 1000; the on-chip limits, 8000 one-hot
 # and 4000 dense in float32, 2000 in float64; chunked at 128000), float32 / bfloat16 / float64
 # accumulation, labels, smoothed labels and probabilities, class weights or not, R and K divisible
 # by 16 or not, every gradient mode, with the losses that hold the most per row and per element
-# (the focal pairs, agce, aul, fl: the most registers in an audit of every loss at K = 2, 10, 100).
+# (the focal pairs, fl+nrce, agce, fl: the most registers at K = 100 in docs/kernels.md's audit).
 AUDIT_CONFIGS = [
     ("nfl+nnfl", "float32", 2, "index", "mean", GIB, R64),
     ("fl", "bfloat16", 2, "smoothed", "sum", GIF, W),
-    ("nce+agce", "float64", 2, "probabilities", "none", GIB, {}),
-    ("nfl+nnfl", "bfloat16", 10, "index", "mean", GIF, WR64),
-    ("agce", "float32", 10, "smoothed", "mean", GIB, {}),
     ("nfl+nnfl", "float64", 10, "index", "sum", GIB, R64),
-    ("fl+nrce", "float32", 16, "probabilities", "mean", GIF, {}),
-    ("nfl+nnfl", "float32", 100, "index", "mean", GIB, {}),
-    ("fl", "float32", 100, "index", "sum", GIF, W),
-    ("aul", "bfloat16", 100, "smoothed", "none", GIB, R64),
-    ("nfl+nnfl", "float64", 100, "smoothed", "mean", GIF, {}),
-    ("ce+rce", "float64", 100, "probabilities", "mean", GIB, W),
-    ("nfl+nnfl", "float32", 200, "index", "mean", GIF, {}),
-    ("fl+nrce", "bfloat16", 500, "smoothed", "mean", GIB, W),
-    ("nfl+nnfl", "float64", 500, "index", "mean", GIB, {}),
+    ("agce", "float32", 10, "smoothed", "mean", GIB, {}),
+    ("fl+nrce", "bfloat16", 16, "probabilities", "mean", GIF, {}),
+    ("nfl+nnfl", "float32", 100, "smoothed", "mean", GIF, {}),
+    ("fl+nrce", "float32", 100, "index", "mean", GIB, W),
+    ("nfl+nnfl", "float64", 100, "index", "mean", GIB, {}),
+    ("nce+agce", "bfloat16", 100, "probabilities", "none", GIB, R64),
+    ("nfl+nnfl", "float32", 200, "index", "sum", GIF, {}),
+    ("fl+nrce", "float64", 500, "smoothed", "mean", GIB, W),
     ("nfl+nnfl", "bfloat16", 1000, "index", "mean", GIB, R64),
     ("fl+nrce", "float32", 1000, "smoothed", "sum", GIF, {}),
-    ("nfl+nnfl", "float64", 1000, "probabilities", "mean", GIB, {}),
     ("nfl+nnfl", "float32", 8000, "index", "mean", GIB, {}),
     ("nfl+rce", "float32", 4000, "probabilities", "mean", GIB, {}),
     ("nfl+nnfl", "float64", 2000, "index", "sum", GIF, {}),
     ("nfl+nnfl", "bfloat16", 128000, "index", "mean", GIB, R64),
-    ("nce+agce", "float32", 128000, "smoothed", "mean", GIF, W),
-    ("nfl+rce", "float64", 128000, "probabilities", "sum", GIB, {}),
+    ("nce+agce", "float64", 128000, "smoothed", "mean", GIF, W),
+    ("nfl+rce", "float32", 128000, "probabilities", "sum", GIB, {}),
     ("ce", "float32", 128000, "index", "mean", NO_GRAD, {}),
     ("ce", "float64", 10, "index", "none", NO_GRAD, {}),
 ]
+
+
+# ptxas's own occupancy trade, the one spill left: float32 dense rows streamed through 4096-class
+# chunks (8 warps, a cap of 255) need 223 registers in the forward and 182 in the backward on sm_80
+# (they spill nothing given .maxnreg 255); ptxas keeps 128 and 48, spilling 8 and 4 bytes, so that 2
+# and 5 programs share an SM. Triton has no launch option that torch.compile passes on to forbid it
+# (docs/kernels.md, "Registers and spills"). (arch, AUDIT_CONFIGS index, kernel): stack bytes.
+OCCUPANCY_TRADES = {(80, 18, "forward_kernel"): 8, (80, 18, "backward_kernel"): 8}
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every other test compiles the kernels for it")
+@has_ptxas
+def test_no_launched_specialization_spills_on_sm80_or_sm90():
+    """Every kind of launch the ops make, compiled for sm_80 and sm_90 (one process each, at once):
+    registers within the cap of the program's warps (65536 / (32 warps), at most 255), no stack
+    frame (a spill is stored there, so none either) and no local memory; OCCUPANCY_TRADES alone
+    keep fewer registers than the cap and a stack of at most the bytes listed."""
+    processes = {arch: start_script(AUDIT_SCRIPT, json.dumps(AUDIT_CONFIGS), arch=arch) for arch in (80, 90)}
+    for arch, process in processes.items():
+        out = finish_script(process)
+        kernels = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert len(kernels) == sum(1 + (c[5] == GIB) for c in AUDIT_CONFIGS), out
+        for kernel in kernels:
+            cap = min(255, 65536 // (32 * kernel["warps"]))
+            where = (arch, AUDIT_CONFIGS.index(tuple(kernel["config"][:6]) + (kernel["config"][6],)), kernel["kernel"])
+            assert kernel["REG"] <= cap and kernel["LOCAL"] == 0, (where, kernel)
+            if where in OCCUPANCY_TRADES:
+                assert kernel["REG"] < cap and kernel["STACK"] <= OCCUPANCY_TRADES[where], (where, kernel)
+            else:
+                assert kernel["STACK"] == 0, (where, kernel)
 
 
 # ---------------------------------------------------------------- 64-bit offsets
@@ -333,7 +358,7 @@ def test_narrow_arithmetic_finds_32_bit_products_of_row_counts():
 
 # Every path of the kernels: on chip and chunked, labels, smoothed labels, probabilities, weights,
 # each reduction and gradient mode (AUDIT_CONFIGS's, so that Triton's cache serves either test).
-OFFSET_CONFIGS = [AUDIT_CONFIGS[i] for i in (0, 1, 2, 8, 11, 21, 22, 23, 24, 25)]
+OFFSET_CONFIGS = [AUDIT_CONFIGS[i] for i in (0, 1, 4, 7, 8, 16, 17, 18, 19, 20)]
 
 
 @pytest.mark.skipif(CUDA, reason="reads the kernels compiled offline")
