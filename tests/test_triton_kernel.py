@@ -136,6 +136,24 @@ def test_interpreter_truncates_float32_to_bfloat16():
 
 # ---------------------------------------------------------------- paths test_backends.py does not reach
 
+@needs_interpreter
+@pytest.mark.parametrize("k", [2, 10, 33, 100, 200, 500])
+def test_small_row_tiles_match_the_reference(k, seed):
+    """Each tile of several rows a program (256 x 2, 32 x 16, 8 x 64, 4 x 128, 4 x 256, 4 x 512):
+    more rows than a program holds, the last program partial; test_backends.py's interpreted shapes
+    have fewer rows than one program."""
+    modes = ["index", "weighted", "smoothed", "probabilities"]
+    reductions = ["none", "mean", "sum"]
+    for j, (dtype, name) in enumerate([(torch.float32, "nfl+nnfl"), (torch.float64, "nce+agce")]):
+        rows = triton_backend.launch_config(k, dtype, True).rows
+        assert rows == triton_backend.launch_config(k, dtype).rows > 1
+        n = rows + 3
+        mode = modes[(seed + j) % len(modes)]
+        z = random_logits(n, k, seed + j, dtype=dtype)
+        target, options = make_target(mode, n, k, seed + j)
+        check_parity(z, target, name, {}, "triton", "cpu", reductions[(seed + j) % 3], **options)
+
+
 CHUNKED_CASES = [("nfl+nnfl", {}), ("nce+rce", {}), ("ngce+mae", {"q": 0.3}), ("ce", {}), ("nce+agce", {}),
                  ("fl+nrce", {"official_grad": True})]
 
