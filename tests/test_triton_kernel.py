@@ -4,21 +4,14 @@ semantics, autograd, the ops' errors, opcheck) is in test_backends.py.
 Here: the element math and the launch table; the chunked row path and the gradient computed in
 forward (GRAD_IN_FORWARD), which test_backends.py's shapes and autograd never reach; the bytes each
 path moves (counted per element in the interpreter, against the table of docs/kernels.md) and the
-launches per call; the device guard; and, in subprocesses without the interpreter, the compile of
-the main specializations to sm_90 cubins (registers, spills, stable argument types) and Inductor's
-access analysis of the kernels. Without a GPU the kernels run under TRITON_INTERPRET=1, which
-tests/conftest.py sets before triton is imported.
+launches per call; the device guard. What the compiled kernels show (registers, spills, offsets,
+stable specializations, Inductor's access analysis) is in test_triton_compile.py. Without a GPU the
+kernels run under TRITON_INTERPRET=1, which tests/conftest.py sets before triton is imported.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -110,10 +103,17 @@ def test_launch_table():
                 assert launch.block == (chunk if launch.chunked else triton.next_power_of_2(k))
                 backward = triton_backend.launch_config(k, dtype, dense, backward=True)
                 assert backward.block == min(launch.block, chunk) and backward.chunked == (k > backward.block)
-                assert launch.rows == 1 or launch.rows * launch.block == 4 * 32 * triton_backend.PER_THREAD[wide]
-                # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program).
+                # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program);
+                # where rows share a program, a warp's lanes hold BLOCK_K / 32 each, at least 4.
+                small = max(triton_backend.SMALL_ROW_PER_THREAD, launch.block // 32)
+                want = min(triton_backend.PER_THREAD[wide], small)
+                assert launch.rows == 1 or launch.rows * launch.block == 4 * 32 * want
                 per_thread = launch.rows * launch.block // (32 * launch.warps)
-                assert per_thread == triton_backend.PER_THREAD[wide] or (launch.warps == 1 and per_thread < 16)
+                assert per_thread == want or (launch.warps == 1 and per_thread < want)
+                # A row spreads over min(BLOCK_K, 32) lanes: a thread holds at most 4 rows' values, and
+                # one where a row gives each lane 4 elements or more.
+                assert launch.rows * min(launch.block, 32) <= 4 * 32 * launch.warps
+                assert launch.block < 128 or launch.rows <= launch.warps
                 assert 1 <= launch.warps <= triton_backend.MAX_WARPS
 
 
@@ -135,6 +135,24 @@ def test_interpreter_truncates_float32_to_bfloat16():
 
 
 # ---------------------------------------------------------------- paths test_backends.py does not reach
+
+@needs_interpreter
+@pytest.mark.parametrize("k", [2, 10, 33, 100, 200, 500])
+def test_small_row_tiles_match_the_reference(k, seed):
+    """Each tile of several rows a program (256 x 2, 32 x 16, 8 x 64, 4 x 128, 4 x 256, 4 x 512):
+    more rows than a program holds, the last program partial; test_backends.py's interpreted shapes
+    have fewer rows than one program."""
+    modes = ["index", "weighted", "smoothed", "probabilities"]
+    reductions = ["none", "mean", "sum"]
+    for j, (dtype, name) in enumerate([(torch.float32, "nfl+nnfl"), (torch.float64, "nce+agce")]):
+        rows = triton_backend.launch_config(k, dtype, True).rows
+        assert rows == triton_backend.launch_config(k, dtype).rows > 1
+        n = rows + 3
+        mode = modes[(seed + j) % len(modes)]
+        z = random_logits(n, k, seed + j, dtype=dtype)
+        target, options = make_target(mode, n, k, seed + j)
+        check_parity(z, target, name, {}, "triton", "cpu", reductions[(seed + j) % 3], **options)
+
 
 CHUNKED_CASES = [("nfl+nnfl", {}), ("nce+rce", {}), ("ngce+mae", {"q": 0.3}), ("ce", {}), ("nce+agce", {}),
                  ("fl+nrce", {"official_grad": True})]
@@ -415,180 +433,3 @@ def test_auto_picks_triton_for_cuda_tensors_and_the_op_refuses_cpu_tensors():
     assert backends.resolve("auto", "cuda").name == "triton"
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         torch.ops.apl.triton_loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), None, *op_arguments("ce"))
-
-
-# ---------------------------------------------------------------- without the interpreter: sm_90
-
-# Run in a subprocess without TRITON_INTERPRET: a stub driver gives Triton's launcher an sm_90
-# target, and the ops' own host code runs with launch compiling (JITFunction.run with warmup)
-# instead of launching.
-STUB_DRIVER = """
-import json, os, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-
-class StubDriver:
-    def get_current_device(self):
-        return 0
-    def get_current_stream(self, device=None):
-        return 0
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-triton.runtime.driver.set_active(StubDriver())
-from apl_kernels.backends import contract
-from apl_kernels.backends.triton import ops as tb, tiles
-from apl_kernels.catalogue import make_spec
-from apl_kernels.options import CallOptions
-tb.INTERPRETED = True  # the ops' checks then take CPU tensors
-launches = []
-wrapped_launch = tb.launch
-tb.launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
-
-def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, transposed=False, **params):
-    launches.clear()
-    dtype = getattr(torch, dtype)
-    z = torch.empty(k, 4, dtype=dtype).t() if transposed else torch.empty(4, k, dtype=dtype)
-    y = torch.zeros(4, k) if target == "probabilities" else torch.zeros(4, dtype=torch.long)
-    options = CallOptions(reduction, ignore_index, label_smoothing=0.1 * (target == "smoothed"))
-    args = contract.op_arguments(make_spec(name, **params), options, grad_mode)
-    tb.triton_loss(z, y, None, *args)
-    if grad_mode == contract.GRAD_IN_BACKWARD:
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        grad_loss = torch.empty(4 if reduction == "none" else (), dtype=acc)
-        tb.triton_loss_backward(z, y, None, torch.empty(5, contract.STATS, dtype=acc), grad_loss, *args)
-    return list(launches)
-"""
-
-COMPILE_SCRIPT = STUB_DRIVER + """
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def resources(kernel):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    return {key: int(value) for key, value in (f.split(":") for f in out.split("Function")[1].split() if ":" in f)
-            if value.isdigit()}
-
-def compile_all(config):
-    return [(kernel, kernel.run(*args, grid=grid, warmup=True, **meta), meta)
-            for kernel, grid, args, meta in call(*config)]
-
-for config in json.loads(sys.argv[1]):
-    for kernel, binary, meta in compile_all(config):
-        print(json.dumps({"config": config, "kernel": kernel.fn.__name__, "warps": meta["num_warps"],
-                          "block": meta["BLOCK_K"], "rows": meta["ROWS"], **resources(binary)}), flush=True)
-# Floats, ignore_index and the logits' layout never change the specialization: weights and gamma
-# of 0.0 (whose bits would otherwise be an i32), ignore_index 1 (an int equal to 1 would otherwise
-# be a constant), transposed logits (whose loads would otherwise not be vectorized like contiguous
-# ones, so that their sums would be taken in another order).
-kernels = (tb.forward_kernel, tb.backward_kernel)
-for kernel in kernels:  # the names match the parameters (a misspelt one would be ignored)
-    assert {p.name for p in kernel.params if p.do_not_specialize} == set(tiles.UNSPECIALIZED), kernel.do_not_specialize
-    assert {p.name for p in kernel.params if p.do_not_specialize_on_alignment} == set(tiles.UNALIGNED)
-binaries = lambda: sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
-before = binaries()
-variants = (({"gamma": 0.0, "alpha": 0.0}, 1, True), ({"gamma": 3.5, "beta": 1e-300}, -2**40, False))
-for params, ignore_index, transposed in variants:
-    config = json.loads(sys.argv[1])[0]
-    for kernel, grid, args, meta in call(*config, ignore_index=ignore_index, transposed=transposed, **params):
-        kernel.run(*args, grid=grid, warmup=True, **meta)
-assert binaries() == before, (before, binaries())
-# What torch.compile traces first: the triton_ops on fake CUDA tensors, through wrap_triton's HOP.
-from torch._subclasses.fake_tensor import FakeTensorMode
-tb.launch = wrapped_launch
-with FakeTensorMode():
-    z = torch.empty(64, 1000, device="cuda", dtype=torch.bfloat16)
-    y = torch.zeros(64, dtype=torch.long, device="cuda")
-    for reduction, shape in (("none", (64,)), ("mean", ())):
-        args = contract.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), contract.GRAD_IN_BACKWARD)
-        loss, stats = torch.ops.apl.triton_loss(z, y, None, *args)
-        assert loss.shape == shape and loss.dtype == torch.float32 and stats.shape == (65, contract.STATS)
-        grad = torch.ops.apl.triton_loss_backward(z, y, None, stats, torch.ones(shape, device="cuda"), *args)
-        assert grad.shape == z.shape and grad.dtype == z.dtype and grad.device.type == "cuda"
-print("stable and traced ok")
-"""
-
-
-def subprocess_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
-def run_script(script: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
-                            env=subprocess_env(), timeout=1200)
-    assert result.returncode == 0, result.stderr[-6000:]
-    return result.stdout
-
-
-has_ptxas = pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
-    and shutil.which("ptxas") is None, reason="no ptxas to compile for a GPU")
-
-# The specializations that matter, with the heaviest losses: each on-chip limit of the launch table
-# (float32 one-hot, dense, float64), chunked vocabulary-sized rows, small rows tiled several to a
-# program, the gradient in forward, an evaluation forward: (name, dtype, K, target, reduction,
-# grad mode).
-COMPILE_CONFIGS = [
-    ("nfl+nnfl", "float32", 8000, "index", "mean", contract.GRAD_IN_BACKWARD),
-    ("nfl+nnfl", "bfloat16", 50257, "index", "mean", contract.GRAD_IN_BACKWARD),
-    ("nfl+nnfl", "float64", 2000, "index", "sum", contract.GRAD_IN_BACKWARD),
-    ("nfl+rce", "float64", 50000, "index", "mean", contract.GRAD_IN_BACKWARD),
-    ("nfl+rce", "float32", 4000, "probabilities", "mean", contract.GRAD_IN_BACKWARD),
-    ("nce+aul", "float16", 10, "index", "none", contract.GRAD_IN_BACKWARD),
-    ("fl+nrce", "float32", 1000, "smoothed", "sum", contract.GRAD_IN_FORWARD),
-    ("ce", "float64", 50000, "index", "mean", contract.NO_GRAD),
-]
-
-
-@pytest.mark.skipif(CUDA, reason="on a GPU every other test compiles and runs the kernels")
-@has_ptxas
-def test_kernels_compile_for_sm90_without_spills():
-    """The interpreter runs the kernels' Python, not Triton's compiler: compile the main
-    specializations to sm_90 cubins through the ops' own host code, check that none spills from
-    register pressure, that argument values do not change the specialization, and that the ops
-    trace on fake CUDA tensors as torch.compile traces them."""
-    out = run_script(COMPILE_SCRIPT, json.dumps(COMPILE_CONFIGS))
-    kernels = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert len(kernels) == sum(1 + (c[-1] == contract.GRAD_IN_BACKWARD) for c in COMPILE_CONFIGS), out
-    assert "stable and traced ok" in out, out
-    for kernel in kernels:
-        cap = min(255, 65536 // (32 * kernel["warps"]))
-        assert kernel["REG"] <= cap and kernel["LOCAL"] == 0, kernel
-        # No spill from register pressure: ptxas may keep fewer registers than the cap and spill a
-        # few bytes to fit one more program per SM (its occupancy choice), never spill at the cap.
-        assert kernel["STACK"] == 0 or kernel["REG"] < cap, kernel
-
-
-ACCESS_SCRIPT = STUB_DRIVER + """
-from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
-for config in json.loads(sys.argv[1]):
-    for kernel, grid, args, meta in call(*config):
-        accesses = identify_accessed_tensors(kernel, {**dict(zip(kernel.arg_names, args)), **meta}, {})
-        print(json.dumps([config, kernel.fn.__name__, sorted(d.name for d in accesses.read_writes.writes)]))
-"""
-
-ACCESS_CONFIGS = [
-    (("nfl+rce", "float32", 100, "index", "mean", contract.GRAD_IN_BACKWARD),
-     {"forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"], "backward_kernel": ["grad_ptr"]}),
-    (("nce+nnce", "bfloat16", 50000, "probabilities", "none", contract.GRAD_IN_BACKWARD),
-     {"forward_kernel": ["loss_ptr", "saved_ptr"], "backward_kernel": ["grad_ptr"]}),
-    (("nfl+rce", "float32", 50000, "index", "sum", contract.GRAD_IN_FORWARD),
-     {"forward_kernel": ["counter_ptr", "loss_ptr", "partials_ptr", "saved_ptr"]}),
-    (("ce", "float32", 10, "index", "none", contract.NO_GRAD), {"forward_kernel": ["loss_ptr"]}),
-]
-
-
-@pytest.mark.skipif(CUDA, reason="Inductor's analysis runs in every torch.compile test on a GPU")
-def test_inductor_sees_only_the_outputs_written():
-    """torch.compile clones every tensor a user kernel writes: Inductor's access analysis of the
-    kernels (their TTIR for sm_90) must find the outputs written, never the logits or targets."""
-    out = run_script(ACCESS_SCRIPT, json.dumps([config for config, _ in ACCESS_CONFIGS]))
-    written = [json.loads(line) for line in out.splitlines() if line.startswith("[")]
-    want = [(config, kernel, names) for config, kernels in ACCESS_CONFIGS for kernel, names in kernels.items()]
-    assert [(tuple(c), k, w) for c, k, w in written] == want, out

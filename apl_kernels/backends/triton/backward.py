@@ -36,7 +36,7 @@ def backward_kernel(
                        WEIGHTED, ACC)
     record = load_record(stats_ptr, rows, row_ok)
     upstream = tl.load(upstream_ptr + rows * stride_upstream, mask=row_ok, other=0.0).to(ACC)
-    scale = upstream / tl.load(stats_ptr + R * STATS)
+    scale = upstream / tl.load(stats_ptr + R.to(tl.int64) * STATS)  # R < 2^31 is an i32: R STATS is not
     z_y = tl.full(scale.shape, 0.0, scale.dtype)
     if not DENSE:
         z_y = load_label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)

@@ -172,7 +172,7 @@ _REDUCE_BLOCK = tl.constexpr(1024)  # parts summed at a time by the last program
 @triton.jit
 def _store_divisor(stats_ptr, R, divisor, ACC: tl.constexpr):
     j = tl.arange(0, STATS)
-    tl.store(stats_ptr + R * STATS + j, tl.where(j == 0, divisor, 0.0).to(ACC))
+    tl.store(stats_ptr + R.to(tl.int64) * STATS + j, tl.where(j == 0, divisor, 0.0).to(ACC))
 
 
 @triton.jit

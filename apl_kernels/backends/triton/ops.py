@@ -34,6 +34,13 @@ PER_THREAD = {False: 16, True: 8}
 ON_CHIP = {False: 8192, True: 2048}
 ON_CHIP_DENSE = {False: 4096, True: 1024}
 CHUNK = {False: 8192, True: 2048}
+# Rows shorter than a tile, several a program: each thread holds every per-row value (label, record,
+# coefficients, sums: about 30) of each row it has an element of. A row takes a warp, its lanes
+# holding BLOCK_K / 32 elements each, down to SMALL_ROW_PER_THREAD; shorter rows share a warp, a row
+# of up to 32 classes over as many lanes, so that a thread holds as many rows as elements: four. At
+# sixteen, K <= 100 compiled to 255 registers with spills, and K = 200 (two rows a thread) to 255
+# (docs/kernels.md, "Registers and spills").
+SMALL_ROW_PER_THREAD = 4
 
 
 class Launch(NamedTuple):
@@ -55,9 +62,9 @@ def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, bac
     chunked = block > (chunk if backward else limit)
     if chunked:
         block = chunk
-    tile = WARP * PER_THREAD[wide] * 4  # small rows: four warps of them per program
-    rows = max(1, tile // block)
-    warps = min(MAX_WARPS, max(1, rows * block // (WARP * PER_THREAD[wide])))
+    per_thread = min(PER_THREAD[wide], max(SMALL_ROW_PER_THREAD, block // WARP))
+    rows = max(1, WARP * 4 * per_thread // block)  # small rows: four warps of them per program
+    warps = min(MAX_WARPS, max(1, rows * block // (WARP * per_thread)))
     return Launch(rows, block, warps, chunked)
 
 
