@@ -27,10 +27,10 @@ import datetime
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +69,7 @@ def worker(args) -> dict:
     if parallel:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=1800))
     offset, size = shard_of(k, world, rank) if parallel else (0, k)
     target = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(1))
@@ -112,12 +112,11 @@ def worker(args) -> dict:
 
 
 def launch(args, workload: str, shape: tuple, world: int, backend: str = "auto") -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # The ranks meet in a file, not at a TCP port: a port found free can be taken before they meet.
+    store = tempfile.mktemp(prefix="apl-class-parallel-store-")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--workload", workload, "--world", str(world),
-                               "--rank", str(r), "--port", str(port), "--backend", backend, "--rows", str(shape[0]),
+                               "--rank", str(r), "--store", store, "--backend", backend, "--rows", str(shape[0]),
                                "--hidden", str(shape[1]), "--classes", str(shape[2]), "--reps", str(args.reps)] + ([] if args.allocator else ["--no-allocator"]),
                               env=env, stdout=subprocess.PIPE, text=True) for r in range(world)]
     results = []
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--store", default="", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = [a for i, a in enumerate(argv) if a not in ("--out", "--report")

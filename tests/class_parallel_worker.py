@@ -1,7 +1,7 @@
 """One rank of tests/test_class_parallel.py's process groups (gloo, CPU): runs a job, writes a JSON
 report (failures, collective counts, errors raised) to OUT/rank<r>.json.
 
-    python tests/class_parallel_worker.py JOB[,JOB...] RANK WORLD PORT SEED[,SEED...] OUT
+    python tests/class_parallel_worker.py JOB[,JOB...] RANK WORLD SEED[,SEED...] OUT  (the ranks meet in OUT/store)
 """
 
 from __future__ import annotations
@@ -326,9 +326,9 @@ JOBS = {"parity": parity_job, "linear": linear_job, "dtensor": dtensor_job, "ext
 
 
 def main() -> int:
-    jobs, rank, world, port, out = sys.argv[1].split(","), *map(int, sys.argv[2:5]), Path(sys.argv[6])
-    seeds = [int(s) for s in sys.argv[5].split(",")]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    jobs, rank, world, out = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[5])
+    seeds = [int(s) for s in sys.argv[4].split(",")]
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=180))
     count_collectives()
     reports = {}

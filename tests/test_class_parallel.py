@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +25,11 @@ WORKER = Path(__file__).with_name("class_parallel_worker.py")
 TIMEOUT = 600  # seconds for a whole group's jobs (the collectives themselves time out after 180)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_group(jobs: list[str], world: int, seeds: list[int], out: Path) -> list[dict]:
     """Run ``jobs`` for each seed on ``world`` processes; their reports, rank by rank ({job: [per seed]})."""
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    command = [sys.executable, str(WORKER), ",".join(jobs), "RANK", str(world), str(port),
-               ",".join(map(str, seeds)), str(out)]
+    # The ranks meet in a file in ``out``, not at a TCP port (one found free can be taken before they meet).
+    command = [sys.executable, str(WORKER), ",".join(jobs), "RANK", str(world), ",".join(map(str, seeds)), str(out)]
     procs = [subprocess.Popen([str(r) if a == "RANK" else a for a in command], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outputs = []
