@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .. import backends
 from ..distributed.global_mean import global_mean, mean_divisor
 from . import store
-from .train import ConfigMismatch, objective, read_checkpoint, seed_everything
+from .train import objective, read_checkpoint, restore, seed_everything
 
 STEP_GAMMA = 0.97  # StepLR(step_size=1, gamma=0.97): the learning rate times 0.97 after every epoch
 TOP = (1, 5)
@@ -205,12 +205,7 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
     state = read_checkpoint(checkpoint, run) if group.main and checkpoint is not None else None
     state = broadcast(state, group)
     if state is not None:
-        if state["record"]["config"] != record["config"]:
-            raise ConfigMismatch(f"checkpoint {checkpoint} is of another configuration of run {run.run_id}; "
-                                 f"delete it or use another output directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore(state, record, checkpoint, run.run_id, model, optimizer, scheduler)
         record, history = state["record"], state["record"]["history"]
         if record["status"] == "running" and record["epochs_done"] < run.epochs:
             record["resumed_at_epochs"].append(record["epochs_done"])

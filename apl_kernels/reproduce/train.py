@@ -134,6 +134,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, augme
     return loss_sum.item() / labels.numel(), 100.0 * correct.item() / labels.numel()
 
 
+def restore(state: dict, record: dict, checkpoint: Path, run_id: str, model, optimizer, scheduler) -> None:
+    """Load a checkpoint's model, optimizer and scheduler; ConfigMismatch if its run was configured
+    otherwise than ``record`` says (the same run id, another configuration)."""
+    if state["record"]["config"] != record["config"]:
+        raise ConfigMismatch(f"checkpoint {checkpoint} is of another configuration of run {run_id}; "
+                             f"delete it or use another output directory")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+
+
 def read_checkpoint(path: Path, config: RunConfig) -> dict | None:
     """The state saved in checkpoint ``path``, or ``None`` if there is none; a damaged one
     (truncated, empty, altered: its digest does not match; written before checkpoints had one; not
@@ -216,12 +227,7 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
     }
     state = read_checkpoint(checkpoint_path, config) if checkpoint_path is not None else None
     if state is not None:
-        if state["record"]["config"] != record["config"]:
-            raise ConfigMismatch(f"checkpoint {checkpoint_path} is of another configuration of run "
-                                 f"{config.run_id}; delete it or use another output directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore(state, record, checkpoint_path, config.run_id, model, optimizer, scheduler)
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         record = state["record"]
