@@ -225,6 +225,31 @@ def test_the_reduction_counter_is_reset_and_kept(seed):
     assert torch.equal(first, second) and all(triton_backend.COUNTERS[key] is c for key, c in counters.items())
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launches; a GPU runs its own")
+def test_threads_calling_interpreted_kernels_get_the_single_threaded_bits(seed):
+    """Triton's interpreter patches its language module for the time of a launch: launches from
+    several threads at once raised InterpreterError or mixed their values. Serialized, 8 threads
+    get exactly what one thread gets (forward and backward, one-hot and dense, with the in-kernel
+    reduction's shared counter)."""
+    import concurrent.futures
+
+    def call(i):
+        z = random_logits(6, 5 + i % 3, seed + i, dtype=torch.float32).requires_grad_()
+        target, options = make_target(("index", "probabilities")[i % 2], 6, z.shape[1], seed + i)
+        loss = ak.functional.apl_loss(z, target, "nce+rce", reduction=("mean", "none")[i % 2], backend="triton",
+                                      **options)
+        loss.sum().backward()
+        return loss.detach(), z.grad
+
+    want = [call(i) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(2):
+            futures = [pool.submit(call, i) for i in range(8)]
+            got = [future.result(timeout=600) for future in futures]
+            for (value, grad), (want_value, want_grad) in zip(got, want):
+                assert torch.equal(value, want_value) and torch.equal(grad, want_grad)
+
+
 # ---------------------------------------------------------------- launches, bytes, device
 
 

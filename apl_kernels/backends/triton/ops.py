@@ -4,6 +4,7 @@
 import contextlib
 import math
 import struct
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,9 +112,17 @@ def launch_meta(launch: Launch) -> dict:
 # ---------------------------------------------------------------- launching
 
 
+# Triton's interpreter is not thread-safe: for the time of a launch it patches triton.language's
+# functions and keeps the program ids in module state, so two threads' launches at once raise
+# InterpreterError or mix each other's values. Interpreted launches run one at a time (on a GPU the
+# launches are asynchronous and need no lock).
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """Every kernel launch of the ops (the tests count them here)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    with _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
 def on_device(tensor: Tensor):
