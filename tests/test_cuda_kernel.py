@@ -67,7 +67,7 @@ def emulated():
     backend = Backend(BACKEND, lambda: ("cpu",),
                       lambda: fused.backend_function(_op("cuda_emulation"), fused.GRAD_IN_BACKWARD))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(backends._REGISTRY, BACKEND, backend)
+        patch.setitem(backends.REGISTRY, BACKEND, backend)
         yield
     _op("cuda_emulation_launch")(0, SHARED, 0)
 

@@ -96,6 +96,30 @@ def test_one_minus_exp_matches_expm1(dtype):
     assert out[-1] == 1 and out[-3] == 0
 
 
+@triton.jit
+def _log1p_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+    tl.store(out_ptr + offsets, rowmath.log1p(x), mask=offsets < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1p_matches_torch(dtype):
+    # Both branches (series for |w| < 1/4, ln(1 + w) beyond), their boundaries, tiny w, up to -1 and 1e30.
+    tiny = -37 if dtype == torch.float32 else -300
+    magnitudes = torch.logspace(tiny, -0.01, 1500, dtype=torch.float64)
+    w = torch.cat([magnitudes, -magnitudes, torch.logspace(0, 30, 200, dtype=torch.float64),
+                   torch.linspace(0.24, 0.26, 100, dtype=torch.float64), -torch.linspace(0.24, 0.26, 100, dtype=torch.float64),
+                   torch.tensor([0.0, 0.25, -0.25, -0.5], dtype=torch.float64)]).to(dtype).to(DEVICE)
+    out = torch.empty_like(w)
+    _log1p_kernel[(1,)](w, out, len(w), BLOCK=triton.next_power_of_2(len(w)))
+    w, out = w.cpu(), out.cpu()
+    want = torch.log1p(w.double())
+    # Series: Horner rounding and s = w / (2 + w), a few ulp; beyond: 1 + w's rounding over |ln(1 + w)| > 0.22.
+    error = (out.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert error.max() <= 8 * torch.finfo(dtype).eps, (error.max(), w[error.argmax()])
+
+
 def test_launch_table():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         wide = dtype == torch.float64

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from ...catalogue import BASE_INDEX, FOCAL
 from ...options import FLOAT_DTYPES, accumulation_dtype
-from ...reference import CLAMP_MIN
 from .. import BackendUnavailable, contract, fused
 from ..contract import Call
 from .backward import backward_kernel
@@ -95,7 +94,7 @@ def kernel_arguments(call: Call, num_classes: int) -> tuple[tuple, dict]:
     """The kernels' float arguments (FLOAT_ARGS, as bits: LossParams with what derive() computes)
     and the constexprs that choose their specialization."""
     log_min_prob = math.log(call.min_prob)
-    values = (call.weights[0], call.weights[-1], call.gamma, call.q, call.a, log_min_prob, CLAMP_MIN**call.q,
+    values = (call.weights[0], call.weights[-1], call.gamma, call.q, call.a, log_min_prob, call.a - 1,
               -((1 - call.min_prob) ** call.gamma) * log_min_prob, _power_or_inf(call.a + 1, call.q),
               _power_or_inf(call.a - 1, call.q) if call.a > 1 else 0.0, 1 - call.label_smoothing,
               call.label_smoothing / num_classes)
