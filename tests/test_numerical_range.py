@@ -13,8 +13,10 @@ import mpmath
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-import apl_kernels as ak
+from apl_kernels.backends.triton import rowmath
 from apl_kernels.catalogue import AUL_MIN_EXCESS, LIMITS, make_spec, members
 from test_cuda_kernel import BACKEND as EMULATED, emulated  # noqa: F401 (a fixture)
 from cases import FUSED, FUSED_IDS, assert_result, clamp_levels, coefficients, is_interpreted, make_target, \
@@ -28,6 +30,7 @@ ISSUE_T = torch.tensor([0, 6, 3, 2])
 # Every loss with q or a, and one pair of each (the pair's second term and its validation).
 LOSSES = ("gce", "ngce", "agce", "aul", "ael", "gce+nce", "ngce+nce", "nce+agce", "nce+aul", "nce+ael")
 # And the CUDA C++ row math through its host emulation (test_cuda_kernel.py's backend).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
 BACKENDS = [("cpu", "torch")] + FUSED + [("cpu", EMULATED)]
 BACKEND_IDS = ["torch-cpu"] + FUSED_IDS + [EMULATED]
 
@@ -179,3 +182,27 @@ def test_issue_26_examples(device, backend, request):
         truth = oracle(ISSUE_Z.double(), coefficients(ISSUE_T.numpy(), 7)[0], name, params)
         assert_result(got, truth, ISSUE_Z, ISSUE_T, name, params, where=f"{backend} {name} {params}")
         assert torch.isfinite(got[1]).all() and got[0].abs().min() > 0, (name, params, got[0])
+
+
+@triton.jit
+def _log1p_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
+    tl.store(out_ptr + offsets, rowmath.log1p(x), mask=offsets < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1p_matches_torch(dtype):
+    # Both branches (series for |w| < 1/4, ln(1 + w) beyond), their boundaries, tiny w, up to -1 and 1e30.
+    tiny = -37 if dtype == torch.float32 else -300
+    magnitudes = torch.logspace(tiny, -0.01, 1500, dtype=torch.float64)
+    w = torch.cat([magnitudes, -magnitudes, torch.logspace(0, 30, 200, dtype=torch.float64),
+                   torch.linspace(0.24, 0.26, 100, dtype=torch.float64), -torch.linspace(0.24, 0.26, 100, dtype=torch.float64),
+                   torch.tensor([0.0, 0.25, -0.25, -0.5], dtype=torch.float64)]).to(dtype).to(TRITON_DEVICE)
+    out = torch.empty_like(w)
+    _log1p_kernel[(1,)](w, out, len(w), BLOCK=triton.next_power_of_2(len(w)))
+    w, out = w.cpu(), out.cpu()
+    want = torch.log1p(w.double())
+    # Series: Horner rounding and s = w / (2 + w), a few ulp; beyond: 1 + w's rounding over |ln(1 + w)| > 0.22.
+    error = (out.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert error.max() <= 8 * torch.finfo(dtype).eps, (error.max(), w[error.argmax()])

@@ -96,30 +96,6 @@ def test_one_minus_exp_matches_expm1(dtype):
     assert out[-1] == 1 and out[-3] == 0
 
 
-@triton.jit
-def _log1p_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0)
-    tl.store(out_ptr + offsets, rowmath.log1p(x), mask=offsets < n)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_log1p_matches_torch(dtype):
-    # Both branches (series for |w| < 1/4, ln(1 + w) beyond), their boundaries, tiny w, up to -1 and 1e30.
-    tiny = -37 if dtype == torch.float32 else -300
-    magnitudes = torch.logspace(tiny, -0.01, 1500, dtype=torch.float64)
-    w = torch.cat([magnitudes, -magnitudes, torch.logspace(0, 30, 200, dtype=torch.float64),
-                   torch.linspace(0.24, 0.26, 100, dtype=torch.float64), -torch.linspace(0.24, 0.26, 100, dtype=torch.float64),
-                   torch.tensor([0.0, 0.25, -0.25, -0.5], dtype=torch.float64)]).to(dtype).to(DEVICE)
-    out = torch.empty_like(w)
-    _log1p_kernel[(1,)](w, out, len(w), BLOCK=triton.next_power_of_2(len(w)))
-    w, out = w.cpu(), out.cpu()
-    want = torch.log1p(w.double())
-    # Series: Horner rounding and s = w / (2 + w), a few ulp; beyond: 1 + w's rounding over |ln(1 + w)| > 0.22.
-    error = (out.double() - want).abs() / want.abs().clamp_min(torch.finfo(dtype).tiny)
-    assert error.max() <= 8 * torch.finfo(dtype).eps, (error.max(), w[error.argmax()])
-
-
 def test_launch_table():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         wide = dtype == torch.float64
@@ -247,31 +223,6 @@ def test_the_reduction_counter_is_reset_and_kept(seed):
     assert counters and all(int(c) == 0 for c in counters.values())
     second = torch.ops.apl.triton_loss(z, y, None, *args)[0]
     assert torch.equal(first, second) and all(triton_backend.COUNTERS[key] is c for key, c in counters.items())
-
-
-@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's launches; a GPU runs its own")
-def test_threads_calling_interpreted_kernels_get_the_single_threaded_bits(seed):
-    """Triton's interpreter patches its language module for the time of a launch: launches from
-    several threads at once raised InterpreterError or mixed their values. Serialized, 8 threads
-    get exactly what one thread gets (forward and backward, one-hot and dense, with the in-kernel
-    reduction's shared counter)."""
-    import concurrent.futures
-
-    def call(i):
-        z = random_logits(6, 5 + i % 3, seed + i, dtype=torch.float32).requires_grad_()
-        target, options = make_target(("index", "probabilities")[i % 2], 6, z.shape[1], seed + i)
-        loss = ak.functional.apl_loss(z, target, "nce+rce", reduction=("mean", "none")[i % 2], backend="triton",
-                                      **options)
-        loss.sum().backward()
-        return loss.detach(), z.grad
-
-    want = [call(i) for i in range(8)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for _ in range(2):
-            futures = [pool.submit(call, i) for i in range(8)]
-            got = [future.result(timeout=600) for future in futures]
-            for (value, grad), (want_value, want_grad) in zip(got, want):
-                assert torch.equal(value, want_value) and torch.equal(grad, want_grad)
 
 
 # ---------------------------------------------------------------- launches, bytes, device
