@@ -91,6 +91,10 @@ SCE_FORMULA = "α · ce + β · rce"
 # gamma ~ 126 on), so NFL would divide 0 by 0; q and a keep (a + 1)^q finite (see check_params);
 # min_prob must be a normal float32 below 1.
 MAX_WEIGHT = 1e30
+# aul's gradient -(a - p)^(q-1) p at a row's largest p needs 1 - p, which a float32 softmax resolves
+# only to ~1e-7 (an ulp of its sum near 1): with a - 1 far below that, (a - 1) + (1 - p) and so the
+# gradient are off by orders of magnitude. a - 1 >= 1e-8 keeps that error within ~1e-5 of the terms.
+AUL_MIN_EXCESS = 1e-8
 LIMITS = {
     "gamma": (0.0, 100.0),
     "q": (1e-30, 100.0),
@@ -198,8 +202,9 @@ def check_params(base_names: tuple[str, ...], values: dict[str, object]) -> dict
             continue
         low, high = LIMITS[param]
         checked[param] = check_number(param, value, low, high)
-    if "aul" in base_names and checked["a"] <= 1:
-        raise ValueError(f"a must be > 1 for aul (its value has (a - 1)^q), got {checked['a']:g}")
+    if "aul" in base_names and checked["a"] < 1 + AUL_MIN_EXCESS:
+        raise ValueError(f"a must be >= 1 + {AUL_MIN_EXCESS:g} for aul (its gradient has (a - p)^(q-1), and float32 "
+                         f"resolves 1 - p near p = 1 only to ~1e-7), got {_shown(checked['a'])}")
     # (a + 1)^q (agce) and a^q (aul) must be finite in float32: q ln(a + 1) <= 88.
     if {"agce", "aul"} & set(base_names) and checked["q"] * math.log1p(checked["a"]) > 88.0:
         raise ValueError(f"(a + 1)^q overflows float32 for a = {checked['a']:g}, q = {checked['q']:g}: "

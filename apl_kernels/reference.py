@@ -23,11 +23,13 @@ from .catalogue import LossSpec
 from .options import CallOptions, accumulation_dtype
 
 CLAMP_MIN = 1e-7  # p̂ = clamp(p, CLAMP_MIN, 1), as the published code clamps
+LOG_CLAMP_MIN = math.log(CLAMP_MIN)
 RCE_A = -math.log(1e-4)  # RCE's -log(clamp(one_hot, 1e-4, 1)) off the label
 
 
 class _OneMinusExp(torch.autograd.Function):
-    """``1 - exp(x)`` for x <= 0 (= 1 - p for x = lp) without cancellation when p is close to 1.
+    """``1 - exp(x) = -expm1(x)`` for x <= ln 2 (= 1 - p for x = lp) without cancellation when x is
+    close to 0.
 
     Its derivative ``-exp(x)`` is computed from ``x``: torch's expm1 takes it from the result
     (``result + 1``), which is 0 once p < 1e-16 in float64.
@@ -47,6 +49,15 @@ class _OneMinusExp(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return -grad * x.exp()
+
+
+def _one_minus_power(t: Tensor, q: float) -> Tensor:
+    """``(1 - exp(q t)) / q`` for q t <= ln 2 without cancellation: ``-expm1(q t) / q``, and ``-t``
+    where |q t| < 1e-30, whose error there, |q t| / 2 relative, is far below an ulp; q t itself
+    may have underflowed there (q = 1e-30, t = 1e-18 gives 1e-48: 0 in float32), or lost digits as a
+    subnormal. Its derivative is -exp(q t) dt (through _OneMinusExp), -dt where |q t| < 1e-30."""
+    x = q * t
+    return torch.where(x.abs() < 1e-30, -t, _OneMinusExp.apply(x) / q)
 
 
 def _focal(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
@@ -103,9 +114,18 @@ def _fl(r: Row) -> Tensor:
     return _expect(r.c, r.focal(r.lp))
 
 
+def _gce_elements(r: Row) -> Tensor:
+    """GCE's ``(1 - p̂^q) / q`` of every element, as ``-expm1(q ln p̂) / q``: 1 - p̂^q cancels to 0
+    for small q (q = 1e-8: p̂^q = 1 - 1e-8 |ln p̂| is 1 in float32), this form is exact to a few
+    ulps for every q, and tends to -ln p̂ as q -> 0. Its derivative (autograd, through
+    _OneMinusExp, whose derivative -exp(x) is taken from x) is -p̂^q where p >= 1e-7, 0 where the
+    clamp holds ln p̂ at ln 1e-7 (torch's clamp passes the gradient at the bound, as here)."""
+    log_clamped = torch.where(r.p >= CLAMP_MIN, r.lp, LOG_CLAMP_MIN)
+    return _one_minus_power(log_clamped, r.spec.param("q"))
+
+
 def _gce(r: Row) -> Tensor:
-    q = r.spec.param("q")
-    return _expect(r.c, 1 - r.clamped().pow(q)) / q
+    return _expect(r.c, _gce_elements(r))
 
 
 def _mae(r: Row) -> Tensor:
@@ -128,8 +148,11 @@ def _nfl(r: Row) -> Tensor:
 
 
 def _ngce(r: Row) -> Tensor:
-    powered = r.clamped().pow(r.spec.param("q"))
-    return _expect(r.c, 1 - powered) / (r.K - powered.sum(1))
+    # (1 - p̂[y]^q) / (K - sum_j p̂[j]^q) = V[y] / sum_j V[j] with GCE's V = (1 - p̂^q) / q: the
+    # numerator and every term of the denominator without cancellation (K - sum p̂^q is 0 in
+    # float32 at q = 1e-8), and all of a size ~|ln p̂| rather than q |ln p̂| (so no underflow at q = 1e-30).
+    v = _gce_elements(r)
+    return _expect(r.c, v) / v.sum(1)
 
 
 def _nmae(r: Row) -> Tensor:
@@ -152,13 +175,38 @@ def _nnfl(r: Row) -> Tensor:
 
 
 def _agce(r: Row) -> Tensor:
+    """((a + 1)^q - (a + p)^q) / q = T (1 - r^q) / q = T · -expm1(q ln r) / q, with T = (a + 1)^q and
+    r = (a + p) / (a + 1) = 1 - w, w = (1 - p) / (a + 1). The published form cancels where r^q is
+    close to 1 (large a, small q, p close to 1: a = 1e8, q = 1 gives 0 for 0.92). ln r is
+    log1p(-w) for w <= 1/2 (1 - p from -expm1(lp), so w has no cancellation), else ln((a + p) / (a + 1))
+    (r < 1/2: no cancellation either; log1p(-w) would lose r's digits to 1 - w there).
+    (1 - r^q) / q is _one_minus_power. Derivative: d ln r / dp = 1 / (a + p), so dV/dp = -T r^q / (a + p) = -(a + p)^(q-1): autograd
+    on this form gives the published derivative (each branch's unused side is fed a safe value)."""
     a, q = r.spec.param("a"), r.spec.param("q")
-    return _expect(r.c, ((a + 1) ** q - (a + r.p).pow(q)) / q)
+    w = _OneMinusExp.apply(r.lp) / (a + 1)
+    near = w <= 0.5
+    log_ratio = torch.where(near, torch.log1p(-torch.where(near, w, 0)),
+                            torch.log(torch.where(near, 1, (a + r.p) / (a + 1))))
+    return _expect(r.c, (a + 1) ** q * _one_minus_power(log_ratio, q))
 
 
 def _aul(r: Row) -> Tensor:
+    """((a - p)^q - (a - 1)^q) / q with B = (a - 1)^q and x = q ln((a - p) / (a - 1)) = q log1p(u / d),
+    u = 1 - p, d = a - 1 (computed once, in float64: a - p in float32 loses d for a close to 1):
+    B expm1(x) / q where x <= ln 2 (_one_minus_power; there (a - p)^q is within a factor 2 of B and the published form
+    cancels: a = 1e6 gives 0.104 for 0.231, a = 1e30 gives 0 or -1.6e21), else ((a - p)^q - B) / q
+    with (a - p)^q = exp(q ln(d + u)) >= 2 B (no cancellation; and B may underflow where expm1(x)
+    overflows). Derivative, either branch: dx/du = q / (d + u), so dV/du = (a - p)^q / (d + u) and
+    dV/dp = -(a - p)^(q-1), the published derivative."""
     a, q = r.spec.param("a"), r.spec.param("q")
-    return _expect(r.c, ((a - r.p).pow(q) - (a - 1) ** q) / q)
+    d = a - 1
+    u = _OneMinusExp.apply(r.lp)
+    t = torch.log1p(u / d)
+    small = q * t <= math.log(2)
+    bottom = d**q
+    powered = torch.exp(q * torch.log(d + u))
+    return _expect(r.c, torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q),
+                                    (powered - bottom) / q))
 
 
 def _ael(r: Row) -> Tensor:

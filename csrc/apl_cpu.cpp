@@ -81,6 +81,8 @@ struct Math<Vec<T>> {
     }
   }
   static V exp_any(const V& x) { return x.exp(); }
+  static V expm1(const V& x) { return x.expm1(); }
+  static V log1p(const V& x) { return x.log1p(); }
   static V sqrt(const V& x) { return x.sqrt(); }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }

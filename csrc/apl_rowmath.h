@@ -37,7 +37,7 @@
 //   nrce   reverse     p̂ / (K - 1)                         p mask / (K - 1)
 //   nce    normalized  lp                                  1
 //   nfl    normalized  f                                   d
-//   ngce   normalized  1 - P                               -q P mask
+//   ngce   normalized  (1 - P) / q (gce's V)               -P mask
 //   nnce   negative    s = -ln m + l̂p, l̂p = max(lp, ln m)  [lp >= ln m]
 //   nnfl   negative    B - f̂, f̂ = f at max(lp, ln m)       -d [lp >= ln m]
 //   agce   local       ((a + 1)^q - (a + p)^q) / q         -(a + p)^(q-1) p
@@ -45,6 +45,21 @@
 //   ael    local       exp(-p / a)                         -exp(-p / a) p / a
 //
 // official_grad (fl, nfl, nnfl): every focal factor u^g is held constant, d = -u^g.
+// ngce = (1 - P[y]) / (K - sum P) is the ratio of gce's V: the same value, each V without
+// cancellation, and of a size ~|lp| even for q = 1e-30 (1 - P would be ~1e-30 |lp|).
+//
+// Numerical range (docs/losses.md): the published forms cancel, and every V above that is a
+// difference is computed in a form that does not, with V' derived from that same form:
+//   gce:  (1 - P) / q = -expm1(x) / q, x = q ln p̂ (1 - P is 0 in float32 for q = 1e-8);
+//         dV/dlp = -exp(x) dx/dlp / q = -P mask.
+//   agce: T = (a + 1)^q, r = (a + p) / (a + 1) = 1 - w, w = u / (a + 1): V = T · -expm1(x) / q,
+//         x = q ln r, ln r = log1p(-w) for w <= 1/2, else ln((a + p) / (a + 1)) (r < 1/2: then
+//         1 - w would lose r's digits); d ln r / dp = 1 / (a + p), so
+//         V' = dV/dp · p = -T exp(x) p / (a + p) = -(a + p)^(q-1) p.
+//   aul:  B = (a - 1)^q, d = a - 1 (from the float64 a: a - p in float32 loses d near a = 1),
+//         x = q log1p(u / d) >= 0: V = B expm1(x) / q for x <= ln 2, else ((a - p)^q - B) / q
+//         with (a - p)^q = exp(q ln(d + u)) >= 2B (no cancellation; B may underflow where
+//         expm1(x) overflows); dx/du = q / (d + u), so V' = -(a - p)^q p / (d + u) in both.
 // B = -(1 - m)^g ln m is f̂ where the clamp is active, so B - f̂ >= 0; s >= 0 likewise.
 //
 // Limits the code takes care of: u^(g-1) is infinite at u = 0 (p == 1 in floating point) but
@@ -69,6 +84,8 @@
 namespace apl {
 
 constexpr double kClampMin = 1e-7;            // p̂ = clamp(p, 1e-7, 1)
+constexpr double kLogClampMin = -16.11809565095832;  // ln 1e-7
+constexpr double kLn2 = 0.69314718055994531;
 constexpr double kRceA = 9.2103403719761836;  // -ln(1e-4)
 
 // The loss of a call: sum of weight[t] * base[t], t < num_terms, with the members' parameters.
@@ -78,11 +95,11 @@ struct LossParams {
   double weight[kMaxTerms];
   double gamma, q, a, min_prob, label_smoothing;  // coefficients[terms + kCoefficient...]
   bool official_grad;
-  // Derived once per call by derive(): 1e-7^q, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q.
-  double clamp_min_powered, log_min_prob, nnfl_b, agce_top, aul_bottom;
+  // Derived once per call by derive(): a - 1, ln m, B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q.
+  double a_minus_one, log_min_prob, nnfl_b, agce_top, aul_bottom;
 
   void derive() {
-    clamp_min_powered = std::pow(kClampMin, q);
+    a_minus_one = a - 1.0;
     log_min_prob = std::log(min_prob);
     nnfl_b = -std::pow(1.0 - min_prob, gamma) * log_min_prob;
     agce_top = std::pow(a + 1.0, q);
@@ -105,6 +122,7 @@ struct Math {
   static APL_HD T exp(T x) { return std::exp(x); }
   static APL_HD T exp_any(T x) { return std::exp(x); }
   static APL_HD T expm1(T x) { return std::expm1(x); }
+  static APL_HD T log1p(T x) { return std::log1p(x); }
   static APL_HD T sqrt(T x) { return std::sqrt(x); }
   static APL_HD T log(T x) { return std::log(x); }
   static APL_HD T max(T a, T b) { return a > b ? a : b; }
@@ -148,6 +166,12 @@ struct RowStats {
 // ----------------------------------------------------------------- elements
 // V is float, double, or (CPU) a vector of them; S its scalar type.
 
+template <typename V>
+struct Element {
+  V value;       // V[j]
+  V derivative;  // V'[j] = dV[j]/dlp[j]
+};
+
 // p[j] mask[j]: the derivative of p̂[j] w.r.t. lp[j].
 template <typename V, typename S>
 APL_HD V masked_p(V p) {
@@ -161,12 +185,25 @@ APL_HD V clamped_p(V p) {
   return Math<V>::max(p, V(S(kClampMin)));
 }
 
-// P[j] = p̂[j]^q, as exp(q lp) where the clamp is inactive (one exp, no pow);
-// params.clamp_min_powered = 1e-7^q where it is active.
+// (1 - exp(x)) / q for x = q t <= ln 2 without cancellation: -expm1(x) / q, and -t where
+// |x| < 1e-30 (its error there, |x| / 2 relative, is far below an ulp), since x itself may have
+// underflowed there (q = 1e-30, t = 1e-18: 1e-48 is 0 in float32) or lost digits as a subnormal.
 template <typename V, typename S>
-APL_HD V powered_p(V p, V lp, const LossParams& params) {
+APL_HD V one_minus_power(V t, V x, V q) {
   using M = Math<V>;
-  return M::where(M::ge(p, V(S(kClampMin))), M::exp(V(S(params.q)) * lp), V(S(params.clamp_min_powered)));
+  const V zero(S(0)), tiny(S(1e-30));
+  return M::where(M::both(M::gt(tiny, x), M::gt(x, zero - tiny)), zero - t, (zero - M::expm1(x)) / q);
+}
+
+// gce's V = (1 - p̂^q) / q and V' = -p̂^q mask, from t = ln p̂ (lp where the clamp is inactive,
+// ln 1e-7 where it holds), x = q t: one_minus_power and -exp(x) mask.
+template <typename V, typename S>
+APL_HD Element<V> gce_term(V p, V lp, const LossParams& params) {
+  using M = Math<V>;
+  const V zero(S(0)), q(S(params.q));
+  const auto unclamped = M::ge(p, V(S(kClampMin)));
+  const V t = M::where(unclamped, lp, V(S(kLogClampMin))), x = q * t;
+  return {one_minus_power<V, S>(t, x, q), M::where(unclamped, zero - M::exp(x), zero)};
 }
 
 // u = 1 - p: as 1 - p where p <= 1/2 (no cancellation there), else it is the row's max and u is
@@ -188,12 +225,6 @@ APL_HD V power(V u, S gamma) {
   if (gamma == S(0)) return V(S(1));
   return M::exp(V(gamma) * M::log(u));
 }
-
-template <typename V>
-struct Element {
-  V value;       // V[j]
-  V derivative;  // V'[j] = dV[j]/dlp[j]
-};
 
 // The focal term f = -u^gamma lp, u = 1 - p, and its derivative d = df/dlp = -u^gamma
 // + gamma u^(gamma-1) p lp (du/dlp = -p). official_grad drops the second term; it is 0 (its
@@ -223,10 +254,8 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
     return {zero - lp, V(S(-1))};
   } else if constexpr (kBase == kFL || kBase == kNFL) {
     return focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
-  } else if constexpr (kBase == kGCE) {
-    const V powered = powered_p<V, S>(p, lp, params);
-    const V q(S(params.q));
-    return {(one - powered) / q, M::where(M::ge(p, V(S(kClampMin))), zero - powered, zero)};
+  } else if constexpr (kBase == kGCE || kBase == kNGCE) {
+    return gce_term<V, S>(p, lp, params);
   } else if constexpr (kBase == kMAE || kBase == kNMAE) {
     const V norm(kBase == kMAE ? S(1) : S(1) / S(K - 1));
     return {norm * one_minus_p<V, S>(p, row.one_minus_p_max), zero - norm * p};
@@ -235,9 +264,6 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
     return {norm * clamped_p<V, S>(p), norm * masked_p<V, S>(p)};
   } else if constexpr (kBase == kNCE) {
     return {lp, one};
-  } else if constexpr (kBase == kNGCE) {
-    const V powered = powered_p<V, S>(p, lp, params);
-    return {one - powered, M::where(M::ge(p, V(S(kClampMin))), V(S(-params.q)) * powered, zero)};
   } else if constexpr (kBase == kNNCE) {
     const V log_m(S(params.log_min_prob));
     return {M::max(lp, log_m) - log_m, M::where(M::ge(lp, log_m), one, zero)};
@@ -247,17 +273,26 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
     const auto active = M::ge(lp, V(S(params.log_min_prob)));
     const Element<V> f = focal_term<V, S>(p, lp, row.one_minus_p_max, S(params.gamma), params.official_grad);
     return {M::where(active, V(S(params.nnfl_b)) - f.value, zero), M::where(active, zero - f.derivative, zero)};
-  } else if constexpr (kBase == kAGCE || kBase == kAUL) {
-    const V base_value = kBase == kAGCE ? V(S(params.a)) + p : V(S(params.a)) - p;  // a ± p > 0
-    const V powered = M::exp_any(V(S(params.q)) * M::log(base_value));  // (a ± p)^q
-    const V q(S(params.q));
-    const V slope = powered / base_value * p;  // (a ± p)^(q-1) p
-    if constexpr (kBase == kAGCE) return {(V(S(params.agce_top)) - powered) / q, zero - slope};
-    return {(powered - V(S(params.aul_bottom))) / q, zero - slope};
+  } else if constexpr (kBase == kAGCE) {  // the forms of "Numerical range" at the top
+    const V q(S(params.q)), top(S(params.agce_top)), a_plus_one(S(params.a + 1.0)), a_plus_p = V(S(params.a)) + p;
+    const V w = one_minus_p<V, S>(p, row.one_minus_p_max) / a_plus_one;
+    const auto near = M::ge(V(S(0.5)), w);
+    const V log_ratio = M::where(near, M::log1p(zero - w), M::log(a_plus_p / a_plus_one)), x = q * log_ratio;
+    // T / (a + p) first (<= (a + 1)^q / a: finite): exp(x) p (a = 1e-30, p = 1e-24) or p / (a + p)
+    // (a = 1e30) may underflow float32 where the gradient does not.
+    return {top * one_minus_power<V, S>(log_ratio, x, q), zero - top / a_plus_p * p * M::exp(x)};
+  } else if constexpr (kBase == kAUL) {
+    const V q(S(params.q)), bottom(S(params.aul_bottom)), d(S(params.a_minus_one));
+    const V u = one_minus_p<V, S>(p, row.one_minus_p_max), a_minus_p = d + u;
+    const V t = M::log1p(u / d), x = q * t;  // x = q ln((a - p) / (a - 1)) >= 0
+    const V powered = M::exp_any(q * M::log(a_minus_p));  // (a - p)^q
+    const V value = M::where(M::ge(V(S(kLn2)), x), zero - bottom * one_minus_power<V, S>(t, x, q),
+                             (powered - bottom) / q);
+    return {value, zero - powered / a_minus_p * p};  // (a - p)^(q-1) first, as for agce
   } else if constexpr (kBase == kAEL) {
     const V inv_a(S(1) / S(params.a));
     const V e = M::exp(zero - p * inv_a);
-    return {e, zero - e * p * inv_a};
+    return {e, zero - e * (p * inv_a)};  // p / a first: e p may underflow where e p / a does not
   } else {
     static_assert(kBase != kBase, "a base loss of catalogue.BASES has no V, V' in base_element");
   }

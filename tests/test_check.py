@@ -53,3 +53,14 @@ def test_device_cuda_without_a_gpu_exits_2_in_one_line(tmp_path):
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "no CUDA device" in lines[0], lines
     assert not any(tmp_path.iterdir())
+
+
+def test_unwritable_out_is_refused_in_one_line_before_any_check(tmp_path):
+    # A path under a file can be written by no one (root included): refused at once with exit code 2,
+    # as the other argument errors, not after the checks with an OSError traceback.
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "reports", tmp_path / "file" / "cpu-check.md"):
+        result = run_check("--device", "cpu", "--quick", "--out", str(out), cwd=tmp_path)
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, lines
+        assert "--out" in lines[0] and str(out) in lines[0] and "Traceback" not in lines[0], lines

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from apl_kernels.files import atomic_write_text
+from apl_kernels.reproduce.store import WriteError, prepare_output
 from .common import Check
 from .environment import environment, load_backends
 from .integration import integration
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apl_kernels.check: no CUDA device{name} here (torch {torch.__version__}, {torch.cuda.device_count()} "
               f"visible): run `python -m apl_kernels.check --device cpu`", file=sys.stderr)
         return 2
+    report = args.out if args.out.suffix == ".md" else args.out / f"apl-check-{str(device).replace(':', '-')}.md"
+    try:  # before any check runs: a report that cannot be written would be lost after them
+        prepare_output(report.parent)
+    except WriteError as err:
+        print(f"apl_kernels.check: cannot write the report {report}: {err}", file=sys.stderr)
+        return 2
     # On CPU the Triton kernels run under the interpreter, on a GPU they must be compiled: TRITON_INTERPRET
     # says which, and it must be set before triton is imported (torch imports it, and triton's own
     # @triton.jit functions, tl.max and tl.sum among them, are made then). Set here too late, the
@@ -65,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")  # NumPy's, in interpreted code
     check = Check(device, args.quick)
-    report = args.out if args.out.suffix == ".md" else args.out / f"apl-check-{str(device).replace(':', '-')}.md"
     environment(check)
     load_backends(check)
     integration_reserve = 60.0 if check.cuda else 45.0

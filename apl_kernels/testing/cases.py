@@ -248,9 +248,18 @@ def check_parity(z, target, name, params, backend, device="cpu", reduction="none
     where = f"{backend} {name} {params} {z.dtype} {tuple(z.shape)} {reduction} {sorted(options)}"
     z = off_kinks(z, clamp_levels(params))
     upstream_on = upstream if isinstance(upstream, str) else upstream.to(device)
-    got_value, got_grad = run(z.to(device), target.to(device), name, params, backend, reduction, upstream_on, **options)
+    got = run(z.to(device), target.to(device), name, params, backend, reduction, upstream_on, **options)
     truth = run(z.double(), target.double() if target.is_floating_point() else target, name, params, "torch",
                 reduction, upstream if isinstance(upstream, str) else upstream.double(), **options)
+    assert_result(got, truth, z, target, name, params, reduction, upstream, roundings, where, **options)
+
+
+def assert_result(got, truth, z, target, name, params, reduction="none", upstream="sum", roundings=1, where="",
+                  grad_floor=0.0, **options):
+    """``got`` = (value, gradient) of loss ``name`` at logits ``z`` (in z's dtype) within the tolerance
+    rule of ``truth`` (in float64, on the same rounded inputs), with magnitudes from the independent
+    formulas; ``grad_floor`` is added to the gradient's floor."""
+    got_value, got_grad = got
     assert got_value.dtype == z.dtype and got_grad.dtype == z.dtype, where
     value_terms, grad_terms = term_magnitudes(z, target, name, params, reduction, upstream, **options)
     assert_parity(got_value, truth[0], torch.maximum(value_terms, truth[0].abs().reshape(value_terms.shape)),
@@ -263,7 +272,7 @@ def check_parity(z, target, name, params, backend, device="cpu", reduction="none
     p = torch.softmax(z.double(), dim=1)
     flushable = (p > 0) & (p < tiny)
     coefficient = torch.where(flushable, grad_terms / p.clamp_min(1e-300), 0).amax(dim=1, keepdim=True)
-    floor = torch.finfo(z.dtype).tiny * coefficient.clamp_min(1).expand_as(grad_terms)
+    floor = torch.finfo(z.dtype).tiny * coefficient.clamp_min(1).expand_as(grad_terms) + grad_floor
     assert_parity(got_grad, truth[1], grad_terms, z.dtype, roundings, where + " gradient", floor)
 
 

@@ -37,6 +37,13 @@ def _focal_h(u, p, lp, gamma, official):
     return d
 
 
+def _log_ratio(a, p, u, sign):
+    """ln((a + sign p) / (a + sign)) with u = 1 - p, without cancellation: log1p(-sign u / (a + sign))
+    where its argument is above -1/2, else the difference of the logarithms (no cancellation there)."""
+    arg = -sign * u / (a + sign)
+    return math.log1p(arg) if arg > -0.5 else math.log(a + sign * p) - math.log(a + sign)
+
+
 def _reverse_norm(base, K):
     """rce's and nrce's factor of the other labels' clamped probabilities."""
     return A if base == "rce" else 1.0 / (K - 1)
@@ -68,9 +75,10 @@ def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_pr
         value = -(u ** gamma) * lp[y]
         h[y] = _focal_h(u, p[y], lp[y], gamma, official)
     elif base == "gce":
-        value = (1 - ph[y] ** q) / q
-        terms = (1 + ph[y] ** q) / q
-        h[y] = -(ph[y] ** q) * mask[y]
+        # (1 - p̂^q) / q as -expm1(q ln p̂) / q: the published form cancels for small q.
+        lph = lp[y] if mask[y] else math.log(EPS)
+        value = -math.expm1(q * lph) / q
+        h[y] = -math.exp(q * lph) * mask[y]
     elif base in ("mae", "nmae"):
         norm = 1.0 if base == "mae" else K - 1.0
         value = (1 - p[y]) / norm
@@ -93,12 +101,14 @@ def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_pr
         h = onehot * d[y] / F - f[y] * d / F**2
         h_terms = np.abs(onehot * d[y] / F) + np.abs(f[y] * d / F**2)
     elif base == "ngce":
-        P = ph ** q
-        num, den = 1 - P[y], K - P.sum()
+        # (1 - P[y]) / (K - sum P) = g[y] / sum g, g = (1 - P) / q = -expm1(q ln p̂) / q (no cancellation).
+        lph = np.where(mask > 0, lp, math.log(EPS))
+        P = np.exp(q * lph)
+        g = -np.expm1(q * lph) / q
+        num, den = g[y], g.sum()
         value = num / den
-        terms = (1 + P[y]) / den
-        h = -onehot * q * P[y] * mask[y] / den + num * q * P * mask / den**2
-        h_terms = onehot * q * P[y] * mask[y] / den + num * q * P * mask / den**2
+        h = -onehot * P[y] * mask[y] / den + num * P * mask / den**2
+        h_terms = onehot * P[y] * mask[y] / den + num * P * mask / den**2
     elif base == "nnce":
         # s = -ln m + ln clamp(p, m, 1); ds/dlp = [p >= m]
         lpc = np.log(np.clip(p, min_prob, 1.0))
@@ -124,13 +134,19 @@ def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_pr
         h = (onehot / G - g[y] / G**2) * d * keep
         h_terms = (np.abs(onehot / G) + np.abs(g[y]) / G**2) * np.abs(d) * keep
     elif base == "agce":
-        value = ((a + 1) ** q - (a + p[y]) ** q) / q
-        terms = ((a + 1) ** q + (a + p[y]) ** q) / q
+        # ((a + 1)^q - (a + p)^q) / q = (a + 1)^q (1 - r^q) / q, r = (a + p) / (a + 1): the published
+        # form cancels where r^q is close to 1.
+        u = -math.expm1(lp[y])
+        value = math.exp(q * math.log1p(a)) * -math.expm1(q * _log_ratio(a, p[y], u, 1)) / q
         h[y] = -((a + p[y]) ** (q - 1)) * p[y]
     elif base == "aul":
-        value = ((a - p[y]) ** q - (a - 1) ** q) / q
-        terms = ((a - p[y]) ** q + (a - 1) ** q) / q
-        h[y] = -((a - p[y]) ** (q - 1)) * p[y]
+        # ((a - p)^q - (a - 1)^q) / q = (a - 1)^q expm1(x) / q, x = q ln((a - p) / (a - 1)) >= 0, while
+        # x <= 1; beyond, (a - p)^q >= e (a - 1)^q and the published form does not cancel.
+        u = -math.expm1(lp[y])
+        x = q * _log_ratio(a, p[y], u, -1)
+        a_minus_p = (a - 1) + u
+        value = (a - 1) ** q * math.expm1(x) / q if x <= 1 else (a_minus_p**q - (a - 1) ** q) / q
+        h[y] = -(a_minus_p ** (q - 1)) * p[y]
     elif base == "ael":
         value = math.exp(-p[y] / a)
         h[y] = -math.exp(-p[y] / a) * p[y] / a

@@ -18,7 +18,7 @@ def forward_kernel(
     logits_ptr, target_ptr, weight_ptr, loss_ptr, saved_ptr, partials_ptr, counter_ptr, divisor_ptr,
     R, K, stride_row, stride_col, stride_target_row, stride_target_col, ignore_index: tl.int64,
     w0: tl.int64, w1: tl.int64, gamma: tl.int64, q: tl.int64, a: tl.int64, log_min_prob: tl.int64,
-    clamp_min_powered: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
+    a_minus_one: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
     spread: tl.int64,
     BASE0: tl.constexpr, BASE1: tl.constexpr, OFFICIAL: tl.constexpr, PROBS: tl.constexpr, WEIGHTED: tl.constexpr,
     DENSE: tl.constexpr, REDUCTION: tl.constexpr, GRAD_MODE: tl.constexpr, ROWS: tl.constexpr,
@@ -32,7 +32,7 @@ def forward_kernel(
     row_ok = rows < R
     strides = (stride_row, stride_col, stride_target_row, stride_target_col)
     z = load_logits(logits_ptr, rows, row_ok, 0, K, stride_row, stride_col, ACC, BLOCK_K)  # issued first
-    bits = (w0, w1, gamma, q, a, log_min_prob, clamp_min_powered, nnfl_b, agce_top, aul_bottom, keep, spread)
+    bits = (w0, w1, gamma, q, a, log_min_prob, a_minus_one, nnfl_b, agce_top, aul_bottom, keep, spread)
     prm = load_params(bits, ACC)
     kf = K.to(ACC)
     label = load_label(target_ptr, weight_ptr, rows, row_ok, K, stride_target_row, ignore_index, prm.keep, PROBS,

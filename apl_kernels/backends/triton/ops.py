@@ -4,6 +4,7 @@
 import contextlib
 import math
 import struct
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,7 +13,6 @@ from torch import Tensor
 
 from ...catalogue import BASE_INDEX, FOCAL
 from ...options import FLOAT_DTYPES, accumulation_dtype
-from ...reference import CLAMP_MIN
 from .. import BackendUnavailable, contract, fused
 from ..contract import Call
 from .backward import backward_kernel
@@ -101,7 +101,7 @@ def kernel_arguments(call: Call, num_classes: int) -> tuple[tuple, dict]:
     """The kernels' float arguments (FLOAT_ARGS, as bits: LossParams with what derive() computes)
     and the constexprs that choose their specialization."""
     log_min_prob = math.log(call.min_prob)
-    values = (call.weights[0], call.weights[-1], call.gamma, call.q, call.a, log_min_prob, CLAMP_MIN**call.q,
+    values = (call.weights[0], call.weights[-1], call.gamma, call.q, call.a, log_min_prob, call.a - 1,
               -((1 - call.min_prob) ** call.gamma) * log_min_prob, _power_or_inf(call.a + 1, call.q),
               _power_or_inf(call.a - 1, call.q) if call.a > 1 else 0.0, 1 - call.label_smoothing,
               call.label_smoothing / num_classes)
@@ -118,9 +118,17 @@ def launch_meta(launch: Launch) -> dict:
 # ---------------------------------------------------------------- launching
 
 
+# Triton's interpreter is not thread-safe: for the time of a launch it patches triton.language's
+# functions and keeps the program ids in module state, so two threads' launches at once raise
+# InterpreterError or mix each other's values. Interpreted launches run one at a time (on a GPU the
+# launches are asynchronous and need no lock).
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid: tuple, *args, **meta) -> None:
     """Every kernel launch of the ops (the tests count them here)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    with _INTERPRETER_LOCK if INTERPRETED else contextlib.nullcontext():
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
 def on_device(tensor: Tensor):

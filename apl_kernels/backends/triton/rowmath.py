@@ -44,6 +44,7 @@ def needs_pass(base, dense):
 
 
 _CLAMP_MIN = tl.constexpr(CLAMP_MIN)
+_LOG_CLAMP_MIN = tl.constexpr(math.log(CLAMP_MIN))
 _RCE_A = tl.constexpr(RCE_A)
 _LN2 = tl.constexpr(math.log(2.0))
 STATS = tl.constexpr(contract.STATS)
@@ -53,7 +54,7 @@ STATS = tl.constexpr(contract.STATS)
 
 class Params(NamedTuple):
     """The call's floats in the accumulation dtype (FLOAT_ARGS): the terms' weights, the loss's
-    parameters with what LossParams::derive computes from them once per call (ln m, 1e-7^q,
+    parameters with what LossParams::derive computes from them once per call (a - 1, ln m,
     B = -(1 - m)^g ln m, (a + 1)^q, (a - 1)^q), and the label smoothing's 1 - eps and eps / K."""
     w0: tl.tensor
     w1: tl.tensor
@@ -61,7 +62,7 @@ class Params(NamedTuple):
     q: tl.tensor
     a: tl.tensor
     log_min_prob: tl.tensor
-    clamp_min_powered: tl.tensor
+    a_minus_one: tl.tensor
     nnfl_b: tl.tensor
     agce_top: tl.tensor
     aul_bottom: tl.tensor
@@ -135,7 +136,7 @@ if Record._fields != contract.RECORD:
 
 @triton.jit
 def one_minus_exp(x):
-    """1 - exp(x) = -expm1(x) for x <= 0 (Triton has no expm1).
+    """1 - exp(x) = -expm1(x) for x <= ln 2 (Triton has no expm1).
 
     Near x = 0, 1 - exp(x) cancels: there (|x| < ln 2) the Taylor series of expm1 in Horner form,
     x (1 + x/2 (1 + x/3 (...))), whose first dropped term |x|^(n+1)/(n+1)! is below half an ulp of
@@ -149,6 +150,36 @@ def one_minus_exp(x):
     for n in tl.static_range(terms - 1, 1, -1):
         r = 1.0 + (x * (1.0 / n)) * r
     return tl.where(x > -_LN2, -x * r, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def log1p(w):
+    """ln(1 + w) for w > -1 (Triton has no log1p).
+
+    ln(1 + w) = 2 atanh(s), s = w / (2 + w): for |w| < 1/4 (|s| < 1/7) the series
+    2 s (1 + s^2/3 + s^4/5 + ...) in Horner form of s^2, whose first dropped term, relative
+    s^(2n)/(2n+1) for n terms, is below half an ulp for n = 4 (float32) and n = 9 (float64).
+    Elsewhere ln(1 + w), where 1 + w rounds by at most half an ulp of 1 + w and |ln(1 + w)| > 0.22:
+    a few ulps."""
+    if w.dtype == tl.float64:
+        terms: tl.constexpr = 9
+    else:
+        terms: tl.constexpr = 4
+    s = w / (2.0 + w)
+    s2 = s * s
+    one = tl.full(w.shape, 1.0, w.dtype)  # 1 / (2n + 1) in w's dtype (a Python float would be float32)
+    r = one / (2 * terms - 1)
+    for n in tl.static_range(terms - 2, -1, -1):
+        r = one / (2 * n + 1) + s2 * r
+    return tl.where(tl.abs(w) < 0.25, 2.0 * s * r, tl.log(1.0 + w))
+
+
+@triton.jit
+def one_minus_power(t, q):
+    """(1 - exp(q t)) / q for q t <= ln 2 without cancellation (apl_rowmath.h's one_minus_power):
+    -expm1(q t) / q, and -t where |q t| < 1e-30, where q t may have underflowed."""
+    x = q * t
+    return tl.where(tl.abs(x) < 1e-30, -t, one_minus_exp(x) / q)
 
 
 @triton.jit
@@ -183,13 +214,10 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
     elif BASE == FL or BASE == NFL:
         value, derivative = focal(p, lp, u_max, prm.gamma, OFFICIAL)
     elif BASE == GCE or BASE == NGCE:
-        powered = tl.where(clamped, tl.exp(prm.q * lp), prm.clamp_min_powered)  # p̂^q
-        if BASE == GCE:
-            value = (1.0 - powered) / prm.q
-            derivative = tl.where(clamped, -powered, 0.0)
-        else:
-            value = 1.0 - powered
-            derivative = tl.where(clamped, -prm.q * powered, 0.0)
+        # x = q ln p̂: V = (1 - p̂^q) / q = -expm1(x) / q, V' = -p̂^q mask (ngce's V is gce's).
+        t = tl.where(clamped, lp, tl.full(lp.shape, _LOG_CLAMP_MIN, lp.dtype))
+        value = one_minus_power(t, prm.q)
+        derivative = tl.where(clamped, -tl.exp(prm.q * t), 0.0)
     elif BASE == MAE or BASE == NMAE:
         if BASE == MAE:
             norm = zero + 1.0
@@ -217,22 +245,27 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
         f, d = focal(p, lp, u_max, prm.gamma, OFFICIAL)
         value = tl.where(active, prm.nnfl_b - f, 0.0)
         derivative = tl.where(active, -d, 0.0)
-    elif BASE == AGCE or BASE == AUL:
-        if BASE == AGCE:
-            base_value = prm.a + p  # a ± p > 0
-        else:
-            base_value = prm.a - p
-        powered = tl.exp(prm.q * tl.log(base_value))  # (a ± p)^q
-        slope = powered / base_value * p  # (a ± p)^(q-1) p
-        if BASE == AGCE:
-            value = (prm.agce_top - powered) / prm.q
-        else:
-            value = (powered - prm.aul_bottom) / prm.q
-        derivative = -slope
+    elif BASE == AGCE:  # apl_rowmath.h's forms ("Numerical range"): T -expm1(q ln r) / q
+        a_plus_one = prm.a + 1.0
+        a_plus_p = prm.a + p
+        w = tl.where(p > 0.5, u_max, 1.0 - p) / a_plus_one  # r = (a + p) / (a + 1) = 1 - w
+        near = w <= 0.5
+        log_ratio = tl.where(near, log1p(-tl.where(near, w, 0.0)), tl.log(a_plus_p / a_plus_one))
+        value = prm.agce_top * one_minus_power(log_ratio, prm.q)
+        derivative = -(prm.agce_top / a_plus_p) * p * tl.exp(prm.q * log_ratio)  # T / (a + p) first
+    elif BASE == AUL:  # B expm1(x) / q, x = q log1p(u / d) <= ln 2, else ((a - p)^q - B) / q
+        u = tl.where(p > 0.5, u_max, 1.0 - p)
+        a_minus_p = prm.a_minus_one + u
+        t = log1p(u / prm.a_minus_one)
+        powered = tl.exp(prm.q * tl.log(a_minus_p))  # (a - p)^q
+        small = prm.q * t <= _LN2
+        value = tl.where(small, -prm.aul_bottom * one_minus_power(tl.where(small, t, 0.0), prm.q),
+                         (powered - prm.aul_bottom) / prm.q)
+        derivative = -(powered / a_minus_p) * p
     elif BASE == AEL:
         e = tl.exp(-p / prm.a)
         value = e
-        derivative = -e * p / prm.a
+        derivative = -e * (p / prm.a)  # e p may underflow where e p / a does not
     else:
         tl.static_assert(False, "a base loss of catalogue.BASES has no V, V' in element")
     return value, derivative
