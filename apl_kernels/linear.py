@@ -68,7 +68,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     """The rows' summed (or per-row) losses and the gradients of hidden, weight and bias for an
     upstream gradient of 1 (of ``row_scale`` per row, when given), ``chunk_size`` rows at a time (0:
     the default); a gradient not in ``needs`` is an empty tensor. Never holds more than one chunk of
-    logits and their gradient."""
+    logits (one workspace, reused) and their gradient."""
     op = backends.REGISTRY[backend].load().op  # the backend _linear_loss chose
     rows, classes = hidden.shape[0], weight.shape[0]
     chunk_size = chunk_size or default_chunk_size(rows, hidden.shape[1], classes, hidden.device.type)
@@ -86,12 +86,20 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     grad_weight = weight.new_zeros(weight.shape if needs[1] else 0)
     grad_bias = weight.new_zeros(classes if needs[2] else 0)
     ones = weight.new_ones(min(chunk_size, rows) if needs[2] else 0)  # the bias' gradient as a matmul (GEMV)
+    # One chunk's logits, allocated once and overwritten by each chunk: chunk-sized blocks freed and
+    # allocated again beside the large gradients fragment the C heap, and the process then holds
+    # hundreds of MiB more than the allocator's peak (bench/run_linear.py --rss). (The op returns its
+    # gradient as a new tensor; it is freed before the next chunk asks for one of the same size.)
+    workspace = hidden.new_empty((min(chunk_size, rows), classes))
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
         chunk = hidden[start:end]
-        logits = chunk @ weight.t() if bias is None else torch.addmm(bias, chunk, weight.t())
+        logits = workspace[:end - start]  # rows of a contiguous tensor: contiguous
+        if bias is None:
+            torch.mm(chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, chunk, weight.t(), out=logits)
         chunk_loss, grad = op(logits, target[start:end], class_weight, bases, coefficients, chunk_options)
-        del logits  # the op's gradient is a new tensor: the chunk's logits go now
         if reduced:
             loss += chunk_loss
         else:
@@ -106,7 +114,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             grad_weight.addmm_(grad.t(), chunk)
         if needs[2]:  # (4 times as fast as grad.sum(0) here)
             grad_bias.addmv_(grad.t(), ones[:end - start])
-        del grad  # before the next chunk's logits: one chunk's logits and gradient at a time
+        del grad  # before the next chunk's: one chunk's logits and gradient at a time
     if options[contract.REDUCTION] == contract.REDUCTION_CODES["mean"]:
         divisor = contract.mean_divisor(target, class_weight, options[contract.IGNORE_INDEX], acc)
         loss = loss / divisor

@@ -20,6 +20,14 @@ reset to None before each run), fewer repetitions at large K; ratios compare med
     python bench/run_linear.py                # bench/results/linear-<device>.md and .png (~15 min on 2 cores)
     python bench/run_linear.py --quick        # tiny shapes, a smoke test: bench/results/partial/
     python bench/run_linear.py --out DIR      # write elsewhere
+    python bench/run_linear.py --rss linear 4096 1024 32000   # resident memory over steps (below)
+
+``--rss METHOD N H K`` runs 20 steps of one method in this process, as a training loop does
+(``.grad = None`` before each step, as ``zero_grad()`` does), and prints one JSON line: the
+process's peak resident memory above the loop's start (the kernel's high-water mark, reset at the
+start through /proc/self/clear_refs) and its resident memory after each step, above the start. This is
+what a user (or the OOM killer) sees, beside the allocator-level peak above: freed memory that the
+C heap keeps, or fragments, counts here. Run each method in a fresh process.
 """
 
 from __future__ import annotations
@@ -147,6 +155,57 @@ def measure(n: int, h: int, k: int, reps: int, runs: list[tuple[str, int | None]
     return results
 
 
+def resident() -> tuple[int, int]:
+    """The process's resident memory now and its high-water mark, in bytes (/proc/self/status)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM"))
+
+
+def rss_steps(method: str, n: int, h: int, k: int, steps: int = 20) -> dict:
+    """Resident memory over ``steps`` training steps of ``method`` (the docstring's ``--rss``)."""
+    tensors = inputs(n, h, k)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again at the current RSS
+    start = resident()[0]
+    between, times = [], []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        step(method, tensors)
+        times.append(time.perf_counter() - begin)
+        between.append(resident()[0] - start)
+    result = {"method": method, "n": n, "h": h, "k": k, "steps": steps, "rss_peak": resident()[1] - start,
+              "rss_between": between, "median": statistics.median(times)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def rss_runs(shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """``rss_steps`` of the linear and the materialized path at each shape, each in a fresh process."""
+    import subprocess
+
+    runs = []
+    for n, h, k in shapes:
+        for method in ("linear", "materialized"):
+            out = subprocess.run([sys.executable, __file__, "--rss", method, str(n), str(h), str(k)], check=True,
+                                 capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
+def rss_table(runs: list[dict]) -> list[str]:
+    """Resident memory of ``rss_steps`` results against the materialized path's at the same shape, with
+    the issue's targets (peak at most 1/8, between steps no higher, time at most 1.15 x)."""
+    lines = ["| N x H x K | method | peak RSS above the loop's start | / materialized | RSS between steps "
+             "(median, max) | median step (s) | x materialized |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        base = next(b for b in runs if b["method"] == "materialized" and shape(b) == shape(r))
+        lines.append(f"| {r['n']} x {r['h']} x {r['k']} | {r.get('label', r['method'])} | {mib(r['rss_peak'])} | "
+                     f"{r['rss_peak'] / base['rss_peak']:.3f} | {mib(statistics.median(r['rss_between']))}, "
+                     f"{mib(max(r['rss_between']))} | {r['median']:.2f} | {r['median'] / base['median']:.3f} |")
+    return lines
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
@@ -250,7 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a result")
     parser.add_argument("--out", type=Path, help="output directory (default bench/results, or partial/ with --quick)")
+    parser.add_argument("--rss", nargs=4, metavar=("METHOD", "N", "H", "K"),
+                        help="resident memory over 20 steps of one method (docstring)")
     args = parser.parse_args(argv)
+    if args.rss:
+        rss_steps(args.rss[0], *map(int, args.rss[1:]))
+        return
     shapes, chunks = QUICK if args.quick else (SWEEP + HEADLINE, CHUNKS)
     out = args.out or (RESULTS / "partial" if args.quick else RESULTS)
     load = [os.getloadavg()[0]]  # this machine is shared: the report says how busy it was
@@ -258,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         n, h, k, reps, [(m, None) for m in METHODS] + [("linear", rows) for rows in chunks.get((n, h, k), ())])]
     results += [r for key, sizes in chunks.items() if len(key) == 4 for r in measure(
         *key, [("materialized", None), ("linear", None)] + [("linear", rows) for rows in sizes])]
+    runs = rss_runs([(n, h, k) for n, h, k, _ in (shapes[:1] if args.quick else HEADLINE)])
     load.append(os.getloadavg()[0])
     out.mkdir(parents=True, exist_ok=True)
     name = f"linear-{DEVICE}"
@@ -270,11 +335,14 @@ def main(argv: list[str] | None = None) -> None:
         f"`hidden @ weight.T + bias`, gradients for all three; method and measurement in the script's docstring. "
         f"Load average (1 min) at the start and the end: {load[0]:.1f}, {load[1]:.1f}.",
         "", "## Targets", "", *verdicts(results), "", "## Results", "", *comparison_table(results), "",
+        "## Resident memory over 20 steps", "",
+        "The process's resident memory (`--rss` in the script's docstring), each path in a fresh process.", "",
+        *rss_table(runs), "",
         f"![peak memory and time against K]({name}.png)", "", "## Chunk size", "",
         "The linear path at other rows per chunk than the default (`linear.default_chunk_size`), timed in the "
         "same rounds as the materialized path.", "",
         *chunk_table(results), "",
-        "Raw results (JSON lines):", "", "```", *(json.dumps(r) for r in results), "```", ""])
+        "Raw results (JSON lines):", "", "```", *(json.dumps(r) for r in results + runs), "```", ""])
     (out / f"{name}.md").write_text(text)
     print(text)
 

@@ -226,6 +226,32 @@ def test_never_allocates_the_logits(seed):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_logits_workspace_per_call(reduction, seed):
+    """The chunks' logits go into one workspace allocated once per call: the only chunk-sized
+    allocations are that workspace and the fused op's gradient of each chunk (allocating the logits
+    again in each chunk fragments the C heap: bench/run_linear.py --rss). For ``none``, forward
+    (no gradient) and backward (which recomputes the logits) each have one workspace."""
+    n, h, k, chunk = 256, 16, 3000, 64  # 4 chunks; a chunk's logits (768 KB) outsize every other tensor
+    hidden, weight, bias = (x.float().requires_grad_() for x in exact_inputs(seed, n, h, k))
+    target = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def linear():
+        AL.linear_loss(hidden, weight, target, "nce+rce", bias=bias, chunk_size=chunk,
+                       reduction=reduction).sum().backward()
+
+    chunks = n // chunk
+    sizes = [size for size, _ in run_linear.allocations(linear) if size >= chunk * k * 4]
+    assert len(sizes) == (1 + chunks if reduction == "mean" else 2 + chunks), sizes
+    # and the workspace gives the values of a materialized call
+    grads = [x.grad.clone() for x in (hidden, weight, bias)]
+    for x in (hidden, weight, bias):
+        x.grad = None
+    apl_loss(F.linear(hidden, weight, bias), target, "nce+rce", reduction=reduction).sum().backward()
+    for mine, reference in zip(grads, (hidden.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(mine, reference)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_retain_graph_and_repeated_backward(reduction, seed):
     """With retain_graph, a second backward gets the same gradients (the saved ones are not handed out)."""
     hidden, weight, bias = (x.requires_grad_() for x in exact_inputs(seed))
