@@ -31,6 +31,9 @@ MAX_WARPS = 32
 # stream through (for dense rows, at most their limit). docs/kernels.md ("Triton", "Launch table")
 # gives the reasoning and the sm_90 register counts they were chosen by.
 PER_THREAD = {False: 16, True: 8}
+# Dense float64 rows hold each element's coefficient beside it: at eight elements a thread,
+# nce+agce's smoothed float64 forward (AGCE's expm1/log1p form) kept 8 bytes of stack on sm_90.
+PER_THREAD_DENSE = {False: 16, True: 4}
 ON_CHIP = {False: 8192, True: 2048}
 ON_CHIP_DENSE = {False: 4096, True: 1024}
 CHUNK = {False: 8192, True: 2048}
@@ -62,7 +65,7 @@ def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, bac
     chunked = block > (chunk if backward else limit)
     if chunked:
         block = chunk
-    per_thread = min(PER_THREAD[wide], max(SMALL_ROW_PER_THREAD, block // WARP))
+    per_thread = min((PER_THREAD_DENSE if dense else PER_THREAD)[wide], max(SMALL_ROW_PER_THREAD, block // WARP))
     rows = max(1, WARP * 4 * per_thread // block)  # small rows: four warps of them per program
     warps = min(MAX_WARPS, max(1, rows * block // (WARP * per_thread)))
     return Launch(rows, block, warps, chunked)
