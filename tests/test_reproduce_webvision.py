@@ -160,6 +160,14 @@ def test_one_process_trains_and_reports(root, tmp_path, capsys):
     report = (out / "results.md").read_text()
     assert "| nce+rce | 1 |" in report and "62.64" in report and "67.44" in report
     assert not list((out / "checkpoints").glob("*.pt"))
+    # --report rebuilds the same report from the results alone, naming a damaged file it skips
+    (out / "results.md").unlink()
+    (out / "runs" / "webvision_ce_seed9.json").write_text("{not json")
+    capsys.readouterr()
+    assert cli.main(["--report", str(out)]) == 0
+    assert (out / "results.md").read_text() == report
+    assert "webvision_ce_seed9.json: damaged" in capsys.readouterr().err
+    (out / "runs" / "webvision_ce_seed9.json").unlink()
     # three epochs now: the finished result is of other settings
     assert cli.main(argv[:5] + ["3"] + argv[6:]) == 2
     assert "other settings" in capsys.readouterr().err

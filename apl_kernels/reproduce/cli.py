@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "at start: 1, 2, 4, ... up to all cores, the count that trains the grid's network "
                              "at its batch size fastest)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (on CUDA; --preset webvision also on CPU)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format (on CUDA; --preset webvision also on CPU)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars: a line per finished run and per minute of a long run instead "
                              "(also when the output is not a terminal)")
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     if args.report:
-        for path in write_report(args.report):
+        report = webvision_grid.write_report if webvision_grid.is_results_dir(args.report) else write_report
+        for path in report(args.report):
             print(path)
         return 0
     preset = PRESETS[args.preset]

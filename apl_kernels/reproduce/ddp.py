@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .. import backends
 from ..distributed.global_mean import global_mean, mean_divisor
 from . import store
-from .train import objective, read_checkpoint, restore, seed_everything
+from .train import optimizer_step, read_checkpoint, restore, seed_everything
 
 STEP_GAMMA = 0.97  # StepLR(step_size=1, gamma=0.97): the learning rate times 0.97 after every epoch
 TOP = (1, 5)
@@ -246,10 +246,7 @@ def train_run(run, data, group: Group, options: Options, checkpoint: Path | None
                 divisor = mean_divisor(y, getattr(criterion_sum, "weight", None),
                                        getattr(criterion_sum, "ignore_index", -100))
                 loss = global_mean(local_sum, divisor)
-            optimizer.zero_grad(set_to_none=True)
-            objective(loss, model, settings.l1).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
+            optimizer_step(optimizer, model, loss, settings)
             with torch.no_grad():
                 sums += torch.stack([local_sum.double(), divisor.double(), (logits.argmax(1) == y).sum().double()])
         scheduler.step()

@@ -109,6 +109,15 @@ def objective(loss: torch.Tensor, model: nn.Module, l1: float) -> torch.Tensor:
     return loss + l1 * l1_norm(model) if l1 else loss
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, settings) -> None:
+    """One step of the papers' training: the objective's gradient (the loss plus ``settings.l1``'s
+    penalty), its norm clipped to ``settings.grad_clip``, the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    objective(loss, model, settings.l1).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators (model initialization uses torch's)."""
     random.seed(seed)
@@ -262,10 +271,7 @@ def train_run(config: RunConfig, data: datasets.Data, options: Options | None = 
                 with autocast():
                     logits = network(x).float()
                 loss = criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                objective(loss, model, settings.l1).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-                optimizer.step()
+                optimizer_step(optimizer, model, loss, settings)
                 with torch.no_grad():
                     predicted = logits.argmax(1)
                     seen += index.numel()

@@ -248,18 +248,42 @@ REPORT_COLUMNS = ("loss", "seeds", "webvision_top1", "webvision_top5", "imagenet
                   "published_webvision_top1", "paper")
 
 
-def write_report(out: Path, runs: list[WebRun]) -> list[Path]:
+def is_results_dir(out: Path) -> bool:
+    """Whether ``out/runs`` holds WebVision run results (``--report`` then rebuilds this grid's report)."""
+    for path in sorted(Path(out).glob("runs/*.json")):
+        try:
+            return read_result(path)["config"].get("dataset") == DATASET
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def write_report(out: Path, runs: list[WebRun] | None = None) -> list[Path]:
     """``results.csv`` and ``results.md``: per loss, the mean over seeds of the last epoch's accuracies
-    beside the published WebVision top-1."""
-    rows = []
-    for loss in dict.fromkeys(run.loss for run in runs):
-        records = []
+    beside the published WebVision top-1; of ``runs``, or (``--report``) of every result in ``out/runs``
+    (a damaged file is skipped with a warning naming it)."""
+    out = Path(out)
+    by_loss: dict[str, list[dict]] = {}
+    if runs is None:
+        for path in sorted(out.glob("runs/*.json")):
+            try:
+                record = read_result(path)
+            except (OSError, ValueError) as err:
+                store.warn(f"skipped {path}: damaged ({store.first_line(err)}); training the grid again retrains its run")
+                continue
+            by_loss.setdefault(record["config"]["loss"], []).append(record)
+        order = {loss: i for i, loss in enumerate(LOSSES)}  # the grid's order, as a training command writes it
+        by_loss = dict(sorted(by_loss.items(), key=lambda item: order.get(item[0], len(order))))
+    else:
         for run in runs:
-            if run.loss == loss and paths(out, run)["result"].exists():
+            by_loss.setdefault(run.loss, [])
+            if paths(out, run)["result"].exists():
                 try:
-                    records.append(read_result(paths(out, run)["result"]))
+                    by_loss[run.loss].append(read_result(paths(out, run)["result"]))
                 except (OSError, ValueError):
                     pass
+    rows = []
+    for loss, records in by_loss.items():
         finished = [r for r in records if r["status"] == "finished"]
         if not records:
             continue
