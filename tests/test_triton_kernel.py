@@ -52,6 +52,7 @@ def use_small_tiles(monkeypatch):
     monkeypatch.setattr(triton_backend, "ON_CHIP", {False: 64, True: 64})
     monkeypatch.setattr(triton_backend, "ON_CHIP_DENSE", {False: 32, True: 32})
     monkeypatch.setattr(triton_backend, "CHUNK", {False: 16, True: 8})
+    monkeypatch.setattr(triton_backend, "CHUNK_DENSE", {False: 16, True: 8})
 
 
 @pytest.fixture
@@ -99,10 +100,19 @@ def test_launch_table():
                 assert launch.block & (launch.block - 1) == 0 and launch.warps & (launch.warps - 1) == 0
                 # Whole rows up to the on-chip limit, else chunks; several rows a program at small K.
                 assert launch.chunked == (triton.next_power_of_2(k) > on_chip)
-                chunk = min(triton_backend.CHUNK[wide], on_chip)
+                chunk = (triton_backend.CHUNK_DENSE if dense else triton_backend.CHUNK)[wide]
                 assert launch.block == (chunk if launch.chunked else triton.next_power_of_2(k))
                 backward = triton_backend.launch_config(k, dtype, dense, backward=True)
                 assert backward.block == min(launch.block, chunk) and backward.chunked == (k > backward.block)
+                # A chunk is one program of CHUNK_WARPS under its register budget, within the cap.
+                for plan in (launch, backward):
+                    if plan.chunked:
+                        assert (plan.rows, plan.warps) == (1, triton_backend.CHUNK_WARPS)
+                        assert plan.registers == triton_backend.CHUNK_REGISTERS[wide] <= 65536 // (32 * plan.warps)
+                    else:
+                        assert plan.registers is None
+                if launch.chunked:
+                    continue
                 # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program);
                 # where rows share a program, a warp's lanes hold BLOCK_K / 32 each, at least 4.
                 small = max(triton_backend.SMALL_ROW_PER_THREAD, launch.block // 32)

@@ -27,16 +27,25 @@ WARP = 32
 MAX_WARPS = 32
 # Per accumulation dtype (float32, float64): elements of the logits a thread holds (registers: a
 # float64 takes two), rows of at most ON_CHIP classes (ON_CHIP_DENSE with coefficients held beside
-# them) kept in registers from their one read to their last use, and the chunk that longer rows
-# stream through (for dense rows, at most their limit). docs/kernels.md ("Triton", "Launch table")
-# gives the reasoning and the sm_90 register counts they were chosen by.
+# them) kept in registers from their one read to their last use. docs/kernels.md ("Triton",
+# "Launch table") gives the reasoning and the sm_80/sm_90 register counts they were chosen by.
 PER_THREAD = {False: 16, True: 8}
 # Dense float64 rows hold each element's coefficient beside it: at eight elements a thread,
 # nce+agce's smoothed float64 forward (AGCE's expm1/log1p form) kept 8 bytes of stack on sm_90.
 PER_THREAD_DENSE = {False: 16, True: 4}
 ON_CHIP = {False: 8192, True: 2048}
 ON_CHIP_DENSE = {False: 4096, True: 1024}
-CHUNK = {False: 8192, True: 2048}
+# Longer rows stream through chunks, one 8-warp program a row (8 elements a thread; 4 for dense
+# float64 rows) under a register budget (.maxnreg). Left to itself, ptxas trades registers for
+# occupancy in the chunk loop: it kept 48, 64, 80 or 128 registers and spilled 8 to 24 bytes in 23
+# of the 108 kinds of launch compiled at K = 128,000 (every dense and float64 one of the heaviest
+# losses), whatever the tile; a budget ends the trade, and 128 (two programs an SM) holds every
+# float32 chunk of 8 elements a thread without a spill where 16 a thread spilled up to 152 bytes
+# within it. Float64 chunks need more than 128: their budget is the cap.
+CHUNK = {False: 2048, True: 2048}
+CHUNK_DENSE = {False: 1024, True: 1024}
+CHUNK_WARPS = 8
+CHUNK_REGISTERS = {False: 128, True: 255}
 # Rows shorter than a tile, several a program: each thread holds every per-row value (label, record,
 # coefficients, sums: about 30) of each row it has an element of. A row takes a warp, its lanes
 # holding BLOCK_K / 32 elements each, down to SMALL_ROW_PER_THREAD; shorter rows share a warp, a row
@@ -51,6 +60,7 @@ class Launch(NamedTuple):
     block: int  # classes per tile: the whole row, or a chunk (a power of two)
     warps: int
     chunked: bool  # the row streams through chunks of `block` classes
+    registers: Optional[int] = None  # the register budget (.maxnreg) of a chunked program
 
 
 def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, backward: bool = False) -> Launch:
@@ -61,14 +71,13 @@ def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, bac
     wide = dtype == torch.float64
     block = triton.next_power_of_2(num_classes)
     limit = (ON_CHIP_DENSE if dense else ON_CHIP)[wide]
-    chunk = min(CHUNK[wide], limit)  # dense chunks hold their coefficients too: no larger than their limit
-    chunked = block > (chunk if backward else limit)
-    if chunked:
-        block = chunk
+    chunk = (CHUNK_DENSE if dense else CHUNK)[wide]
+    if block > (chunk if backward else limit):
+        return Launch(1, chunk, CHUNK_WARPS, True, CHUNK_REGISTERS[wide])
     per_thread = min((PER_THREAD_DENSE if dense else PER_THREAD)[wide], max(SMALL_ROW_PER_THREAD, block // WARP))
     rows = max(1, WARP * 4 * per_thread // block)  # small rows: four warps of them per program
     warps = min(MAX_WARPS, max(1, rows * block // (WARP * per_thread)))
-    return Launch(rows, block, warps, chunked)
+    return Launch(rows, block, warps, False)
 
 
 # ---------------------------------------------------------------- the ops' arguments
@@ -115,7 +124,10 @@ def kernel_arguments(call: Call, num_classes: int) -> tuple[tuple, dict]:
 
 
 def launch_meta(launch: Launch) -> dict:
-    return dict(ROWS=launch.rows, BLOCK_K=launch.block, CHUNKED=launch.chunked, num_warps=launch.warps)
+    meta = dict(ROWS=launch.rows, BLOCK_K=launch.block, CHUNKED=launch.chunked, num_warps=launch.warps)
+    if launch.registers and not triton.knobs.runtime.interpret:  # the interpreter has no registers
+        meta["maxnreg"] = launch.registers
+    return meta
 
 
 # ---------------------------------------------------------------- launching
