@@ -281,10 +281,11 @@ def refuse_other_gradients(target: Tensor, weight: Tensor | None) -> None:
                              f"detach them, or use backend='torch'")
 
 
-def backend_function(op: Callable, grad_mode: int) -> Callable:
+def backend_function(op: Callable, grad_mode: int, inplace_op: Callable | None = None) -> Callable:
     """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
     ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
-    ``grad_mode`` says."""
+    ``grad_mode`` says. ``inplace_op``, if the backend has one, is ``op`` in ``GRAD_IN_FORWARD``
+    mode writing the gradient over its (contiguous) logits and returning the loss alone."""
     backward_op = BACKWARD_OPS[op]
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
@@ -296,4 +297,5 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
         return loss
 
     fused_loss.op = op  # for callers that drive the op themselves (the fused linear + loss)
+    fused_loss.inplace_op = inplace_op
     return fused_loss
