@@ -188,7 +188,7 @@ class EagerFunction(torch.autograd.Function):
         ctx.backward_op = backward_op
         return output
 
-    backward = FusedFunction.backward
+    backward = staticmethod(FusedFunction.backward)
 
 
 # ---------------------------------------------------------------- vmap rules
