@@ -3,8 +3,8 @@
 At vocabulary scale the logits and their gradient dominate memory (8,192 rows of a 128,000-class
 head: 8 GB in float32). Here the rows go in chunks: per chunk a matmul forms the chunk's logits,
 the fused op of the backend (backends/fused.py, mode ``GRAD_IN_FORWARD``) turns them into the rows'
-losses and the gradient in one pass, and matmuls accumulate the gradients of ``hidden``,
-``weight`` and ``bias``; the chunk's logits and gradient are then dropped. The ideas are those of
+losses and the gradient in one pass (on CPU written over the logits), and matmuls accumulate the
+gradients of ``hidden``, ``weight`` and ``bias``; the next chunk reuses the logits' buffer. The ideas are those of
 Liger-Kernel's fused linear cross entropy and Apple's Cut Cross-Entropy, for every loss of the
 catalogue.
 
@@ -69,7 +69,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     upstream gradient of 1 (of ``row_scale`` per row, when given), ``chunk_size`` rows at a time (0:
     the default); a gradient not in ``needs`` is an empty tensor. Never holds more than one chunk of
     logits (one workspace, reused) and their gradient."""
-    op = backends.REGISTRY[backend].load().op  # the backend _linear_loss chose
+    function = backends.REGISTRY[backend].load()  # the backend _linear_loss chose
+    op, inplace_op = function.op, function.inplace_op
     rows, classes = hidden.shape[0], weight.shape[0]
     chunk_size = chunk_size or default_chunk_size(rows, hidden.shape[1], classes, hidden.device.type)
     acc = accumulation_dtype(hidden.dtype)
@@ -86,10 +87,11 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     grad_weight = weight.new_zeros(weight.shape if needs[1] else 0)
     grad_bias = weight.new_zeros(classes if needs[2] else 0)
     ones = weight.new_ones(min(chunk_size, rows) if needs[2] else 0)  # the bias' gradient as a matmul (GEMV)
-    # One chunk's logits, allocated once and overwritten by each chunk: chunk-sized blocks freed and
+    # One chunk's logits, allocated once and overwritten by each chunk, and the op's gradient written
+    # over them where the backend can (the CPU op, apl::fused_loss_): chunk-sized blocks freed and
     # allocated again beside the large gradients fragment the C heap, and the process then holds
-    # hundreds of MiB more than the allocator's peak (bench/run_linear.py --rss). (The op returns its
-    # gradient as a new tensor; it is freed before the next chunk asks for one of the same size.)
+    # hundreds of MiB more than the allocator's peak (bench/run_linear.py --rss). (The GPU ops return
+    # a new gradient, which the CUDA caching allocator hands back to the next chunk as it is.)
     workspace = hidden.new_empty((min(chunk_size, rows), classes))
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
@@ -99,7 +101,11 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             torch.mm(chunk, weight.t(), out=logits)
         else:
             torch.addmm(bias, chunk, weight.t(), out=logits)
-        chunk_loss, grad = op(logits, target[start:end], class_weight, bases, coefficients, chunk_options)
+        if grad_mode == contract.GRAD_IN_FORWARD and inplace_op is not None:
+            chunk_loss, grad = inplace_op(logits, target[start:end], class_weight, bases, coefficients,
+                                          chunk_options), logits
+        else:
+            chunk_loss, grad = op(logits, target[start:end], class_weight, bases, coefficients, chunk_options)
         if reduced:
             loss += chunk_loss
         else:

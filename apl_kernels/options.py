@@ -77,20 +77,21 @@ def check_inputs(input: Tensor, target: Tensor, weight: Tensor | None = None) ->
         raise ValueError(f"the number of classes K = input.shape[1] must be >= 2; got {input.shape[1]}")
     if target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices or class probabilities; got {target.dtype}")
-    index_shape = (input.shape[0],) + tuple(input.shape[2:])
+    shape = input.shape
+    index_shape = shape[:1] + shape[2:]  # (torch.Size compares with tuples)
     if target.is_floating_point():
-        if tuple(target.shape) != tuple(input.shape):
+        if target.shape != shape:
             hint = (" (class indices must be an integer tensor: use target.long())"
                     if tuple(target.shape) == index_shape else "")
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}; got "
                              f"{tuple(target.shape)}{hint}")
-    elif tuple(target.shape) == tuple(input.shape):
+    elif target.shape == shape:
         raise TypeError(f"target has the input's shape {tuple(input.shape)}, as class probabilities do, but "
                         f"is {target.dtype}: probability targets must be floating point (use "
-                        f"target.to(input.dtype)); class indices have shape {index_shape}")
-    elif tuple(target.shape) != index_shape:
+                        f"target.to(input.dtype)); class indices have shape {tuple(index_shape)}")
+    elif target.shape != index_shape:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
-                         f"expected {index_shape} (class indices) or {tuple(input.shape)} (class probabilities)")
+                         f"expected {tuple(index_shape)} (class indices) or {tuple(input.shape)} (class probabilities)")
     if input.device != target.device:
         raise ValueError(f"input is on {input.device} but target is on {target.device}")
     check_weight(weight, input)

@@ -14,6 +14,7 @@
 // a backward that recomputed them would double its cost.
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -498,12 +499,11 @@ double loss_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const C
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, const at::Tensor& target_in,
-                                                  const c10::optional<at::Tensor>& weight, at::IntArrayRef bases,
-                                                  at::ArrayRef<double> coefficients, at::IntArrayRef options) {
-  const OpCall call = decode_call(logits, target_in, weight, bases, coefficients, options);
-  TORCH_CHECK(call.grad_mode != kGradInBackward,
-              "apl: the CPU kernel computes the gradient in forward (gradient mode 1), not in backward (2)");
+// The loss of a decoded call, and its gradient into `grad` (unless it is empty): a new tensor, or the
+// logits themselves (fused_loss_). In place is safe row by row: a row is read (into its max, e and
+// V' scratch rows of RowKernel) before pass 4 writes its gradient from those scratch rows alone.
+at::Tensor loss_cpu(const at::Tensor& logits, const at::Tensor& target_in, const c10::optional<at::Tensor>& weight,
+                    const OpCall& call, at::Tensor& grad) {
   const at::Tensor target = call.probabilities ? target_in : target_in.contiguous();
   const int64_t rows = logits.size(0), K = logits.size(1);
   // Every label is checked before any logit is read; a mean divides by the summed weight of the
@@ -523,8 +523,6 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
     }
   }
   if (divisor == 0) divisor = 1;  // every row ignored (or weighted 0): the mean is 0
-  at::Tensor grad = call.grad_mode == kGradInForward ? at::empty(logits.sizes(), logits.options())
-                                                     : at::empty({0}, logits.options());
   const auto loss_options = logits.options().dtype(accumulation_type(logits));
   at::Tensor loss = call.reduction == kNone ? at::empty({rows}, loss_options) : at::empty({}, loss_options);
   const double grad_scale = call.reduction == kMean ? 1.0 / divisor : 1.0;
@@ -537,7 +535,37 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
       *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(call.reduction == kMean ? total / divisor : total);
     }
   });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                  const c10::optional<at::Tensor>& weight, at::IntArrayRef bases,
+                                                  at::ArrayRef<double> coefficients, at::IntArrayRef options) {
+  const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
+  TORCH_CHECK(call.grad_mode != kGradInBackward,
+              "apl: the CPU kernel computes the gradient in forward (gradient mode 1), not in backward (2)");
+  at::Tensor grad = call.grad_mode == kGradInForward ? at::empty(logits.sizes(), logits.options())
+                                                     : at::empty({0}, logits.options());
+  at::Tensor loss = loss_cpu(logits, target, weight, call, grad);
   return {loss, grad};
+}
+
+// fused_loss with the gradient written over the logits (contiguous, gradient mode 1): the loss
+// alone is returned. For callers that form the logits only to take this gradient (the fused
+// linear + loss): no gradient-sized allocation, as Liger-Kernel's cross entropy overwrites its input.
+at::Tensor fused_loss_inplace_cpu(at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                  at::IntArrayRef bases, at::ArrayRef<double> coefficients, at::IntArrayRef options) {
+  const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
+  TORCH_CHECK_VALUE(call.grad_mode == kGradInForward, "apl: fused_loss_ writes the gradient over the logits: its "
+                    "gradient mode (options[", kOptionGradMode, "]) must be 1 (in forward); got ", call.grad_mode);
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "apl: fused_loss_ writes the gradient over the logits, which must be "
+                    "contiguous; got strides ", logits.strides(), " (pass logits.contiguous())");
+  for (const at::Tensor* read : {&target, weight.has_value() ? &*weight : nullptr}) {
+    TORCH_CHECK_VALUE(!read || at::get_overlap_status(logits, *read) == at::MemOverlapStatus::No,
+                      "apl: fused_loss_ writes the gradient over the logits, so the ", read == &target ? "target" : "weight",
+                      " must not share their memory; pass a copy (.clone())");
+  }
+  return loss_cpu(logits, target, weight, call, logits);
 }
 
 }  // namespace
@@ -545,10 +573,15 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
 TORCH_LIBRARY(apl, m) {
   m.def("fused_loss(Tensor logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients, "
         "int[] options) -> (Tensor, Tensor)");
+  m.def("fused_loss_(Tensor(a!) logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients, "
+        "int[] options) -> Tensor");
   m.def("fused_loss_backward(Tensor logits, Tensor target, Tensor? weight, Tensor stats, Tensor grad_loss, "
         "int[] bases, float[] coefficients, int[] options) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(apl, CPU, m) { m.impl("fused_loss", &fused_loss_cpu); }
+TORCH_LIBRARY_IMPL(apl, CPU, m) {
+  m.impl("fused_loss", &fused_loss_cpu);
+  m.impl("fused_loss_", &fused_loss_inplace_cpu);
+}
 
 }  // namespace apl

@@ -61,3 +61,71 @@ def test_parity_at_lower_vector_widths(capability, tmp_path, seed):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"vector width): {capability.upper()}" in result.stdout, result.stdout[:2000]
+
+
+# ---------------------------------------------------------------- apl::fused_loss_ (the gradient over the logits)
+
+
+def _inplace_op():
+    ak.backends.resolve("cpp", "cpu")  # loads the library: the ops exist from then on
+    return torch.ops.apl.fused_loss_.default
+
+
+def _both_forms(z, target, weight, bases, coefficients, options):
+    """fused_loss's (loss, grad), and fused_loss_'s loss and what it left in a copy of the logits."""
+    inplace_op = _inplace_op()
+    loss, grad = torch.ops.apl.fused_loss.default(z, target, weight, bases, coefficients, options)
+    overwritten = z.detach().clone()
+    return (loss, grad), (inplace_op(overwritten, target, weight, bases, coefficients, options), overwritten)
+
+
+@pytest.mark.parametrize("mode", ["index", "smoothed", "weighted", "probabilities"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradient_over_the_logits_is_the_gradient(mode, dtype, reduction, seed):
+    """fused_loss_ (the fused linear + loss's form) writes over its logits exactly the gradient that
+    fused_loss returns, and returns the same loss: each row is read before its gradient is written."""
+    from apl_kernels.backends import contract
+    from apl_kernels.catalogue import make_spec
+    from apl_kernels.options import CallOptions
+    from cases import loss_cases, make_target
+
+    n, k = 37, 1 + seed % 300 + 2  # odd K: partial vectors; rows of one block and of many
+    target, options = make_target(mode, n, k, seed)
+    target[seed % n] = -100 if mode != "probabilities" else target[seed % n]
+    weight = options.get("weight")
+    z = random_logits(n, k, seed, dtype=torch.float64).to(dtype)
+    for name, params in loss_cases()[seed % 7::7]:
+        arguments = contract.op_arguments(make_spec(name, **params),
+                                          CallOptions(reduction, label_smoothing=options.get("label_smoothing", 0.0)),
+                                          contract.GRAD_IN_FORWARD)
+        (loss, grad), (inplace_loss, overwritten) = _both_forms(z, target.to(dtype) if target.is_floating_point()
+                                                                else target, weight, *arguments)
+        torch.testing.assert_close(inplace_loss, loss, rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(overwritten, grad, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_gradient_over_the_logits_opcheck():
+    from apl_kernels.backends import contract
+    from cases import sample_inputs
+
+    for z, *rest in sample_inputs("cpu", contract.GRAD_IN_FORWARD):
+        if rest[-1][contract.GRAD_MODE] == contract.GRAD_IN_FORWARD:
+            torch.library.opcheck(_inplace_op(), (z.detach().contiguous(), *rest))
+
+
+def test_gradient_over_the_logits_refuses_what_it_cannot_overwrite():
+    from apl_kernels.backends import contract
+    from apl_kernels.catalogue import make_spec
+    from apl_kernels.options import CallOptions
+
+    spec = make_spec("nce+mae")
+    z, y = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    with pytest.raises(ValueError, match=r"must be contiguous; got strides .* logits.contiguous"):
+        _inplace_op()(torch.randn(6, 4).t(), y, None, *contract.op_arguments(spec, CallOptions(),
+                                                                               contract.GRAD_IN_FORWARD))
+    for mode in (contract.NO_GRAD, contract.GRAD_IN_BACKWARD):
+        with pytest.raises(ValueError, match=r"gradient mode \(options\[3\]\) must be 1"):
+            _inplace_op()(z, y, None, *contract.op_arguments(spec, CallOptions(), mode))
+    with pytest.raises(ValueError, match=r"the target must not share their memory; pass a copy"):
+        _inplace_op()(z, z, None, *contract.op_arguments(spec, CallOptions(), contract.GRAD_IN_FORWARD))

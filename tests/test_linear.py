@@ -227,10 +227,11 @@ def test_never_allocates_the_logits(seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_logits_workspace_per_call(reduction, seed):
-    """The chunks' logits go into one workspace allocated once per call: the only chunk-sized
-    allocations are that workspace and the fused op's gradient of each chunk (allocating the logits
-    again in each chunk fragments the C heap: bench/run_linear.py --rss). For ``none``, forward
-    (no gradient) and backward (which recomputes the logits) each have one workspace."""
+    """The chunks' logits go into one workspace allocated once per call, and the CPU op writes each
+    chunk's gradient over them (apl::fused_loss_): that workspace is the only chunk-sized allocation
+    (allocating the logits or a gradient again in each chunk fragments the C heap:
+    bench/run_linear.py --rss). For ``none``, forward (no gradient) and backward (which recomputes
+    the logits) each have one workspace."""
     n, h, k, chunk = 256, 16, 3000, 64  # 4 chunks; a chunk's logits (768 KB) outsize every other tensor
     hidden, weight, bias = (x.float().requires_grad_() for x in exact_inputs(seed, n, h, k))
     target = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
@@ -239,9 +240,8 @@ def test_one_logits_workspace_per_call(reduction, seed):
         AL.linear_loss(hidden, weight, target, "nce+rce", bias=bias, chunk_size=chunk,
                        reduction=reduction).sum().backward()
 
-    chunks = n // chunk
     sizes = [size for size, _ in run_linear.allocations(linear) if size >= chunk * k * 4]
-    assert len(sizes) == (1 + chunks if reduction == "mean" else 2 + chunks), sizes
+    assert n // chunk == 4 and len(sizes) == (1 if reduction == "mean" else 2), sizes
     # and the workspace gives the values of a materialized call
     grads = [x.grad.clone() for x in (hidden, weight, bias)]
     for x in (hidden, weight, bias):

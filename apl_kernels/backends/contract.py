@@ -6,6 +6,8 @@ A fused op reads each row of logits once and returns the reduced loss and what b
               int[] options) -> (Tensor loss, Tensor saved)
     apl::<op>_backward(Tensor logits, Tensor target, Tensor? weight, Tensor stats, Tensor grad_loss,
                        int[] bases, float[] coefficients, int[] options) -> Tensor grad
+    apl::<op>_(Tensor(a!) logits, Tensor target, Tensor? weight, int[] bases, float[] coefficients,
+               int[] options) -> Tensor loss          (the CPU op only: apl::fused_loss_)
 
 * ``logits`` (R, K) with any strides, float16/bfloat16/float32/float64; ``target`` (R,) int64
   class indices or (R, K) floating class probabilities (any strides); ``weight`` None or (K,)
@@ -29,6 +31,9 @@ A fused op reads each row of logits once and returns the reduced loss and what b
   the last row holds the mean's divisor — from which ``<op>_backward`` computes the gradient times
   the upstream gradient (a device scalar, or (R,) with any stride, stride 0 included) in one pass:
   the logits are read twice and the gradient written once, with no host synchronization.
+* ``<op>_``: ``GRAD_IN_FORWARD`` only, with the gradient written over the (contiguous) logits
+  instead of into a new tensor, and the loss returned: for the fused linear + loss, whose chunks'
+  logits exist only to give that gradient (a new chunk-sized tensor per chunk fragments the C heap).
 """
 
 from __future__ import annotations
@@ -191,6 +196,11 @@ def saved_output(logits: Tensor, grad_mode: int) -> Tensor:
     if grad_mode == GRAD_IN_BACKWARD:
         return logits.new_empty((rows + 1, STATS), dtype=accumulation_dtype(logits.dtype))
     return logits.new_empty((0,))
+
+
+def fake_inplace(logits, target, weight, bases, coefficients, options):
+    """``<op>_`` (the gradient written over the logits, the loss returned): the loss's shape."""
+    return fake(logits, target, weight, bases, coefficients, options)[0]
 
 
 def fake_backward(logits, target, weight, stats, grad_loss, bases, coefficients, options):

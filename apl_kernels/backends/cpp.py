@@ -38,7 +38,7 @@ try:
 except ImportError:  # Windows: builds are not serialized, but each still installs whole
     fcntl = None
 
-from . import BackendUnavailable, fused
+from . import BackendUnavailable, contract, fused
 
 OP = "apl::fused_loss"
 LIBRARIES = {"cpu": ("apl_kernels_cpu", ("apl_cpu.cpp",)),
@@ -414,6 +414,7 @@ def ensure_loaded(variant: str, verbose: bool = False, force: bool = False) -> P
             f"compiler and CUDA toolkit suit this torch")
     if variant == "cpu":
         fused.register(OP, OP + "_backward")
+        torch.library.register_fake(OP + "_")(contract.fake_inplace)
     _loaded[variant] = path
     return path
 
@@ -423,5 +424,7 @@ def load(device_type: str) -> Callable:
     ensure_loaded(device_type)
     # The CPU kernel is bound by its exponentials: it computes the gradient in forward. The CUDA
     # kernels are bound by memory: they compute it in backward from the logits (docs/kernels.md).
-    mode = fused.GRAD_IN_FORWARD if device_type == "cpu" else fused.GRAD_IN_BACKWARD
-    return fused.backend_function(torch.ops.apl.fused_loss.default, mode)
+    if device_type == "cpu":  # and the gradient over the logits, for the fused linear + loss
+        return fused.backend_function(torch.ops.apl.fused_loss.default, fused.GRAD_IN_FORWARD,
+                                      torch.ops.apl.fused_loss_.default)
+    return fused.backend_function(torch.ops.apl.fused_loss.default, fused.GRAD_IN_BACKWARD)

@@ -172,6 +172,25 @@ class FusedFunction(torch.autograd.Function):
         return (None, None) + _backward(ctx, grad_loss, grad_of_saved)
 
 
+class EagerFunction(torch.autograd.Function):
+    """FusedFunction for an eager call (no tracing, no torch.func transform: :func:`traced` is
+    false), with the same forward, saved output and backward, less what only those need: an old-style
+    Function (``forward(ctx, ...)``, no ``setup_context``), whose ``apply`` does not bind its
+    arguments to a signature, and the op dispatched below autograd (inside a Function's forward, the
+    op's own autograd kernel, Python from torch.library, would only hand it on). At 128 x 10 these
+    took about half of a fused loss's forward plus backward (bench/results/small-cpu.md)."""
+
+    @staticmethod
+    def forward(ctx, op, backward_op, logits, target, weight, bases, coefficients, options):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(logits, target, weight, bases, coefficients, options)
+        _setup_context(ctx, (logits, target, weight, bases, coefficients, options), output, saved_is_constant=False)
+        ctx.backward_op = backward_op
+        return output
+
+    backward = staticmethod(FusedFunction.backward)
+
+
 # ---------------------------------------------------------------- vmap rules
 # Under vmap the samples' rows are rows of one call: the batch is flattened into the rows, the op
 # runs once with reduction "none", and each sample's reduction (and a mean's divisor, and the
@@ -281,10 +300,11 @@ def refuse_other_gradients(target: Tensor, weight: Tensor | None) -> None:
                              f"detach them, or use backend='torch'")
 
 
-def backend_function(op: Callable, grad_mode: int) -> Callable:
+def backend_function(op: Callable, grad_mode: int, inplace_op: Callable | None = None) -> Callable:
     """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
     ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
-    ``grad_mode`` says."""
+    ``grad_mode`` says. ``inplace_op``, if the backend has one, is ``op`` in ``GRAD_IN_FORWARD``
+    mode writing the gradient over its (contiguous) logits and returning the loss alone."""
     backward_op = BACKWARD_OPS[op]
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
@@ -292,8 +312,10 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
         refuse_other_gradients(target, weight)
         wants_grad = torch.is_grad_enabled() and logits.requires_grad
         arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD)
-        loss, _ = FusedFunction.apply(op, backward_op, logits, target, weight, *arguments)
+        function = FusedFunction if traced(logits) else EagerFunction
+        loss, _ = function.apply(op, backward_op, logits, target, weight, *arguments)
         return loss
 
     fused_loss.op = op  # for callers that drive the op themselves (the fused linear + loss)
+    fused_loss.inplace_op = inplace_op
     return fused_loss
