@@ -92,7 +92,8 @@ enum Option : int {
   kOptionReduction = 1,
   kOptionOfficialGrad = 2,
   kOptionGradMode = 3,
-  kNumOptions = 4
+  kOptionTargetGrad = 4,
+  kNumOptions = 5
 };
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 enum GradMode : int64_t { kNoGrad = 0, kGradInForward = 1, kGradInBackward = 2 };
