@@ -97,6 +97,6 @@ enum Option : int {
 };
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 enum GradMode : int64_t { kNoGrad = 0, kGradInForward = 1, kGradInBackward = 2 };
-constexpr int64_t kStats = 8;  // values of a RowRecord
+constexpr int64_t kStats = 9;  // values of a RowRecord
 
 }  // namespace apl

@@ -77,9 +77,9 @@ APL_HD RowRecord<S> make_record(int state, const RowStats<S>& row, S total_c, co
   if (state == kZero) return {S(0), infinity<S>(), S(0), S(0), S(0), S(0), S(0), S(0)};  // log s = inf: zero
   if (state == kUndefined) {
     const S nan = quiet_nan<S>();
-    return {nan, nan, nan, nan, nan, nan, nan, nan};
+    return {nan, nan, nan, nan, nan, nan, nan, nan, nan};
   }
-  return {row.max_z, row.log_s, total_c, k.alpha[0], k.beta[0], k.alpha[1], k.beta[1], k.total_h};
+  return {row.max_z, row.log_s, total_c, k.alpha[0], k.beta[0], k.alpha[1], k.beta[1], k.total_h, S(0)};
 }
 
 // The record after the last row: the divisor the backward divides the gradient by.

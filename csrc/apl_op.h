@@ -119,6 +119,13 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
   return call;
 }
 
+// The CUDA kernels do not write the probability targets' gradient: the cuda backend refuses such
+// calls before they reach its op (cpp.load); a direct call of the op is refused here.
+inline void refuse_target_grad(const OpCall& call) {
+  TORCH_CHECK_VALUE(!call.target_grad, "apl: the CUDA kernels do not give the probability targets' gradient "
+                    "(target_grad); use backend='triton' or backend='torch'");
+}
+
 // A gradient output (contract.gradient_output): the logits' (R, K), or with target_grad both
 // gradients stacked (2, R, K) in the promoted dtype of the logits and the targets.
 inline at::Tensor gradient_output(const at::Tensor& logits, const at::Tensor& target, bool target_grad) {
@@ -135,7 +142,7 @@ inline at::ScalarType accumulation_type(const at::Tensor& logits) {
 // divisor in the record after the last row.
 template <typename S>
 struct RowRecord {
-  S max_z, log_s, total_c, alpha0, beta0, alpha1, beta1, total_h;
+  S max_z, log_s, total_c, alpha0, beta0, alpha1, beta1, total_h, target_g;
 };
 static_assert(sizeof(RowRecord<float>) == kStats * sizeof(float), "RowRecord holds kStats values");
 

@@ -412,8 +412,9 @@ def test_opcheck(device, backend):
 def test_ops_reject_bad_arguments_with_the_same_errors(device, backend):
     op = resolve_op(backend, device)
     z, y = torch.randn(4, 10, device=device), torch.tensor([0, 1, 2, 3], device=device)
-    ce, coefficients, options = [0], [1.0, 0.5, 0.7, 1.0, 1e-7, 0.0], [-100, 1, 0, 1]
-    op(z, y, None, ce, coefficients, [-100, 1, 0, 0])
+    ce, coefficients, options = [0], [1.0, 0.5, 0.7, 1.0, 1e-7, 0.0], [-100, 1, 0, 1, 0]
+    op(z, y, None, ce, coefficients, [-100, 1, 0, 0, 0])
+    soft = torch.rand(4, 10, device=device)
     cases = [
         ((z[0], y, None, ce, coefficients, options), ValueError, "2-D"),
         ((z, y.int(), None, ce, coefficients, options), TypeError, "int64"),
@@ -428,9 +429,12 @@ def test_ops_reject_bad_arguments_with_the_same_errors(device, backend):
         ((z, y, None, ce, [float("inf"), 0.5, 0.7, 1.0, 1e-7, 0.0], options), ValueError, "weights must be finite"),
         ((z, y, None, ce, [1.0, 0.5, 0.7, 1.0, 1.0, 0.0], options), ValueError, "min_prob"),
         ((z, y, None, ce, [1.0, 0.5, 0.7, 1.0, 1e-7, 1.5], options), ValueError, "label_smoothing"),
-        ((z, y, None, ce, coefficients, [-100, 7, 0, 1]), ValueError, "reduction code"),
-        ((z, y, None, ce, coefficients, [-100, 1, 0]), ValueError, "options must be"),
-        ((z, y, None, ce, coefficients, [-100, 1, 2, 1]), ValueError, "must be 0 or 1"),
+        ((z, y, None, ce, coefficients, [-100, 7, 0, 1, 0]), ValueError, "reduction code"),
+        ((z, y, None, ce, coefficients, [-100, 1, 0, 1]), ValueError, "options must be"),
+        ((z, y, None, ce, coefficients, [-100, 1, 2, 1, 0]), ValueError, "must be 0 or 1"),
+        ((z, y, None, ce, coefficients, [-100, 1, 0, 1, 1]), ValueError, "target_grad"),  # labels: no gradient
+        ((z, soft, None, ce, coefficients, [-100, 1, 0, 0, 1]), ValueError, "target_grad"),  # none computed
+        ((z, soft, None, ce, coefficients, [-100, 1, 0, 1, 2]), ValueError, "target_grad"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):

@@ -360,7 +360,7 @@ def test_empty_batch(emulated):
 
 def test_opcheck(emulated):
     for mode in (fused.GRAD_IN_BACKWARD, fused.GRAD_IN_FORWARD):
-        for args in sample_inputs("cpu", mode):
+        for args in sample_inputs("cpu", mode, target_grad=False):  # the CUDA kernels give no targets' gradient
             torch.library.opcheck(_op("cuda_emulation"), args)
 
 

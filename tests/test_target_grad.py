@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from torch.func import grad, vjp, vmap
 
 import apl_kernels as ak
 from apl_kernels.testing.formulas import loss_and_grad
@@ -169,6 +170,59 @@ def test_targets_gradient_only_when_asked(device, backend, seed):
     weight = (torch.rand(5, dtype=torch.float64) + 0.5).to(device).requires_grad_()
     with pytest.raises(ValueError, match="no gradient of the class weights"):
         F.nce_rce(z, t, weight=weight, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_gradients_of_targets(reduction, device, backend, seed):
+    """torch.func as for the logits' gradient: per-sample gradients of both inputs (vmap of grad over
+    samples of several rows, the ops' vmap rules with the pair) and vjp, equal to the reference's."""
+    z = random_logits(12, 5, seed).view(3, 4, 5).to(device)
+    t = random_probabilities(12, 5, seed).view(3, 4, 5).to(device)
+    weight = random_weight(5, seed).to(device)
+
+    def loss(backend):
+        def f(zi, ti):
+            out = F.nce_rce(zi, ti, weight=weight, label_smoothing=0.1, reduction=reduction, backend=backend)
+            return out.sum() if reduction == "none" else out
+        return f
+
+    got = vmap(grad(loss(backend), argnums=(0, 1)))(z, t)
+    want = vmap(grad(loss("torch"), argnums=(0, 1)))(z, t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    cotangent = torch.randn((4,) if reduction == "none" else (), dtype=torch.float64).to(device)
+    results = []
+    for b in (backend, "torch"):
+        _, pullback = vjp(lambda zi, ti: F.nce_rce(zi, ti, weight=weight, reduction=reduction, backend=b), z[0], t[0])
+        results.append(pullback(cotangent))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if not is_interpreted(*p)],
+                         ids=[i for p, i in zip(FUSED, FUSED_IDS) if not is_interpreted(*p)])
+def test_torch_compile_gradients_of_targets(device, backend, seed):
+    """A compiled step (fullgraph) whose soft targets come from a trainable teacher: both models'
+    gradients equal eager's."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = (torch.nn.Linear(6, 5).to(device) for _ in range(2))
+    x = torch.randn(16, 6, generator=g).to(device)
+
+    def step(inputs):
+        soft = torch.softmax(teacher(inputs), 1)
+        return F.nce_rce(student(inputs), soft, label_smoothing=0.1, backend=backend)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        student.zero_grad()
+        teacher.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in (*student.parameters(), *teacher.parameters())])
+    for compiled, eager in zip(*reversed(results)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_one_hot_rows_and_zero_coefficients():

@@ -58,8 +58,9 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 GRAD_MODES = ("no_grad", "grad_in_forward", "grad_in_backward")
 NO_GRAD, GRAD_IN_FORWARD, GRAD_IN_BACKWARD = range(len(GRAD_MODES))
 # What GRAD_IN_BACKWARD saves per row (apl_op.h's RowRecord, the Triton kernels' Record):
-# max, log s, C, alpha and beta of each term, H (docs/kernels.md).
-RECORD = ("max_z", "log_s", "total_c", "alpha0", "beta0", "alpha1", "beta1", "total_h")
+# max, log s, C, alpha and beta of each term, H (docs/kernels.md), and the constant G of the
+# probability targets' gradient (apl_rowmath.h, "Targets' gradient"; 0 unless target_grad).
+RECORD = ("max_z", "log_s", "total_c", "alpha0", "beta0", "alpha1", "beta1", "total_h", "target_g")
 STATS = len(RECORD)
 
 

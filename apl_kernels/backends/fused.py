@@ -295,10 +295,11 @@ def refuse_other_gradients(target: Tensor | None, weight: Tensor | None, where: 
                              f"backend='torch'")
 
 
-def backend_function(op: Callable, grad_mode: int) -> Callable:
+def backend_function(op: Callable, grad_mode: int, targets_differentiated: bool = True) -> Callable:
     """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
     ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
-    ``grad_mode`` says."""
+    ``grad_mode`` says; probability targets that require grad get theirs unless
+    ``targets_differentiated`` is False (then they are refused)."""
     backward_op = BACKWARD_OPS[op]
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
@@ -306,7 +307,7 @@ def backend_function(op: Callable, grad_mode: int) -> Callable:
         refuse_other_gradients(None, weight)
         # Probability targets that require grad get theirs from the same pass (target_grad).
         target_grad = torch.is_grad_enabled() and target.requires_grad
-        if target_grad and grad_mode == GRAD_IN_BACKWARD:
+        if target_grad and not targets_differentiated:
             refuse_other_gradients(target, None)
         wants_grad = torch.is_grad_enabled() and (logits.requires_grad or target_grad)
         arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD, target_grad)
