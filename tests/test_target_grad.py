@@ -19,6 +19,9 @@ import torch.nn.functional as TF
 from torch.func import grad, vjp, vmap
 
 import apl_kernels as ak
+from apl_kernels.backends import contract
+from apl_kernels.catalogue import make_spec
+from apl_kernels.options import CallOptions
 from apl_kernels.testing.formulas import loss_and_grad
 from cases import (
     FUSED, FUSED_IDS, LOSS_CASES, LOSS_IDS, UNIT_ROUNDOFF, assert_parity, assert_result, clamp_levels,
@@ -130,6 +133,34 @@ def test_target_gradient_parity_with_reference(case, device, backend, seed):
         weight = random_weight(classes, s, dtype=dtype) if weighted else None
         reduction, upstream = upstream_of(mode, (rows // 3, 3) if layout == "spatial" else (rows,), dtype, s)
         check_target_parity(z, t, name, params, backend, device, reduction, upstream, layout, weight, eps)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in FUSED if p[1] == "triton"],
+                         ids=[i for p, i in zip(FUSED, FUSED_IDS) if p[1] == "triton"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["on-chip", "chunked"])
+def test_triton_targets_gradient_in_both_modes_and_chunks(chunked, device, backend, monkeypatch, seed):
+    """Triton's rows streamed through chunks (small tiles under the interpreter) against the
+    reference, and the pair that GRAD_IN_FORWARD saves (times 1, over the divisor) equal to the one
+    that backward writes, for every family."""
+    from test_triton_kernel import gradient_in_forward_and_backward, triton_backend as triton_ops, use_small_tiles
+    if chunked:
+        if not is_interpreted(device, backend):
+            pytest.skip("small tiles are for the interpreter")
+        use_small_tiles(monkeypatch)
+    k = 50 if chunked else 20
+    for j, (name, reduction, dtype) in enumerate([("nce+rce", "mean", torch.float64), ("nfl+nnfl", "none", torch.float32),
+                                                  ("ngce+mae", "sum", torch.float64)]):
+        z = random_logits(4, k, seed + j, dtype=dtype)
+        t = random_probabilities(4, k, seed + j, dtype=dtype)
+        weight = random_weight(k, seed + j, dtype=dtype)
+        assert triton_ops.launch_config(k, dtype, True).chunked == chunked
+        upstream = torch.tensor(1.0, dtype=dtype) if reduction != "none" else torch.ones(4, dtype=dtype)
+        check_target_parity(z, t, name, {}, backend, device, reduction, upstream, "rows", weight, 0.1)
+        args = contract.op_arguments(make_spec(name), CallOptions(reduction, label_smoothing=0.1),
+                                     contract.GRAD_IN_BACKWARD, target_grad=True)
+        (_, saved), (_, pair) = gradient_in_forward_and_backward(z.to(device), t.to(device), weight.to(device), args)
+        assert saved.shape == pair.shape == (2, 4, k)
+        torch.testing.assert_close(saved, pair, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-12)
 
 
 # Every family and pairs; no official_grad (by design not the exact derivative).
