@@ -280,6 +280,13 @@ def cross_entropy_samples(dtype: torch.dtype):
 OPINFO_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def tolerances(dtype: torch.dtype) -> dict:
+    """torch.testing.assert_close's default rtol and atol for ``dtype``."""
+    from torch.testing._comparison import default_tolerances
+    rtol, atol = default_tolerances(dtype)
+    return dict(rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in FUSED if p[0] == "cpu"],
                          ids=[i for p, i in zip(FUSED, FUSED_IDS) if p[0] == "cpu"])
 def test_pytorch_opinfo_cross_entropy_samples(device, backend, seed):
@@ -301,13 +308,16 @@ def test_pytorch_opinfo_cross_entropy_samples(device, backend, seed):
             truth = TF.cross_entropy(wide[0], wide[1] if len(wide) == 2 else target,
                                      weight=None if weight is None else weight.double(), **kwargs)
             assert mine.shape == truth.shape and mine.dtype == dtype, (sample, mine.shape, truth.shape)
-            torch.testing.assert_close(mine, truth.to(dtype), msg=lambda m: f"value of {sample}: {m}")
-            upstream = torch.randn(truth.shape, generator=g, dtype=torch.float64)
-            got = torch.autograd.grad(mine, inputs, upstream.to(dtype))
-            want = torch.autograd.grad(truth, wide, upstream)
+            # Against the float64 truth itself (rounding it to the dtype first would add a rounding),
+            # with the dtype's default tolerances, for the same (rounded) upstream gradient.
+            close = dict(check_dtype=False, **tolerances(dtype))
+            torch.testing.assert_close(mine.double(), truth, msg=lambda m: f"value of {sample}: {m}", **close)
+            upstream = torch.randn(truth.shape, generator=g, dtype=torch.float64).to(dtype)
+            got = torch.autograd.grad(mine, inputs, upstream)
+            want = torch.autograd.grad(truth, wide, upstream.double())
             for a, b, what in zip(got, want, ("input", "target")):
                 assert a.dtype == dtype
-                torch.testing.assert_close(a, b.to(dtype), msg=lambda m: f"{what} gradient of {sample}: {m}")
+                torch.testing.assert_close(a.double(), b, msg=lambda m: f"{what} gradient of {sample}: {m}", **close)
             count += 1
             with_target_grad += target.requires_grad
     assert (count, with_target_grad) == (84, 40)
