@@ -204,7 +204,6 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& logits, con
                                                    const c10::optional<at::Tensor>& weight, at::IntArrayRef bases,
                                                    at::ArrayRef<double> coefficients, at::IntArrayRef options) {
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
-  refuse_target_grad(call);
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t shared_limit = shared_memory_limit(logits.get_device());
@@ -224,14 +223,13 @@ at::Tensor fused_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& 
                                     const at::Tensor& grad_loss, at::IntArrayRef bases,
                                     at::ArrayRef<double> coefficients, at::IntArrayRef options) {
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
-  refuse_target_grad(call);
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_backward_cuda",
                                          [&] {
     const BackwardCall<scalar_t> b = prepare_backward<scalar_t>(logits, target, weight, stats, grad_loss, call, 0);
     run_backward(b, stream);
-    return b.grad;
+    return b.result(target);
   });
 }
 

@@ -178,7 +178,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_emulation(const at::Tensor& logits, cons
                                                   const c10::optional<at::Tensor>& weight, at::IntArrayRef bases,
                                                   at::ArrayRef<double> coefficients, at::IntArrayRef options) {
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
-  refuse_target_grad(call);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_cuda_emulation", [&] {
     return forward_op<scalar_t>(logits, target, weight, call, emulated.shared_memory, static_cast<int>(emulated.group),
                                 emulate_forward<scalar_t>, emulate_backward<scalar_t>);
@@ -190,13 +189,12 @@ at::Tensor cuda_emulation_backward(const at::Tensor& logits, const at::Tensor& t
                                    const at::Tensor& grad_loss, at::IntArrayRef bases,
                                    at::ArrayRef<double> coefficients, at::IntArrayRef options) {
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
-  refuse_target_grad(call);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                          "apl_cuda_emulation_backward", [&] {
     const BackwardCall<scalar_t> b = prepare_backward<scalar_t>(logits, target, weight, stats, grad_loss, call,
                                                                 static_cast<int>(emulated.group));
     emulate_backward(b);
-    return b.grad;
+    return b.result(target);
   });
 }
 

@@ -119,13 +119,6 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
   return call;
 }
 
-// The CUDA kernels do not write the probability targets' gradient: the cuda backend refuses such
-// calls before they reach its op (cpp.load); a direct call of the op is refused here.
-inline void refuse_target_grad(const OpCall& call) {
-  TORCH_CHECK_VALUE(!call.target_grad, "apl: the CUDA kernels do not give the probability targets' gradient "
-                    "(target_grad); use backend='triton' or backend='torch'");
-}
-
 // A gradient output (contract.gradient_output): the logits' (R, K), or with target_grad both
 // gradients stacked (2, R, K) in the promoted dtype of the logits and the targets.
 inline at::Tensor gradient_output(const at::Tensor& logits, const at::Tensor& target, bool target_grad) {

@@ -424,4 +424,4 @@ def load(device_type: str) -> Callable:
     # The CPU kernel is bound by its exponentials: it computes the gradient in forward. The CUDA
     # kernels are bound by memory: they compute it in backward from the logits (docs/kernels.md).
     mode = fused.GRAD_IN_FORWARD if device_type == "cpu" else fused.GRAD_IN_BACKWARD
-    return fused.backend_function(torch.ops.apl.fused_loss.default, mode, targets_differentiated=device_type == "cpu")
+    return fused.backend_function(torch.ops.apl.fused_loss.default, mode)
