@@ -240,11 +240,7 @@ class RowKernel {
       V g = constant;
       for (int t = 0; t < params_.num_terms; ++t) g = g + V(k.slope[t]) * V::loadu(value_row(t) + i);
       g = g * load(factor + i, count);
-      if (count == kLanes) {
-        g.store(out + i);
-      } else {
-        g.store(out + i, count);
-      }
+      count == kLanes ? g.store(out + i) : g.store(out + i, count);
     }
   }
 
@@ -567,8 +563,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
     }
   }
   if (divisor == 0) divisor = 1;  // every row ignored (or weighted 0): the mean is 0
-  // With the targets' gradient the pair is computed in the accumulation type, then given the
-  // promoted dtype of gradient_output (a copy only where that differs).
+  // The targets' gradient: the pair in the accumulation type, then gradient_output's dtype (a copy where it differs).
   at::Tensor grad = call.grad_mode != kGradInForward ? at::empty({0}, logits.options())
                     : call.target_grad ? at::empty({2, rows, K}, logits.options().dtype(accumulation_type(logits)))
                                        : at::empty(logits.sizes(), logits.options());
