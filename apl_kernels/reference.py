@@ -80,8 +80,10 @@ def _focal(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
 
 
 def _expect(c: Tensor, x: Tensor) -> Tensor:
-    """``sum_j c[j] x[j]`` per row, where a label of coefficient 0 adds 0 even if x is infinite there."""
-    return (c * torch.where(c != 0, x, 0)).sum(1)
+    """``sum_j c[j] x[j]`` per row, where a label of coefficient 0 adds 0 even if x is infinite there.
+    Its derivative in c[j] is x[j] wherever x[j] is finite, coefficient 0 included (as
+    ``F.cross_entropy``'s in a probability target), 0 where c[j] = 0 and x[j] is infinite."""
+    return (c * torch.where((c != 0) | x.isfinite(), x, 0)).sum(1)
 
 
 class Row:

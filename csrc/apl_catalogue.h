@@ -92,10 +92,11 @@ enum Option : int {
   kOptionReduction = 1,
   kOptionOfficialGrad = 2,
   kOptionGradMode = 3,
-  kNumOptions = 4
+  kOptionTargetGrad = 4,
+  kNumOptions = 5
 };
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 enum GradMode : int64_t { kNoGrad = 0, kGradInForward = 1, kGradInBackward = 2 };
-constexpr int64_t kStats = 8;  // values of a RowRecord
+constexpr int64_t kStats = 9;  // values of a RowRecord
 
 }  // namespace apl

@@ -154,17 +154,18 @@ struct VectorSums {
 };
 
 // The passes over one row of K contiguous acc_t, with scratch rows of whole vectors: a copy of the
-// row (for callers that must convert it), e = exp(z - max), the coefficients c of a dense row, and
-// each term's V'.
+// row (for callers that must convert it), e = exp(z - max), the coefficients c of a dense row,
+// each term's V', and (for the targets' gradient) each term's V.
 template <typename acc_t>
 class RowKernel {
  public:
   using V = Vec<acc_t>;
   static constexpr int64_t kLanes = V::size();
 
-  RowKernel(int64_t K, const LossParams& params, bool dense, acc_t grad_scale)
-      : K_(K), params_(params), dense_(dense), grad_scale_(grad_scale),
-        padded_((K + kLanes - 1) / kLanes * kLanes), scratch_((3 + kMaxTerms) * padded_, acc_t(0)) {}
+  RowKernel(int64_t K, const LossParams& params, bool dense, acc_t grad_scale, bool target_grad = false)
+      : K_(K), params_(params), dense_(dense), target_grad_(target_grad), grad_scale_(grad_scale),
+        padded_((K + kLanes - 1) / kLanes * kLanes),
+        scratch_((3 + (target_grad ? 2 : 1) * kMaxTerms) * padded_, acc_t(0)) {}
 
   // Where a caller may convert a row to acc_t; where a dense row's coefficients go (zero past K);
   // and where the gradient may be written (over e: each vector is read before it is written).
@@ -174,8 +175,11 @@ class RowKernel {
 
   // The loss of row z and its gradient (times grad_scale) into grad unless that is null. One-hot
   // rows: label y in [0, K) with coefficient label_c (= C). Dense rows: coefficient_row() holds c,
-  // total_c its sum, y is unused.
-  acc_t operator()(const acc_t* z, int64_t y, acc_t label_c, acc_t total_c, acc_t* grad) {
+  // total_c its sum, y is unused; with target_grad (a kernel made for it, grad not null), the
+  // targets' gradient (times grad_scale) into target_grad: dL/dc[k] times target_factor[k] =
+  // (1 - eps) w[k] (apl_rowmath.h, "Targets' gradient").
+  acc_t operator()(const acc_t* z, int64_t y, acc_t label_c, acc_t total_c, acc_t* grad,
+                   acc_t* target_grad = nullptr, const acc_t* target_factor = nullptr) {
     const int64_t K = K_, full = K / kLanes * kLanes, tail = K - full;
     const V zero(acc_t(0)), minus_inf(-std::numeric_limits<acc_t>::infinity());
     acc_t* e = this->e();
@@ -209,16 +213,37 @@ class RowKernel {
     if (!row.defined()) {
       constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
       if (grad) std::fill(grad, grad + K, kNaN);
+      if (target_grad) std::fill(target_grad, target_grad + K, kNaN);
       return kNaN;
     }
     const acc_t inv_s = acc_t(1) / s;
-    return dense_ ? finish<true>(z, y, label_c, total_c, grad, row, inv_s)
-                  : finish<false>(z, y, label_c, total_c, grad, row, inv_s);
+    if (dense_) {
+      const acc_t value = finish<true>(z, y, label_c, total_c, grad, row, inv_s);
+      if (target_grad) write_target_grad(target_grad, target_factor, row);
+      return value;
+    }
+    return finish<false>(z, y, label_c, total_c, grad, row, inv_s);
   }
 
  private:
   acc_t* e() { return scratch_.data() + padded_; }
   acc_t* derivative_row(int t) { return scratch_.data() + (3 + t) * padded_; }
+  acc_t* value_row(int t) { return scratch_.data() + (3 + kMaxTerms + t) * padded_; }
+
+  // The targets' gradient of a dense row whose finish() has run with a gradient: from the terms'
+  // V (value_row) and sums (sums_, `plain` gathered for reverse terms too when target_grad_).
+  void write_target_grad(acc_t* out, const acc_t* factor, const RowStats<acc_t>& row) {
+    TargetCoefs<acc_t> k = target_coefs<acc_t>(params_, sums_, row, K_);
+    k.scale_gradient(grad_scale_);
+    const V constant(k.constant);
+    for (int64_t i = 0; i < K_; i += kLanes) {
+      const int64_t count = std::min(kLanes, K_ - i);
+      V g = constant;
+      for (int t = 0; t < params_.num_terms; ++t) g = g + V(k.slope[t]) * V::loadu(value_row(t) + i);
+      g = g * load(factor + i, count);
+      count == kLanes ? g.store(out + i) : g.store(out + i, count);
+    }
+  }
 
   // Pass 3 for term t, whose base kBase is known at compile time (its element is
   // base_element<kBase>, inlined): its sums over the row, and its V' per element into
@@ -233,6 +258,8 @@ class RowKernel {
     const acc_t* e = this->e();
     const acc_t* c = coefficient_row();
     acc_t* derivatives = derivative_row(t);
+    acc_t* values = value_row(t);
+    const bool target_grad = target_grad_ && store;
     VectorSums<acc_t> sum;
     // `counted`: lanes that are elements of the row; `off_label`: (one-hot rows) those that are not
     // the label. Masks only for the vector holding the label and a partial last vector.
@@ -246,6 +273,10 @@ class RowKernel {
         // A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
         sum.weighted.add(Math<V>::where(w != zero, w * el.value, zero));
         sum.weighted_derivative.add(w * el.derivative);
+        if (target_grad) {  // the targets' gradient reads V, and the reverse family's S = sum V
+          el.value.store(values + i);
+          if constexpr (kFamily == kReverse) sum.plain.add(Math<V>::where(counted, el.value, zero));
+        }
       } else if constexpr (kFamily == kReverse) {
         sum.weighted.add(Math<V>::where(off_label, total_c_v * el.value, zero));
         sum.weighted_derivative.add(Math<V>::where(off_label, total_c_v * el.derivative, zero));
@@ -286,9 +317,10 @@ class RowKernel {
                acc_t inv_s) {
     const int64_t K = K_;
     const int terms = params_.num_terms;
-    TermSums<acc_t> sums[kMaxTerms];
+    TermSums<acc_t>* sums = sums_;
     bool stored[kMaxTerms] = {false, false};
     for (int t = 0; t < terms; ++t) {
+      sums[t] = TermSums<acc_t>{};
       if (!term_needs_pass(params_.base[t], kDense)) continue;
       stored[t] = grad != nullptr;
       sums[t] = with_base(params_.base[t], [&](auto base) {
@@ -355,8 +387,9 @@ class RowKernel {
 
   int64_t K_;
   LossParams params_;
-  bool dense_;
+  bool dense_, target_grad_;
   acc_t grad_scale_;
+  TermSums<acc_t> sums_[kMaxTerms];  // the last row's, for write_target_grad
   int64_t padded_;
   std::vector<acc_t> scratch_;
 };
@@ -439,29 +472,35 @@ struct Coefficients {
   }
 };
 
-// Every row's loss (into row_loss unless it is null) and gradient (into grad unless it is empty);
+// Every row's loss (into row_loss unless it is null) and gradient (into grad unless it is empty,
+// of grad_t: scalar_t, or acc_t for the (2, R, K) pair with the targets' gradient, call.target_grad);
 // returns the sum of the row losses. Rows go in blocks of a length that depends on K only, each
 // block's sum taken in order and the blocks' sums added in order: the same result for any number of
 // threads.
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 double loss_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const Coefficients<at::opmath_type<scalar_t>>& co,
                      const OpCall& call, double grad_scale, at::opmath_type<scalar_t>* row_loss, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  constexpr bool kSameType = std::is_same_v<grad_t, acc_t>;
   const int64_t rows = logits.size(0), K = logits.size(1);
-  scalar_t* grad_out = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  grad_t* grad_out = grad.numel() ? grad.mutable_data_ptr<grad_t>() : nullptr;
+  // The targets' gradient: the second half of the pair, and each class's (1 - eps) w[k].
+  acc_t* target_grad_out = call.target_grad ? reinterpret_cast<acc_t*>(grad_out) + rows * K : nullptr;
+  std::vector<acc_t> target_factor(call.target_grad ? K : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(target_factor.size()); ++i) target_factor[i] = co.keep * co.weight[i];
   const int64_t* labels = call.probabilities ? nullptr : target.const_data_ptr<int64_t>();
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockElements / K);
   const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
   std::vector<double> block_sums(num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t first_block, int64_t end_block) {
-    RowKernel<acc_t> kernel(K, call.params, call.dense, static_cast<acc_t>(grad_scale));
+    RowKernel<acc_t> kernel(K, call.params, call.dense, static_cast<acc_t>(grad_scale), call.target_grad);
     const RowReader<acc_t> logits_reader{logits}, target_reader{target};
     acc_t* c = kernel.coefficient_row();
     for (int64_t b = first_block; b < end_block; ++b) {
       double block_sum = 0;
       for (int64_t r = b * rows_per_block; r < std::min(rows, (b + 1) * rows_per_block); ++r) {
-        scalar_t* grad_row = grad_out ? grad_out + r * K : nullptr;
+        grad_t* grad_row = grad_out ? grad_out + r * K : nullptr;
+        acc_t* target_grad_row = target_grad_out ? target_grad_out + r * K : nullptr;
         const int64_t y = labels ? labels[r] : -1;
         // The row's coefficients: c[y] = label_c for a one-hot row; a dense row's in c.
         acc_t label_c = 0, total_c = 0, any_c = 0;
@@ -477,13 +516,14 @@ double loss_rows_cpu(const at::Tensor& logits, const at::Tensor& target, const C
           co.dense_row(read_any(target_reader, r, c), c, K, total_c, any_c);
         }
         acc_t loss = 0;
-        if (any_c == acc_t(0)) {  // ignored, or no coefficient on any label: 0
-          if (grad_row) std::fill(grad_row, grad_row + K, scalar_t(0));
+        if (any_c == acc_t(0)) {  // ignored, or no coefficient on any label: 0 (as the reference)
+          if (grad_row) std::fill(grad_row, grad_row + K, grad_t(0));
+          if (target_grad_row) std::fill(target_grad_row, target_grad_row + K, acc_t(0));
         } else {
           const acc_t* z = logits_reader.template read<scalar_t>(r, kernel.input_row());
           acc_t* grad_acc = nullptr;
           if (grad_row) grad_acc = kSameType ? reinterpret_cast<acc_t*>(grad_row) : kernel.gradient_row();
-          loss = kernel(z, y, label_c, total_c, grad_acc);
+          loss = kernel(z, y, label_c, total_c, grad_acc, target_grad_row, target_factor.data());
           if constexpr (!kSameType) {
             if (grad_row) at::vec::convert(grad_acc, grad_row, K);
           }
@@ -530,7 +570,9 @@ at::Tensor loss_cpu(const at::Tensor& logits, const at::Tensor& target_in, const
     using acc_t = at::opmath_type<scalar_t>;
     const Coefficients<acc_t> co(weight, K, call.params.label_smoothing);
     acc_t* row_loss = call.reduction == kNone ? loss.mutable_data_ptr<acc_t>() : nullptr;
-    const double total = loss_rows_cpu<scalar_t>(logits, target, co, call, grad_scale, row_loss, grad);
+    const double total = call.target_grad
+                             ? loss_rows_cpu<scalar_t, acc_t>(logits, target, co, call, grad_scale, row_loss, grad)
+                             : loss_rows_cpu<scalar_t, scalar_t>(logits, target, co, call, grad_scale, row_loss, grad);
     if (call.reduction != kNone) {
       *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(call.reduction == kMean ? total / divisor : total);
     }
@@ -544,9 +586,12 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
   TORCH_CHECK(call.grad_mode != kGradInBackward,
               "apl: the CPU kernel computes the gradient in forward (gradient mode 1), not in backward (2)");
-  at::Tensor grad = call.grad_mode == kGradInForward ? at::empty(logits.sizes(), logits.options())
-                                                     : at::empty({0}, logits.options());
+  // The targets' gradient: the pair in the accumulation type, then gradient_output's dtype (a copy where it differs).
+  at::Tensor grad = call.grad_mode != kGradInForward ? at::empty({0}, logits.options())
+                    : call.target_grad ? at::empty({2, logits.size(0), logits.size(1)}, logits.options().dtype(accumulation_type(logits)))
+                                       : at::empty(logits.sizes(), logits.options());
   at::Tensor loss = loss_cpu(logits, target, weight, call, grad);
+  if (call.target_grad) grad = grad.to(at::promoteTypes(logits.scalar_type(), target.scalar_type()));
   return {loss, grad};
 }
 
@@ -558,6 +603,8 @@ at::Tensor fused_loss_inplace_cpu(at::Tensor& logits, const at::Tensor& target, 
   const OpCall call = decode_call(logits, target, weight, bases, coefficients, options);
   TORCH_CHECK_VALUE(call.grad_mode == kGradInForward, "apl: fused_loss_ writes the gradient over the logits: its "
                     "gradient mode (options[", kOptionGradMode, "]) must be 1 (in forward); got ", call.grad_mode);
+  TORCH_CHECK_VALUE(!call.target_grad, "apl: fused_loss_ writes the logits' gradient alone over the logits; for the "
+                    "targets' gradient (options[", kOptionTargetGrad, "]) call fused_loss");
   TORCH_CHECK_VALUE(logits.is_contiguous(), "apl: fused_loss_ writes the gradient over the logits, which must be "
                     "contiguous; got strides ", logits.strides(), " (pass logits.contiguous())");
   for (const at::Tensor* read : {&target, weight.has_value() ? &*weight : nullptr}) {

@@ -229,7 +229,7 @@ at::Tensor fused_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& 
                                          [&] {
     const BackwardCall<scalar_t> b = prepare_backward<scalar_t>(logits, target, weight, stats, grad_loss, call, 0);
     run_backward(b, stream);
-    return b.grad;
+    return b.result(target);
   });
 }
 

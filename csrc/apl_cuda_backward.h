@@ -60,9 +60,12 @@ APL_UNROLL
 // logits. Zero and undefined rows are still read (their logits may load while their state is
 // being learnt) and get 0 and NaN. One loop each for dense and one-hot rows: each keeps only its
 // own coefficients in registers.
+// With a.target_grad (dense rows: probability targets), the targets' gradient too, from the same
+// elements: (1 - eps) w[j] (G + sum_t delta_t V_t[j]) (apl_rowmath.h, "Targets' gradient"; tk
+// already scaled).
 template <bool kDense, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
-                          const GradCoefs<S>& gc, S label_c, int y, int state) {
+                          const GradCoefs<S>& gc, const TargetCoefs<S>& tk, S label_c, int y, int state) {
   const scalar_t* z = a.logits + r * a.row_stride;
   scalar_t* out = a.grad + r * a.K;
   const RowSpan<scalar_t> span{static_cast<int>(a.K)};
@@ -81,6 +84,17 @@ APL_UNROLL
         const S c = kDense ? coefficient(a, r, j, y, label_c) : S(0);
         const S value = gradient_element<kDense>(a.params, gc, row, p, lp, c, !kDense && j == y, span.K);
         grad.v[e] = static_cast<scalar_t>(state == kCounted ? value : state == kZero ? S(0) : quiet_nan<S>());
+        if (kDense && a.target_grad) {
+          S t = tk.constant;
+APL_UNROLL
+          for (int term = 0; term < kMaxTerms; ++term) {
+            if (term < a.params.num_terms) {
+              t += tk.slope[term] * element<S, S>(a.params.base[term], p, lp, row, a.params, span.K).value;
+            }
+          }
+          t *= a.keep * class_weight(a, j);
+          a.target_grad_out[r * a.K + j] = state == kCounted ? t : state == kZero ? S(0) : quiet_nan<S>();
+        }
       }
       store_unit(out, vector_store, span, u, grad);
     }
@@ -89,12 +103,12 @@ APL_UNROLL
 
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
-                          const RowCoefs<S>& k, S total_c, S label_c, int y, int state) {
+                          const RowCoefs<S>& k, const TargetCoefs<S>& tk, S total_c, S label_c, int y, int state) {
   const GradCoefs<S> gc(a.params, k, total_c, a.dense);
   if (a.dense) {
-    gradient_loop<true>(g, a, r, row, gc, label_c, y, state);
+    gradient_loop<true>(g, a, r, row, gc, tk, label_c, y, state);
   } else {
-    gradient_loop<false>(g, a, r, row, gc, label_c, y, state);
+    gradient_loop<false>(g, a, r, row, gc, tk, label_c, y, state);
   }
 }
 
@@ -120,10 +134,21 @@ APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   k.alpha[1] = record.alpha1;
   k.beta[1] = record.beta1;
   k.total_h = record.total_h;
-  k.scale_gradient((a.upstream ? a.upstream[r * a.upstream_stride] : S(1)) / a.records[a.rows].max_z);
+  // The targets' gradient's G and delta_t = beta_t (-beta_t for reverse terms), before the scale.
+  TargetCoefs<S> tk;
+  if (a.target_grad) {
+    tk.constant = record.target_g;
+APL_UNROLL
+    for (int t = 0; t < kMaxTerms; ++t) {
+      tk.slope[t] = t < a.params.num_terms && family_of(a.params.base[t]) == kReverse ? -k.beta[t] : k.beta[t];
+    }
+  }
+  const S scale = (a.upstream ? a.upstream[r * a.upstream_stride] : S(1)) / a.records[a.rows].max_z;
+  k.scale_gradient(scale);
+  tk.scale_gradient(scale);
   // One-hot rows: label_c = C. Smoothed labels: c[y] = spread + (1 - eps) w[y].
   const S label_c = !a.dense ? record.total_c : counted_label ? a.keep * class_weight(a, y) : S(0);
-  gradient_pass(g, a, r, row, k, record.total_c, label_c, y, state);
+  gradient_pass(g, a, r, row, k, tk, record.total_c, label_c, y, state);
 }
 
 }  // namespace gpu

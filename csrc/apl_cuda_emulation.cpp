@@ -194,7 +194,7 @@ at::Tensor cuda_emulation_backward(const at::Tensor& logits, const at::Tensor& t
     const BackwardCall<scalar_t> b = prepare_backward<scalar_t>(logits, target, weight, stats, grad_loss, call,
                                                                 static_cast<int>(emulated.group));
     emulate_backward(b);
-    return b.grad;
+    return b.result(target);
   });
 }
 

@@ -57,7 +57,8 @@ APL_UNROLL
             s[0] += total_c * el.value;
             s[1] += total_c * el.derivative;
           }
-          if (family == kNormalized || family == kNegative) {
+          // (reverse: sum V is the targets' gradient's S)
+          if (family == kNormalized || family == kNegative || (a.target_grad && family == kReverse)) {
             s[2] += el.value;
             s[3] += el.derivative;
           }
@@ -73,13 +74,14 @@ APL_UNROLL
 }
 
 template <typename S>
-APL_HD RowRecord<S> make_record(int state, const RowStats<S>& row, S total_c, const RowCoefs<S>& k) {
+APL_HD RowRecord<S> make_record(int state, const RowStats<S>& row, S total_c, const RowCoefs<S>& k,
+                                S target_g = S(0)) {
   if (state == kZero) return {S(0), infinity<S>(), S(0), S(0), S(0), S(0), S(0), S(0)};  // log s = inf: zero
   if (state == kUndefined) {
     const S nan = quiet_nan<S>();
-    return {nan, nan, nan, nan, nan, nan, nan, nan};
+    return {nan, nan, nan, nan, nan, nan, nan, nan, nan};
   }
-  return {row.max_z, row.log_s, total_c, k.alpha[0], k.beta[0], k.alpha[1], k.beta[1], k.total_h};
+  return {row.max_z, row.log_s, total_c, k.alpha[0], k.beta[0], k.alpha[1], k.beta[1], k.total_h, target_g};
 }
 
 // The record after the last row: the divisor the backward divides the gradient by.
@@ -162,7 +164,8 @@ APL_UNROLL
   }
   if (!a.dense) label_terms(a.params, sums_c.v[0], row, label_c, a.K, sums);
   const RowCoefs<S> k = row_coefs<S>(a.params, sums, row, total_c, a.K);
-  if (g.leader()) write_row(a, g.row(), k.value, make_record(kCounted, row, total_c, k));
+  const S target_g = a.target_grad ? target_coefs<S>(a.params, sums, row, a.K).constant : S(0);
+  if (g.leader()) write_row(a, g.row(), k.value, make_record(kCounted, row, total_c, k, target_g));
   return k.value;
 }
 

@@ -3,6 +3,8 @@
 
 #pragma once
 
+#include <ATen/ops/stack.h>
+
 #include "apl_cuda_backward.h"
 #include "apl_cuda_forward.h"
 
@@ -80,6 +82,7 @@ Args<scalar_t> input_args(const at::Tensor& logits, const at::Tensor& target, co
   a.ignore_index = call.ignore_index;
   a.reduction = static_cast<int>(call.reduction);
   a.dense = call.dense;
+  a.target_grad = call.target_grad;
   for (int t = 0; t < call.params.num_terms; ++t) a.needs_pass |= term_needs_pass(call.params.base[t], call.dense);
   a.keep = static_cast<S>(1 - call.params.label_smoothing);
   a.eps_over_k = static_cast<S>(call.params.label_smoothing / static_cast<double>(a.K));
@@ -135,7 +138,15 @@ template <typename scalar_t>
 struct BackwardCall {
   Args<scalar_t> args;
   Launch launch;
-  at::Tensor grad, upstream;
+  at::Tensor grad, upstream, target_grad;
+
+  // The op's gradient: the logits', or with target_grad the pair (contract.gradient_output) in the
+  // promoted dtype of the logits and the targets (the targets' half is computed in S).
+  at::Tensor result(const at::Tensor& target) const {
+    if (!target_grad.defined()) return grad;
+    const at::ScalarType type = at::promoteTypes(grad.scalar_type(), target.scalar_type());
+    return at::stack({grad.to(type), target_grad.to(type)});
+  }
 };
 
 template <typename scalar_t>
@@ -169,6 +180,10 @@ BackwardCall<scalar_t> prepare_backward(const at::Tensor& logits, const at::Tens
   a.blocks = b.launch.blocks;
   b.grad = at::empty(logits.sizes(), logits.options());
   a.grad = b.grad.template mutable_data_ptr<scalar_t>();
+  if (call.target_grad) {
+    b.target_grad = at::empty(logits.sizes(), logits.options().dtype(accumulation_type(logits)));
+    a.target_grad_out = b.target_grad.template mutable_data_ptr<S>();
+  }
   return b;
 }
 
@@ -187,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& logits, const at
   const BackwardCall<scalar_t> b =
       prepare_backward<scalar_t>(logits, target, weight, f.records, at::Tensor(), call, forced_group);
   run_backward(b);
-  return {f.loss, b.grad};
+  return {f.loss, b.result(target)};
 }
 
 }  // namespace gpu

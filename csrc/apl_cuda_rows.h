@@ -222,6 +222,7 @@ struct Args {
   int reduction;
   bool dense;       // coefficients on every label (OpCall::dense)
   bool needs_pass;  // some term needs the sums pass (term_needs_pass)
+  bool target_grad; // the probability targets' gradient too (OpCall::target_grad)
   S keep;           // 1 - label_smoothing
   S eps_over_k;     // label_smoothing / K
   // The launch: threads per row, blocks, and the rows kept in shared memory between passes.
@@ -238,6 +239,7 @@ struct Args {
   S* loss;
   RowRecord<S>* records;
   scalar_t* grad;
+  S* target_grad_out;  // (target_grad) the targets' gradient, (rows, K) in S
   unsigned* counter;
   Sums<S, 2>* partials;
   // Backward: the upstream gradient, element r at upstream[r * upstream_stride] (null: 1).

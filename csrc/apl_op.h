@@ -19,7 +19,8 @@ namespace apl {
 // apl_catalogue.h's, generated from apl_kernels/backends/contract.py):
 //   bases         the terms' base losses (1 or 2)
 //   coefficients  one weight per term, then gamma, q, a, min_prob, then label_smoothing
-//   options       ignore_index, reduction code, official_grad (0/1), gradient mode (0/1/2)
+//   options       ignore_index, reduction code, official_grad (0/1), gradient mode (0/1/2),
+//                 target_grad (0/1: the probability targets' gradient too, see gradient_output)
 // Bad arguments raise ValueError (TypeError for a wrong dtype), as the Python checks of the Triton
 // op and of the public API do
 // (three lists rather than a dozen arguments: torch.library's autograd wrapper costs microseconds
@@ -29,6 +30,7 @@ struct OpCall {
   int64_t ignore_index;
   int64_t reduction;
   int64_t grad_mode;
+  bool target_grad;    // the gradient of the probability targets too
   bool probabilities;  // target holds (R, K) class probabilities, not (R,) labels
   bool dense;          // coefficients on every label: probabilities, or label smoothing
 };
@@ -69,7 +71,7 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
               "apl: a loss has 1 or 2 terms, and coefficients holds one weight per term, then gamma, q, a, "
               "min_prob and label_smoothing; got ", terms, " bases and ", coefficients.size(), " coefficients");
   TORCH_CHECK_VALUE(options.size() == kNumOptions,
-              "apl: options must be [ignore_index, reduction, official_grad, grad_mode]; got ", options.size(),
+              "apl: options must be [ignore_index, reduction, official_grad, grad_mode, target_grad]; got ", options.size(),
               " values");
   LossParams& params = call.params;
   params.num_terms = static_cast<int>(terms);
@@ -108,8 +110,21 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
   call.grad_mode = options[kOptionGradMode];
   TORCH_CHECK_VALUE(call.grad_mode >= kNoGrad && call.grad_mode <= kGradInBackward,
               "apl: the gradient mode (options[", kOptionGradMode, "]) must be 0, 1 or 2; got ", call.grad_mode);
+  const int64_t target_grad = options[kOptionTargetGrad];
+  TORCH_CHECK_VALUE(target_grad == 0 || (target_grad == 1 && call.probabilities && call.grad_mode != kNoGrad),
+                    "apl: target_grad (options[", kOptionTargetGrad, "]) must be 0, or 1 for probability targets "
+                    "with a gradient mode; got ", target_grad);
+  call.target_grad = target_grad == 1;
   call.dense = call.probabilities || params.label_smoothing != 0;
   return call;
+}
+
+// A gradient output (contract.gradient_output): the logits' (R, K), or with target_grad both
+// gradients stacked (2, R, K) in the promoted dtype of the logits and the targets.
+inline at::Tensor gradient_output(const at::Tensor& logits, const at::Tensor& target, bool target_grad) {
+  if (!target_grad) return at::empty(logits.sizes(), logits.options());
+  return at::empty({2, logits.size(0), logits.size(1)},
+                   logits.options().dtype(at::promoteTypes(logits.scalar_type(), target.scalar_type())));
 }
 
 inline at::ScalarType accumulation_type(const at::Tensor& logits) {
@@ -120,7 +135,7 @@ inline at::ScalarType accumulation_type(const at::Tensor& logits) {
 // divisor in the record after the last row.
 template <typename S>
 struct RowRecord {
-  S max_z, log_s, total_c, alpha0, beta0, alpha1, beta1, total_h;
+  S max_z, log_s, total_c, alpha0, beta0, alpha1, beta1, total_h, target_g;
 };
 static_assert(sizeof(RowRecord<float>) == kStats * sizeof(float), "RowRecord holds kStats values");
 

@@ -314,7 +314,8 @@ APL_HD Element<V> element(int base, V p, V lp, const RowStats<S>& row, const Los
 
 // ----------------------------------------------------------------- rows
 
-// A term's sums over a row: sum omega V, sum omega V', and (normalized, negative) sum V, sum V'.
+// A term's sums over a row: sum omega V, sum omega V', and (normalized, negative; reverse for the
+// targets' gradient) sum V, sum V'.
 template <typename S>
 struct TermSums {
   S weighted = 0, weighted_derivative = 0, plain = 0, plain_derivative = 0;
@@ -366,6 +367,54 @@ APL_HD RowCoefs<S> row_coefs(const LossParams& params, const TermSums<S>* sums, 
     k.beta[t] = sign * w * inv;
     k.alpha[t] = -sign * w * n_over_d * inv;
     k.total_h += k.beta[t] * sum.weighted_derivative + k.alpha[t] * plain_derivative;
+  }
+  return k;
+}
+
+// ----------------------------------------------------------------- the targets' gradient
+// Targets' gradient. Every loss is linear in the row's coefficients c (and C = sum c is), so
+// dL/dc[k] is a per-class term of the row. Differentiating each family's expectation at fixed z
+// (V, D independent of c):
+//   local       L = sum_j c[j] V[j]                dL/dc[k] = V[k]
+//   reverse     L = sum_j (C - c[j]) V[j]          dL/dc[k] = S - V[k],  S = sum_j V[j] (dC/dc[k] = 1)
+//   normalized  L = N / D, N = sum_j c[j] V[j]     dL/dc[k] = V[k] / D
+//   negative    L = C - N / D                      dL/dc[k] = 1 - V[k] / D
+// so over the terms dL/dc[k] = G + sum_t delta_t V_t[k], with per-row G = sum_t w_t (S_t for
+// reverse, 1 for negative, else 0) and delta_t = w_t, -w_t, w_t / D_t, -w_t / D_t (TargetCoefs).
+// A probability target t enters as c[k] = w[k] ((1 - eps) t[k] + eps / K) (class weights w, label
+// smoothing eps), so dL/dt[k] = (1 - eps) w[k] dL/dc[k]; a mean's 1 / divisor (rows: free of t)
+// and the upstream gradient scale it as they scale the logits' gradient. (The reverse family's S
+// is the only sum this needs beyond the gradient's: its pass gathers it as `plain`.)
+template <typename S>
+struct TargetCoefs {
+  S constant = 0;                // G
+  S slope[kMaxTerms] = {0, 0};   // delta_t
+
+  APL_HD void scale_gradient(S scale) {
+    constant *= scale;
+    for (int t = 0; t < kMaxTerms; ++t) slope[t] *= scale;
+  }
+};
+
+// TargetCoefs of a row from its terms' sums (`plain` = S for reverse, D for normalized and
+// negative; nce's D from the row's statistics, as in row_coefs).
+template <typename S>
+APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* sums, const RowStats<S>& row,
+                                   int64_t K) {
+  TargetCoefs<S> k;
+  for (int t = 0; t < kMaxTerms && t < params.num_terms; ++t) {
+    const S w = S(params.weight[t]);
+    const int family = family_of(params.base[t]);
+    if (family == kLocal) {
+      k.slope[t] = w;
+    } else if (family == kReverse) {
+      k.slope[t] = -w;
+      k.constant += w * sums[t].plain;
+    } else {
+      const S d = params.base[t] == kNCE ? row.lp_sum(K) : sums[t].plain;
+      k.slope[t] = (family == kNormalized ? w : -w) / d;
+      if (family == kNegative) k.constant += w;
+    }
   }
   return k;
 }

@@ -292,22 +292,19 @@ def test_gradients_handed_out_never_alias_what_a_later_backward_reads(reduction,
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
-def test_gradients_of_targets_or_class_weights_are_refused_not_none(device, backend, seed):
-    """F.cross_entropy differentiates probability targets and class weights; the fused ops do not,
-    and say so rather than leave a gradient of None."""
+def test_gradients_of_class_weights_are_refused_not_none(device, backend, seed):
+    """F.cross_entropy differentiates class weights; the fused ops do not, and say so rather than
+    leave a gradient of None. (Probability targets get theirs: tests/test_target_grad.py.)"""
     z = random_logits(4, 5, seed).to(device).requires_grad_()
-    soft = torch.softmax(random_logits(4, 5, seed + 1), 1).to(device)
-    weight = torch.rand(5, device=device) + 0.5
-    for target, w, what in ((soft.requires_grad_(), None, "probability targets"),
-                            (random_target(4, 5, seed).to(device), weight.requires_grad_(), "class weights")):
-        with pytest.raises(ValueError, match=f"not of the {what}"):
-            F.nce_rce(z, target, weight=w, backend=backend)
-        with torch.no_grad():  # evaluation asks for no gradient at all
-            F.nce_rce(z, target, weight=w, backend=backend)
-        F.nce_rce(z, target.detach(), weight=None if w is None else w.detach(), backend=backend).backward()
-        reference = F.nce_rce(z, target, weight=w, backend="torch")
-        reference.backward()  # the reference differentiates both
-        assert (target.grad if w is None else w.grad) is not None
+    weight = (torch.rand(5, device=device) + 0.5).requires_grad_()
+    target = random_target(4, 5, seed).to(device)
+    with pytest.raises(ValueError, match="no gradient of the class weights"):
+        F.nce_rce(z, target, weight=weight, backend=backend)
+    with torch.no_grad():  # evaluation asks for no gradient at all
+        F.nce_rce(z, target, weight=weight, backend=backend)
+    F.nce_rce(z, target, weight=weight.detach(), backend=backend).backward()
+    F.nce_rce(z, target, weight=weight, backend="torch").backward()  # the reference differentiates them
+    assert weight.grad is not None
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
@@ -415,8 +412,9 @@ def test_opcheck(device, backend):
 def test_ops_reject_bad_arguments_with_the_same_errors(device, backend):
     op = resolve_op(backend, device)
     z, y = torch.randn(4, 10, device=device), torch.tensor([0, 1, 2, 3], device=device)
-    ce, coefficients, options = [0], [1.0, 0.5, 0.7, 1.0, 1e-7, 0.0], [-100, 1, 0, 1]
-    op(z, y, None, ce, coefficients, [-100, 1, 0, 0])
+    ce, coefficients, options = [0], [1.0, 0.5, 0.7, 1.0, 1e-7, 0.0], [-100, 1, 0, 1, 0]
+    op(z, y, None, ce, coefficients, [-100, 1, 0, 0, 0])
+    soft = torch.rand(4, 10, device=device)
     cases = [
         ((z[0], y, None, ce, coefficients, options), ValueError, "2-D"),
         ((z, y.int(), None, ce, coefficients, options), TypeError, "int64"),
@@ -431,9 +429,12 @@ def test_ops_reject_bad_arguments_with_the_same_errors(device, backend):
         ((z, y, None, ce, [float("inf"), 0.5, 0.7, 1.0, 1e-7, 0.0], options), ValueError, "weights must be finite"),
         ((z, y, None, ce, [1.0, 0.5, 0.7, 1.0, 1.0, 0.0], options), ValueError, "min_prob"),
         ((z, y, None, ce, [1.0, 0.5, 0.7, 1.0, 1e-7, 1.5], options), ValueError, "label_smoothing"),
-        ((z, y, None, ce, coefficients, [-100, 7, 0, 1]), ValueError, "reduction code"),
-        ((z, y, None, ce, coefficients, [-100, 1, 0]), ValueError, "options must be"),
-        ((z, y, None, ce, coefficients, [-100, 1, 2, 1]), ValueError, "must be 0 or 1"),
+        ((z, y, None, ce, coefficients, [-100, 7, 0, 1, 0]), ValueError, "reduction code"),
+        ((z, y, None, ce, coefficients, [-100, 1, 0, 1]), ValueError, "options must be"),
+        ((z, y, None, ce, coefficients, [-100, 1, 2, 1, 0]), ValueError, "must be 0 or 1"),
+        ((z, y, None, ce, coefficients, [-100, 1, 0, 1, 1]), ValueError, "target_grad"),  # labels: no gradient
+        ((z, soft, None, ce, coefficients, [-100, 1, 0, 0, 1]), ValueError, "target_grad"),  # none computed
+        ((z, soft, None, ce, coefficients, [-100, 1, 0, 1, 2]), ValueError, "target_grad"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):

@@ -56,13 +56,22 @@ def test_the_ops_coefficients_and_options_are_the_contracts():
     bases, coefficients, options = contract.op_arguments(spec, CallOptions("sum", 7, 0.25), contract.GRAD_IN_BACKWARD)
     assert bases == (BASE_LOSSES.index("nfl"), BASE_LOSSES.index("nnfl"))
     assert coefficients == (2.0, 1.0, 1.5, 0.7, 1.0, 1e-5, 0.25)  # weights, gamma, q, a, min_prob, smoothing
-    assert options == (7, contract.REDUCTION_CODES["sum"], 0, contract.GRAD_IN_BACKWARD)
+    assert options == (7, contract.REDUCTION_CODES["sum"], 0, contract.GRAD_IN_BACKWARD, 0)
     z, y = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)
     call = contract.decode(z, y, None, bases, coefficients, options)
     assert (call.bases, call.weights, call.gamma, call.q, call.a, call.min_prob, call.label_smoothing) == (
         bases, (2.0, 1.0), 1.5, 0.7, 1.0, 1e-5, 0.25)
-    assert (call.ignore_index, call.reduction, call.official_grad, call.grad_mode, call.dense) == (
-        7, contract.REDUCTION_CODES["sum"], False, contract.GRAD_IN_BACKWARD, True)
+    assert (call.ignore_index, call.reduction, call.official_grad, call.grad_mode, call.target_grad, call.dense) == (
+        7, contract.REDUCTION_CODES["sum"], False, contract.GRAD_IN_BACKWARD, False, True)
+    # The targets' gradient: for probability targets with a gradient mode only.
+    *_, options = contract.op_arguments(spec, CallOptions("sum"), contract.GRAD_IN_FORWARD, target_grad=True)
+    assert options[contract.TARGET_GRAD] == 1
+    assert contract.decode(z, torch.rand(3, 4), None, bases, coefficients, options).target_grad
+    for target, mode in ((y, contract.GRAD_IN_FORWARD), (torch.rand(3, 4), contract.NO_GRAD)):
+        bad = list(options)
+        bad[contract.GRAD_MODE] = mode
+        with pytest.raises(ValueError, match="target_grad"):
+            contract.decode(z, target, None, bases, coefficients, bad)
 
 
 def test_the_mean_divisor_is_the_references_rule():

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import apl_kernels as ak
 from apl_kernels import backends
 from apl_kernels.backends import Backend, BackendUnavailable, cpp, fused
 from apl_kernels.catalogue import make_spec
@@ -158,6 +159,48 @@ def test_parity_with_reference(case, emulated, seed):
         reduction, upstream = upstream_for((index + j) % 4, n, dtype, seed + j)
         with launch(GROUPS[(index + 2 * j) % len(GROUPS)], SHARED if (index + j) % 3 else 0):
             check_parity(z, target, name, params, BACKEND, "cpu", reduction, upstream, **options)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_targets_gradient_parity_with_reference(case, emulated, seed):
+    """The probability targets' gradient (target_grad) of every loss case, with the value and the
+    logits' gradient of the same call, in every dtype, rotating layouts, upstream gradients,
+    reductions, class weights, smoothing, group sizes and shared memory (test_target_grad.py's
+    check)."""
+    from test_target_grad import check_target_parity, combos, upstream_of
+    index = LOSS_CASES.index(case)
+    for j, (dtype, rows, classes, mode, layout, weighted, eps) in enumerate(combos(index, "cpu", BACKEND, seed)):
+        s = seed + 7 * j
+        z = random_logits(rows, classes, s, dtype=dtype)
+        t = random_probabilities(rows, classes, s, dtype=dtype)
+        weight = random_weight(classes, s, dtype=dtype) if weighted else None
+        reduction, upstream = upstream_of(mode, (rows // 3, 3) if layout == "spatial" else (rows,), dtype, s)
+        with launch(GROUPS[(index + j) % len(GROUPS)], SHARED if (index + j) % 3 else 0):
+            check_target_parity(z, t, case[0], case[1], BACKEND, "cpu", reduction, upstream, layout, weight, eps)
+
+
+def test_targets_gradcheck_and_gradient_in_forward(emulated, seed):
+    """gradcheck in float64 in both inputs through the emulated kernels, and the pair that
+    GRAD_IN_FORWARD returns (an upstream gradient of 1, over the divisor) equal to backward's."""
+    g = torch.Generator().manual_seed(seed)
+    for j, (name, reduction) in enumerate((("nce+rce", "mean"), ("nfl+nnfl", "none"), ("ngce+mae", "sum"))):
+        z = (torch.randn(4, 6, generator=g, dtype=torch.float64) * 2).requires_grad_()
+        t = torch.rand(4, 6, generator=g, dtype=torch.float64).requires_grad_()
+        weight = torch.rand(6, generator=g, dtype=torch.float64) + 0.2
+        with launch(GROUPS[j % len(GROUPS)]):
+            assert torch.autograd.gradcheck(
+                lambda z, t: ak.functional.apl_loss(z, t, name, weight=weight, reduction=reduction,
+                                                    label_smoothing=0.1, backend=BACKEND),
+                (z, t), eps=1e-6, atol=1e-6, rtol=1e-5)
+            args = fused.op_arguments(make_spec(name), CallOptions(reduction, -100, 0.1), fused.GRAD_IN_FORWARD, True)
+            loss, saved = _op("cuda_emulation")(z.detach(), t.detach(), weight, *args)
+            backward_args = fused.op_arguments(make_spec(name), CallOptions(reduction, -100, 0.1),
+                                               fused.GRAD_IN_BACKWARD, True)
+            loss, stats = _op("cuda_emulation")(z.detach(), t.detach(), weight, *backward_args)
+            pair = _op("cuda_emulation_backward")(z.detach(), t.detach(), weight, stats, torch.ones_like(loss),
+                                                  *backward_args)
+        assert saved.shape == pair.shape == (2, 4, 6)
+        torch.testing.assert_close(saved, pair, rtol=1e-13, atol=1e-15)
 
 
 # ---------------------------------------------------------------- how rows are cut and read

@@ -418,8 +418,8 @@ def test_bad_input_is_named():
         (dict(chunk_size=2.0), ValueError, "chunk_size must be None or an int >= 1"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(backend="cuda"), ValueError, "does not run on cpu tensors"),
-        (dict(target=torch.rand(4, 5, requires_grad=True)), ValueError, "not of the probability targets"),
-        (dict(class_weight=torch.rand(5, requires_grad=True)), ValueError, "not of the class weights"),
+        (dict(target=torch.rand(4, 5, requires_grad=True)), ValueError, "no gradient of the probability targets"),
+        (dict(class_weight=torch.rand(5, requires_grad=True)), ValueError, "no gradient of the class weights"),
     ]
     for change, error, message in bad:
         args = {"hidden": h, "weight": w, "target": t, **change}

@@ -188,7 +188,8 @@ def gradient_in_forward_and_backward(z, target, weight, args):
     """The GRAD_IN_FORWARD op's loss and saved gradient, and the GRAD_IN_BACKWARD op's loss and
     backward gradient for an upstream gradient of 1."""
     bases, coefficients, options = args
-    in_forward, in_backward = ([*options[:3], mode] for mode in (contract.GRAD_IN_FORWARD, contract.GRAD_IN_BACKWARD))
+    in_forward, in_backward = ([*options[:3], mode, *options[4:]]
+                               for mode in (contract.GRAD_IN_FORWARD, contract.GRAD_IN_BACKWARD))
     forward_loss, saved = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_forward)
     loss, stats = torch.ops.apl.triton_loss(z, target, weight, bases, coefficients, in_backward)
     ones = torch.ones(loss.shape, dtype=loss.dtype, device=loss.device)

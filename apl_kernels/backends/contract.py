@@ -15,8 +15,9 @@ A fused op reads each row of logits once and returns the reduced loss and what b
 * ``bases``: the LossSpec's base losses (indices of ``catalogue.BASE_LOSSES``); ``coefficients``:
   one weight per base, then :data:`COEFFICIENTS` (the values of ``catalogue.PARAMETERS``, then
   ``label_smoothing``); ``options``: :data:`OPTIONS` (``ignore_index``, the reduction's code of
-  :data:`REDUCTION_CODES`, ``official_grad`` 0 or 1, and the gradient mode :data:`NO_GRAD`,
-  :data:`GRAD_IN_FORWARD` or :data:`GRAD_IN_BACKWARD`). :func:`op_arguments` packs them and
+  :data:`REDUCTION_CODES`, ``official_grad`` 0 or 1, the gradient mode :data:`NO_GRAD`,
+  :data:`GRAD_IN_FORWARD` or :data:`GRAD_IN_BACKWARD`, and ``target_grad`` 1 for the gradient of
+  probability targets too, else 0). :func:`op_arguments` packs them and
   :func:`decode` reads them back as a :class:`Call` of named fields; ``csrc/apl_catalogue.h`` holds
   the same positions for C++, generated from here (:func:`write_header`). (Three lists rather than
   a dozen arguments: torch.library's autograd wrapper spends time per argument on every call,
@@ -34,6 +35,10 @@ A fused op reads each row of logits once and returns the reduced loss and what b
 * ``<op>_``: ``GRAD_IN_FORWARD`` only, with the gradient written over the (contiguous) logits
   instead of into a new tensor, and the loss returned: for the fused linear + loss, whose chunks'
   logits exist only to give that gradient (a new chunk-sized tensor per chunk fragments the C heap).
+* ``target_grad`` 1: each gradient above (GRAD_IN_FORWARD's saved one, ``<op>_backward``'s) is
+  the pair (2, R, K) of :func:`gradient_output`: ``[0]`` the logits', ``[1]`` the probability
+  targets', written by the same pass (every loss is linear in the target row, so its gradient is a
+  per-class term of the row: ``apl_rowmath.h``, "Targets' gradient").
 """
 
 from __future__ import annotations
@@ -52,24 +57,26 @@ from ..options import FLOAT_DTYPES, CallOptions, accumulation_dtype
 
 MAX_TERMS = 2  # bases per call: a single loss or a pair
 COEFFICIENTS = PARAMETERS + ("label_smoothing",)  # after the terms' weights
-OPTIONS = ("ignore_index", "reduction", "official_grad", "grad_mode")
-IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE = (OPTIONS.index(name) for name in
-                                                     ("ignore_index", "reduction", "official_grad", "grad_mode"))
+OPTIONS = ("ignore_index", "reduction", "official_grad", "grad_mode", "target_grad")
+IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE, TARGET_GRAD = (OPTIONS.index(name) for name in OPTIONS)
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 GRAD_MODES = ("no_grad", "grad_in_forward", "grad_in_backward")
 NO_GRAD, GRAD_IN_FORWARD, GRAD_IN_BACKWARD = range(len(GRAD_MODES))
 # What GRAD_IN_BACKWARD saves per row (apl_op.h's RowRecord, the Triton kernels' Record):
-# max, log s, C, alpha and beta of each term, H (docs/kernels.md).
-RECORD = ("max_z", "log_s", "total_c", "alpha0", "beta0", "alpha1", "beta1", "total_h")
+# max, log s, C, alpha and beta of each term, H (docs/kernels.md), and the constant G of the
+# probability targets' gradient (apl_rowmath.h, "Targets' gradient"; 0 unless target_grad).
+RECORD = ("max_z", "log_s", "total_c", "alpha0", "beta0", "alpha1", "beta1", "total_h", "target_g")
 STATS = len(RECORD)
 
 
-def op_arguments(spec: LossSpec, options: CallOptions, grad_mode: int) -> tuple:
-    """The op's ``bases, coefficients, options`` for ``spec`` and the call's options."""
+def op_arguments(spec: LossSpec, options: CallOptions, grad_mode: int, target_grad: bool = False) -> tuple:
+    """The op's ``bases, coefficients, options`` for ``spec`` and the call's options;
+    ``target_grad``: the gradient of the probability targets too (see :func:`gradient_dtype`)."""
     return (
         spec.base_indices,
         spec.weights + spec.param_values + (options.label_smoothing,),
-        (options.ignore_index, REDUCTION_CODES[options.reduction], int(spec.official_grad), grad_mode),
+        (options.ignore_index, REDUCTION_CODES[options.reduction], int(spec.official_grad), grad_mode,
+         int(target_grad)),
     )
 
 
@@ -86,6 +93,7 @@ class Call(NamedTuple):
     reduction: int
     official_grad: bool
     grad_mode: int
+    target_grad: bool  # the probability targets' gradient too
     probabilities: bool  # (R, K) class probabilities, not (R,) labels
     dense: bool  # coefficients on every label: probabilities, or label smoothing
 
@@ -143,16 +151,19 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
         raise ValueError(f"apl: label_smoothing must be in [0, 1], got {label_smoothing}")
     if BASE_INDEX["aul"] in bases and a <= 1:
         raise ValueError(f"apl: aul needs a > 1, got {a}")
-    ignore_index, reduction, official_grad, grad_mode = (int(options[i]) for i in
-                                                         (IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE))
+    ignore_index, reduction, official_grad, grad_mode, target_grad = (int(x) for x in options)
     if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got {reduction}")
     if official_grad not in (0, 1):
         raise ValueError(f"apl: official_grad (options[{OFFICIAL_GRAD}]) must be 0 or 1; got {official_grad}")
     if grad_mode not in range(len(GRAD_MODES)):
         raise ValueError(f"apl: the gradient mode (options[{GRAD_MODE}]) must be 0, 1 or 2; got {grad_mode}")
+    if target_grad not in (0, 1) or (target_grad and (not probabilities or grad_mode == NO_GRAD)):
+        raise ValueError(f"apl: target_grad (options[{TARGET_GRAD}]) must be 0, or 1 for probability targets with a "
+                         f"gradient mode; got {target_grad}")
     return Call(tuple(int(b) for b in bases), tuple(float(w) for w in coefficients[:terms]), gamma, q, a, min_prob,
-                label_smoothing, ignore_index, reduction, bool(official_grad), grad_mode, probabilities,
+                label_smoothing, ignore_index, reduction, bool(official_grad), grad_mode, bool(target_grad),
+                probabilities,
                 probabilities or label_smoothing != 0)
 
 
@@ -185,14 +196,29 @@ def fake(logits, target, weight, bases, coefficients, options):
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((rows,) if options[REDUCTION] == REDUCTION_CODES["none"] else (), dtype=acc)
-    return loss, saved_output(logits, options[GRAD_MODE])
+    return loss, saved_output(logits, options[GRAD_MODE], target if options[TARGET_GRAD] else None)
 
 
-def saved_output(logits: Tensor, grad_mode: int) -> Tensor:
-    """The op's ``saved`` output, uninitialized: the gradient, the records, or nothing."""
+def gradient_dtype(logits: Tensor, target: Optional[Tensor]) -> torch.dtype:
+    """The dtype of a gradient output: the logits' or, with the targets' gradient (``target`` given),
+    the promoted dtype of both, so that neither gradient is rounded to the other's narrower dtype."""
+    return logits.dtype if target is None else torch.promote_types(logits.dtype, target.dtype)
+
+
+def gradient_output(logits: Tensor, target: Optional[Tensor]) -> Tensor:
+    """A gradient output, uninitialized: the logits' (R, K), or with the probability targets'
+    gradient (``target`` given, options' ``target_grad``) both, stacked (2, R, K): ``[0]`` the
+    logits', ``[1]`` the targets', in :func:`gradient_dtype`."""
+    shape = logits.shape if target is None else (2, *logits.shape)
+    return logits.new_empty(shape, dtype=gradient_dtype(logits, target))
+
+
+def saved_output(logits: Tensor, grad_mode: int, target: Optional[Tensor] = None) -> Tensor:
+    """The op's ``saved`` output, uninitialized: the gradient (:func:`gradient_output`, ``target``
+    given for the targets' gradient too), the records, or nothing."""
     rows, classes = logits.shape
     if grad_mode == GRAD_IN_FORWARD:
-        return logits.new_empty((rows, classes))
+        return gradient_output(logits, target)
     if grad_mode == GRAD_IN_BACKWARD:
         return logits.new_empty((rows + 1, STATS), dtype=accumulation_dtype(logits.dtype))
     return logits.new_empty((0,))
@@ -204,7 +230,7 @@ def fake_inplace(logits, target, weight, bases, coefficients, options):
 
 
 def fake_backward(logits, target, weight, stats, grad_loss, bases, coefficients, options):
-    return logits.new_empty(logits.shape)
+    return gradient_output(logits, target if options[TARGET_GRAD] else None)
 
 
 # ---------------------------------------------------------------- the C++ side, generated

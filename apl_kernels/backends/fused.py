@@ -16,7 +16,7 @@ from ..options import CallOptions
 from . import contract
 from .contract import (
     GRAD_IN_BACKWARD, GRAD_IN_FORWARD, GRAD_MODE, IGNORE_INDEX, NO_GRAD, REDUCTION, REDUCTION_CODES, STATS,
-    mean_divisor, op_arguments,
+    TARGET_GRAD, mean_divisor, op_arguments,
 )
 
 
@@ -33,6 +33,9 @@ def _setup_context(ctx, inputs, output, saved_is_constant: bool = True) -> None:
     ctx.set_materialize_grads(False)
     ctx.mode = options[GRAD_MODE]
     ctx.reduced = options[REDUCTION] != 0
+    # With target_grad each gradient is the pair (2, R, K) of contract.gradient_output: each half
+    # goes back in its input's dtype.
+    ctx.dtypes = (logits.dtype, target.dtype) if options[TARGET_GRAD] else None
     if ctx.mode == GRAD_IN_BACKWARD:
         ctx.save_for_backward(logits, target, weight, output[1])
         ctx.arguments = (bases, coefficients, options)
@@ -118,6 +121,14 @@ def gradient_is_differentiated() -> bool:
     return torch.is_grad_enabled() and (in_transform() or not torch.compiler.is_compiling())
 
 
+def _gradients(ctx, grad: Tensor) -> tuple:
+    """The op's gradient as the gradients of (logits, target, ...): the logits' only, or both halves
+    of the pair (contract.gradient_output) in their inputs' dtypes."""
+    if ctx.dtypes is None:
+        return grad, None, None, None, None, None
+    return grad[0].to(ctx.dtypes[0]), grad[1].to(ctx.dtypes[1]), None, None, None, None
+
+
 def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
     refuse_gradients_of_saved(grad_of_saved)
     if grad_loss is None:  # an undefined upstream gradient is zero: so is the logits' gradient
@@ -136,16 +147,16 @@ def _backward(ctx, grad_loss: Tensor | None, grad_of_saved: Tensor | None):
             grad = FirstDerivativeOnly.apply(ctx.backward_op, *arguments)
         else:
             grad = ctx.backward_op(*arguments)
-        return grad, None, None, None, None, None
+        return _gradients(ctx, grad)
     (saved_grad,) = ctx.saved_tensors
     scale = grad_loss.to(saved_grad.dtype) if ctx.reduced else grad_loss.to(saved_grad.dtype)[:, None]
     if released_after_this_backward(grad_loss):
         # Nothing reads the saved gradient after this: hand it out, scaled in place if need be.
         # (With retain_graph=True a later backward of this graph reads it: never alias it then.)
         if ctx.reduced and is_exactly_one(grad_loss):
-            return saved_grad, None, None, None, None, None
-        return saved_grad.mul_(scale), None, None, None, None, None
-    return saved_grad * scale, None, None, None, None, None
+            return _gradients(ctx, saved_grad)
+        return _gradients(ctx, saved_grad.mul_(scale))
+    return _gradients(ctx, saved_grad * scale)
 
 
 @signature_kept
@@ -223,15 +234,17 @@ def _vmap_forward(op):
             if options[REDUCTION] == REDUCTION_CODES["mean"]:
                 loss = loss / divisor
         mode = options[GRAD_MODE]
-        if mode == GRAD_IN_FORWARD:
-            saved = saved.view(batch, rows, classes)
+        saved_dim = 0
+        if mode == GRAD_IN_FORWARD:  # (B R, K), or the pair (2, B R, K) batched in its dim 1
+            saved_dim = saved.dim() - 2
+            saved = saved.view(*saved.shape[:-2], batch, rows, classes)
             if options[REDUCTION] == REDUCTION_CODES["mean"]:
                 saved = saved / divisor.to(saved.dtype)[:, None, None]
         elif mode == GRAD_IN_BACKWARD:  # each sample's rows, then a record holding its divisor
             record = torch.zeros(batch, 1, STATS, dtype=saved.dtype, device=saved.device)
             record[:, 0, 0] = divisor
             saved = torch.cat([saved[:-1].view(batch, rows, STATS), record], dim=1)
-        return (loss, saved), (0, 0 if mode != NO_GRAD else None)
+        return (loss, saved), (0, saved_dim if mode != NO_GRAD else None)
 
     return rule
 
@@ -255,7 +268,7 @@ def _vmap_backward(backward_op):
         flat_stats = torch.cat([stats[:, :-1].reshape(batch * rows, STATS), unit_divisor], dim=0)
         grad = backward_op(logits.reshape(batch * rows, classes), target.reshape(batch * rows, *target.shape[2:]),
                            weight, flat_stats, grad_loss.reshape(batch * rows), bases, coefficients, flat_options)
-        return grad.view(batch, rows, classes), 0
+        return grad.view(*grad.shape[:-2], batch, rows, classes), grad.dim() - 2  # the pair: batched in dim 1
 
     return rule
 
@@ -288,30 +301,34 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
         torch.library.register_vmap(backward_qualname, _vmap_backward(backward_op))
 
 
-def refuse_other_gradients(target: Tensor, weight: Tensor | None) -> None:
-    """The fused ops differentiate the logits only: a target or class weight that asks for a
-    gradient gets an error, not a gradient of None that reads as "no dependence" (evaluation under
-    no_grad asks for none)."""
+def refuse_other_gradients(target: Tensor | None, weight: Tensor | None, where: str = "backends give") -> None:
+    """The fused ops differentiate the logits and the probability targets, not the class weights:
+    a ``weight`` (or a ``target`` given here: the fused linear + loss differentiates neither) that
+    asks for a gradient gets an error, not a gradient of None that reads as "no dependence"
+    (evaluation under no_grad asks for none)."""
     if not torch.is_grad_enabled():
         return
     for tensor, what in ((target, "the probability targets"), (weight, "the class weights")):
         if tensor is not None and tensor.requires_grad:
-            raise ValueError(f"fused apl_kernels backends give gradients of the logits only, not of {what}: "
-                             f"detach them, or use backend='torch'")
+            raise ValueError(f"fused apl_kernels {where} no gradient of {what}: detach them, or use "
+                             f"backend='torch'")
 
 
 def backend_function(op: Callable, grad_mode: int, inplace_op: Callable | None = None) -> Callable:
     """The backend function ``(logits, target, weight, spec, options) -> loss`` of registered op
     ``op``; its gradient is computed in forward or backward (by its ``<op>_backward``) as
-    ``grad_mode`` says. ``inplace_op``, if the backend has one, is ``op`` in ``GRAD_IN_FORWARD``
-    mode writing the gradient over its (contiguous) logits and returning the loss alone."""
+    ``grad_mode`` says, probability targets' too when they require grad. ``inplace_op``, if the
+    backend has one, is ``op`` in ``GRAD_IN_FORWARD`` mode writing the logits' gradient over its
+    (contiguous) logits and returning the loss alone."""
     backward_op = BACKWARD_OPS[op]
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
                    options: CallOptions) -> Tensor:
-        refuse_other_gradients(target, weight)
-        wants_grad = torch.is_grad_enabled() and logits.requires_grad
-        arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD)
+        refuse_other_gradients(None, weight)
+        # Probability targets that require grad get theirs from the same pass (target_grad).
+        target_grad = torch.is_grad_enabled() and target.requires_grad
+        wants_grad = torch.is_grad_enabled() and (logits.requires_grad or target_grad)
+        arguments = op_arguments(spec, options, grad_mode if wants_grad else NO_GRAD, target_grad)
         function = FusedFunction if traced(logits) else EagerFunction
         loss, _ = function.apply(op, backward_op, logits, target, weight, *arguments)
         return loss

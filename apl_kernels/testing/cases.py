@@ -276,11 +276,11 @@ def assert_result(got, truth, z, target, name, params, reduction="none", upstrea
     assert_parity(got_grad, truth[1], grad_terms, z.dtype, roundings, where + " gradient", floor)
 
 
-def sample_inputs(device: str, grad_mode: int):
+def sample_inputs(device: str, grad_mode: int, target_grad: bool = True):
     """Arguments for opcheck of a fused op on ``device`` (pytorch/extension-cpp's pattern): dtypes,
     reductions, strides, index and probability targets, weights, label smoothing, both gradient
     modes of the focal losses, ignore_index, with the gradient computed as the kernel does
-    (``grad_mode``) or not at all."""
+    (``grad_mode``) or not at all; with ``target_grad``, a probability target's gradient too."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         spec = make_spec("nfl+rce", alpha=1.0, beta=0.5, official_grad=dtype == torch.float32)
@@ -297,6 +297,14 @@ def sample_inputs(device: str, grad_mode: int):
     t = torch.softmax(torch.randn(5, 7, generator=g), 1)
     yield (torch.randn(5, 7, generator=g).to(device).requires_grad_(), t.to(device), None,
            *contract.op_arguments(make_spec("nce+nnce"), CallOptions("sum"), grad_mode))
+    # Probability targets' gradients too (target_grad), strided, weighted, smoothed, float64 targets
+    # of float32 logits (the pair is float64).
+    t = torch.rand(9, 6, generator=g, dtype=torch.float64).t()
+    if target_grad:
+        yield (torch.randn(6, 9, generator=g).to(device).requires_grad_(), t.to(device).requires_grad_(),
+               torch.rand(9, generator=g).to(device),
+               *contract.op_arguments(make_spec("ngce+rce"), CallOptions("none", label_smoothing=0.1), grad_mode,
+                                      grad_mode != contract.NO_GRAD))
     yield (torch.randn(5, 4, generator=g).to(device), torch.randint(0, 4, (5,), generator=g).to(device), None,
            *contract.op_arguments(make_spec("nce+mae"), CallOptions("mean"), contract.NO_GRAD))
 

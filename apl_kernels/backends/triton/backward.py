@@ -7,7 +7,7 @@ import triton.language as tl
 from .rowmath import STATS, gradient
 from .tiles import (
     UNALIGNED, UNSPECIALIZED, load_coefficients, load_label, load_label_logit, load_logits, load_params, load_record,
-    load_tile, store_gradient,
+    load_tile, store_gradient, store_target_gradient,
 )
 
 
@@ -19,10 +19,11 @@ def backward_kernel(
     a_minus_one: tl.int64, nnfl_b: tl.int64, agce_top: tl.int64, aul_bottom: tl.int64, keep: tl.int64,
     spread: tl.int64,
     BASE0: tl.constexpr, BASE1: tl.constexpr, OFFICIAL: tl.constexpr, PROBS: tl.constexpr, WEIGHTED: tl.constexpr,
-    DENSE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
+    DENSE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr, TARGET_GRAD: tl.constexpr,
 ):
     """The gradient of ROWS rows from their Records, times the upstream gradient over the divisor
-    (the record after the last row): one read of the logits, one write of the gradient."""
+    (the record after the last row): one read of the logits, one write of the gradient (with
+    TARGET_GRAD, of the pair of contract.gradient_output: the targets' from the same tiles)."""
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < R
@@ -52,3 +53,6 @@ def backward_kernel(
                                       label, prm.keep, prm.spread, PROBS, WEIGHTED, ACC, BLOCK_K)
         store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
                        BLOCK_K)
+        if TARGET_GRAD:
+            store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g, kf, prm, BASE0, BASE1,
+                                  OFFICIAL, WEIGHTED, BLOCK_K)

@@ -5,11 +5,12 @@ import triton
 import triton.language as tl
 
 from .rowmath import (
-    NO_TERM, STATS, Coefs, Record, Sums, add_sums, coefs, gradient, label_sums, needs_pass, one_minus_exp, term_sums,
+    NO_TERM, STATS, Coefs, Record, Sums, add_sums, coefs, gradient, label_sums, needs_pass, one_minus_exp,
+    target_constant, term_sums,
 )
 from .tiles import (
     UNALIGNED, UNSPECIALIZED, load_coefficients, load_label, load_label_logit, load_logits, load_params, load_tile,
-    store_gradient,
+    store_gradient, store_target_gradient,
 )
 
 
@@ -22,10 +23,11 @@ def forward_kernel(
     spread: tl.int64,
     BASE0: tl.constexpr, BASE1: tl.constexpr, OFFICIAL: tl.constexpr, PROBS: tl.constexpr, WEIGHTED: tl.constexpr,
     DENSE: tl.constexpr, REDUCTION: tl.constexpr, GRAD_MODE: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr, TARGET_GRAD: tl.constexpr,
 ):
     """ROWS rows per program: their losses, and their Records (GRAD_IN_BACKWARD) or gradients
-    (GRAD_IN_FORWARD); for mean/sum the last program to finish reduces every program's part."""
+    (GRAD_IN_FORWARD; with TARGET_GRAD the pair of contract.gradient_output); for mean/sum the last
+    program to finish reduces every program's part."""
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -95,11 +97,11 @@ def forward_kernel(
                 p = tl.exp(lp)
                 if needs_pass(BASE0, DENSE):
                     sums0 = add_sums(sums0, term_sums(BASE0, DENSE, p, lp, valid, cc, total_c, is_label,
-                                                      u_max[:, None], kf, prm, OFFICIAL))
+                                                      u_max[:, None], kf, prm, OFFICIAL, TARGET_GRAD))
                 if BASE1 != NO_TERM:
                     if needs_pass(BASE1, DENSE):
                         sums1 = add_sums(sums1, term_sums(BASE1, DENSE, p, lp, valid, cc, total_c, is_label,
-                                                          u_max[:, None], kf, prm, OFFICIAL))
+                                                          u_max[:, None], kf, prm, OFFICIAL, TARGET_GRAD))
         else:
             valid = row_ok[:, None] & (cols < K)[None, :]
             is_label = cols[None, :] == label.y[:, None]
@@ -107,11 +109,11 @@ def forward_kernel(
             p = tl.exp(lp)
             if needs_pass(BASE0, DENSE):
                 sums0 = term_sums(BASE0, DENSE, p, lp, valid, c, total_c, is_label, u_max[:, None], kf, prm,
-                                  OFFICIAL)
+                                  OFFICIAL, TARGET_GRAD)
             if BASE1 != NO_TERM:
                 if needs_pass(BASE1, DENSE):
                     sums1 = term_sums(BASE1, DENSE, p, lp, valid, c, total_c, is_label, u_max[:, None], kf, prm,
-                                      OFFICIAL)
+                                      OFFICIAL, TARGET_GRAD)
     z_y = zero
     if not DENSE:  # one-hot rows: the label's own sums, from its logit
         z_y = load_label_logit(logits_ptr, rows, label, stride_row, stride_col, ACC)
@@ -122,8 +124,13 @@ def forward_kernel(
             sums1 = label_sums(BASE1, sums1, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL)
     coefs0 = coefs(BASE0, prm.w0, sums0, lp_sum, total_c, kf)
     coefs1 = Coefs(zero, zero, zero, zero)
+    target_g = zero
     if BASE1 != NO_TERM:
         coefs1 = coefs(BASE1, prm.w1, sums1, lp_sum, total_c, kf)
+    if TARGET_GRAD:  # the targets' gradient's G (apl_rowmath.h's target_coefs)
+        target_g = target_constant(BASE0, prm.w0, sums0)
+        if BASE1 != NO_TERM:
+            target_g += target_constant(BASE1, prm.w1, sums1)
 
     # The row's value and Record: 0 where no label has a coefficient (ignored rows), NaN where
     # the row is undefined (its gradient too: through log s and H).
@@ -137,7 +144,8 @@ def forward_kernel(
                     tl.where(counted, total_c, 0.0),
                     tl.where(counted, coefs0.alpha, 0.0), tl.where(counted, coefs0.beta, 0.0),
                     tl.where(counted, coefs1.alpha, 0.0), tl.where(counted, coefs1.beta, 0.0),
-                    tl.where(counted, tl.where(bad, nan, coefs0.total_h + coefs1.total_h), 0.0))
+                    tl.where(counted, tl.where(bad, nan, coefs0.total_h + coefs1.total_h), 0.0),
+                    tl.where(counted, tl.where(bad, nan, target_g), 0.0))
     if REDUCTION == 0:
         tl.store(loss_ptr + rows, value, mask=row_ok)
     if GRAD_MODE == 2:  # GRAD_IN_BACKWARD: the Record (the divisor's row comes below)
@@ -155,9 +163,15 @@ def forward_kernel(
                                    PROBS, WEIGHTED, DENSE, ACC, BLOCK_K)
                 store_gradient(saved_ptr, rows, row_ok, start, K, zc, cc, label.y, g, kf, prm, BASE0, BASE1, DENSE,
                                OFFICIAL, BLOCK_K)
+                if TARGET_GRAD:
+                    store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, start, K, zc, g, kf, prm, BASE0,
+                                          BASE1, OFFICIAL, WEIGHTED, BLOCK_K)
         else:
             store_gradient(saved_ptr, rows, row_ok, 0, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
                            BLOCK_K)
+            if TARGET_GRAD:
+                store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, 0, K, z, g, kf, prm, BASE0, BASE1,
+                                      OFFICIAL, WEIGHTED, BLOCK_K)
 
     if REDUCTION != 0:
         _reduce(loss_ptr, saved_ptr, partials_ptr, counter_ptr, R, value, label.weight, REDUCTION, GRAD_MODE, ACC)
@@ -167,12 +181,13 @@ def forward_kernel(
 
 
 _REDUCE_BLOCK = tl.constexpr(1024)  # parts summed at a time by the last program
+_STATS_BLOCK = tl.constexpr(triton.next_power_of_2(STATS.value))  # a record's values as an arange
 
 
 @triton.jit
 def _store_divisor(stats_ptr, R, divisor, ACC: tl.constexpr):
-    j = tl.arange(0, STATS)
-    tl.store(stats_ptr + R.to(tl.int64) * STATS + j, tl.where(j == 0, divisor, 0.0).to(ACC))
+    j = tl.arange(0, _STATS_BLOCK)
+    tl.store(stats_ptr + R.to(tl.int64) * STATS + j, tl.where(j == 0, divisor, 0.0).to(ACC), mask=j < STATS)
 
 
 @triton.jit

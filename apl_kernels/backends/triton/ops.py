@@ -119,7 +119,7 @@ def kernel_arguments(call: Call, num_classes: int) -> tuple[tuple, dict]:
               call.label_smoothing / num_classes)
     meta = dict(BASE0=call.bases[0], BASE1=call.bases[1] if len(call.bases) == 2 else NO_TERM.value,
                 OFFICIAL=call.official_grad and any(b in _FOCAL_INDICES for b in call.bases),
-                PROBS=call.probabilities, DENSE=call.dense)
+                PROBS=call.probabilities, DENSE=call.dense, TARGET_GRAD=call.target_grad)
     return tuple(float_bits(v) for v in values), meta
 
 
@@ -194,7 +194,7 @@ def triton_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases:
     rows, num_classes = logits.shape[0], int(logits.shape[1])  # the kernels specialize on K (a guard when traced)
     acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((rows,) if call.reduction == NONE else (), dtype=acc)
-    saved = contract.saved_output(logits, call.grad_mode)
+    saved = contract.saved_output(logits, call.grad_mode, target if call.target_grad else None)
     if rows == 0:  # nothing to launch: a reduced loss is 0, the divisor 1
         loss.zero_()
         if call.grad_mode == contract.GRAD_IN_BACKWARD:
@@ -232,7 +232,7 @@ def triton_loss_backward(logits: Tensor, target: Tensor, weight: Optional[Tensor
     if grad_loss.shape != ((rows,) if call.reduction == NONE else ()) or grad_loss.dtype not in FLOAT_DTYPES:
         raise ValueError(f"apl: grad_loss must be floating with the loss's shape; got {grad_loss.dtype} of shape "
                          f"{list(grad_loss.shape)}")
-    grad = logits.new_empty((rows, num_classes))
+    grad = contract.gradient_output(logits, target if call.target_grad else None)
     if rows == 0:
         return grad
     plan = launch_config(num_classes, logits.dtype, call.dense, backward=True)

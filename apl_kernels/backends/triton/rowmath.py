@@ -43,6 +43,12 @@ def needs_pass(base, dense):
     return dense or (_FAMILIES[base] != LOCAL.value and base != NCE.value)
 
 
+@triton.constexpr_function
+def target_sign(base):
+    """The sign of beta in a term's delta of the targets' gradient: -1 for reverse, else 1."""
+    return -1.0 if _FAMILIES[base] == REVERSE.value else 1.0
+
+
 _CLAMP_MIN = tl.constexpr(CLAMP_MIN)
 _LOG_CLAMP_MIN = tl.constexpr(math.log(CLAMP_MIN))
 _RCE_A = tl.constexpr(RCE_A)
@@ -106,6 +112,7 @@ class Record(NamedTuple):
     alpha1: tl.tensor
     beta1: tl.tensor
     total_h: tl.tensor
+    target_g: tl.tensor
 
 
 class Gradient(NamedTuple):
@@ -123,6 +130,7 @@ class Gradient(NamedTuple):
     constant: tl.tensor
     at_label: tl.tensor
     zero: tl.tensor  # the row's gradient is 0 (every coefficient is: not counted)
+    target_g: tl.tensor  # the targets' gradient's G (times the scale)
 
 
 # The kernels' float arguments (ops.kernel_arguments), as Params holds them.
@@ -276,11 +284,12 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
 
 @triton.jit
 def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
-              OFFICIAL: tl.constexpr):
+              OFFICIAL: tl.constexpr, TARGET_GRAD: tl.constexpr = False):
     """A tile's part of a term's Sums over its elements (a term with needs_pass): with dense
     coefficients, omega = c (C - c for reverse); one-hot, the reverse terms' omega is C off the
     label (skipping it rather than subtracting p[y] ~ 1 later) and the other terms' label sums come
-    from the label alone (label_sums); normalized and negative terms add sum V, sum V'."""
+    from the label alone (label_sums); normalized and negative terms add sum V, sum V', and reverse
+    terms sum V for the targets' gradient (TARGET_GRAD: its S)."""
     value, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
     zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     weighted = zero
@@ -299,7 +308,8 @@ def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c,
         off_label = valid & ~is_label
         weighted = total_c * tl.sum(tl.where(off_label, value, 0.0), 1)
         weighted_derivative = total_c * tl.sum(tl.where(off_label, derivative, 0.0), 1)
-    if (family_of(BASE) == NORMALIZED or family_of(BASE) == NEGATIVE) and BASE != NCE:
+    if ((family_of(BASE) == NORMALIZED or family_of(BASE) == NEGATIVE) and BASE != NCE) or (
+            TARGET_GRAD and family_of(BASE) == REVERSE):
         plain = tl.sum(tl.where(valid, value, 0.0), 1)
         plain_derivative = tl.sum(tl.where(valid, derivative, 0.0), 1)
     return Sums(weighted, weighted_derivative, plain, plain_derivative)
@@ -353,6 +363,18 @@ def coefs(BASE: tl.constexpr, w, sums, lp_sum, total_c, kf):
 
 
 @triton.jit
+def target_constant(BASE: tl.constexpr, w, sums):
+    """A term's part of the targets' gradient's G (apl_rowmath.h's target_coefs): w S for reverse
+    (S = sum V, in `plain`), w for negative, else 0. Its delta is beta (-beta for reverse)."""
+    if family_of(BASE) == REVERSE:
+        return w * sums.plain
+    elif family_of(BASE) == NEGATIVE:
+        return w + 0.0 * sums.plain
+    else:
+        return 0.0 * sums.plain
+
+
+@triton.jit
 def pass_term_gradient(BASE: tl.constexpr, DENSE: tl.constexpr, alpha, beta, p, lp, c, total_c, is_label, u_max,
                        kf, prm, OFFICIAL: tl.constexpr):
     """(alpha + beta omega[i]) V'[i] of a term with needs_pass (omega as in term_sums)."""
@@ -394,4 +416,4 @@ def gradient(record, label, z_y, scale, kf, prm, BASE0: tl.constexpr, BASE1: tl.
                 at_label += record.beta1 * record.total_c * derivative
     return Gradient(record.max_z, record.log_s, u_max, record.total_c, record.alpha0 * scale, record.beta0 * scale,
                     record.alpha1 * scale, record.beta1 * scale, record.total_h * scale, constant * scale,
-                    at_label * scale, zero)
+                    at_label * scale, zero, record.target_g * scale)

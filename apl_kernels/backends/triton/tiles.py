@@ -4,7 +4,9 @@ call's floats, logits, labels, coefficients and records, and the gradient."""
 import triton
 import triton.language as tl
 
-from .rowmath import FLOAT_ARGS, NO_TERM, STATS, Label, Params, Record, needs_pass, pass_term_gradient
+from .rowmath import (
+    FLOAT_ARGS, NO_TERM, STATS, Label, Params, Record, element, needs_pass, pass_term_gradient, target_sign,
+)
 
 # Never specialized on their values (floats travel as int64 bits, see ops.float_bits; ignore_index
 # is typed int64 by annotation too). Nor on the strides and alignment of what the sums run over:
@@ -103,7 +105,8 @@ def load_record(stats_ptr, rows, row_ok):
     return Record(tl.load(at, mask=row_ok, other=0.0), tl.load(at + 1, mask=row_ok, other=0.0),
                   tl.load(at + 2, mask=row_ok, other=0.0), tl.load(at + 3, mask=row_ok, other=0.0),
                   tl.load(at + 4, mask=row_ok, other=0.0), tl.load(at + 5, mask=row_ok, other=0.0),
-                  tl.load(at + 6, mask=row_ok, other=0.0), tl.load(at + 7, mask=row_ok, other=0.0))
+                  tl.load(at + 6, mask=row_ok, other=0.0), tl.load(at + 7, mask=row_ok, other=0.0),
+                  tl.load(at + 8, mask=row_ok, other=0.0))
 
 
 @triton.jit
@@ -136,3 +139,28 @@ def store_gradient(grad_ptr, rows, row_ok, start, K, z, c, y, g, kf, prm, BASE0:
     out = tl.where(g.zero[:, None], 0.0, out)
     offsets = rows[:, None] * K + cols[None, :]
     tl.store(grad_ptr + offsets, out.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g, kf, prm, BASE0: tl.constexpr,
+                          BASE1: tl.constexpr, OFFICIAL: tl.constexpr, WEIGHTED: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """The probability targets' gradient over the tile, into the second (R, K) of the pair
+    (contract.gradient_output): dL/dt[k] = (1 - eps) w[k] (G + sum_t delta_t V_t[k]), delta_t = beta_t
+    (-beta_t for reverse), G and beta already times the row's scale (apl_rowmath.h, "Targets'
+    gradient")."""
+    cols = start + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    lp = (z - g.max_z[:, None]) - g.log_s[:, None]
+    p = tl.exp(lp)
+    value, _ = element(BASE0, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+    out = g.target_g[:, None] + target_sign(BASE0) * g.beta0[:, None] * value
+    if BASE1 != NO_TERM:
+        value, _ = element(BASE1, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+        out += target_sign(BASE1) * g.beta1[:, None] * value
+    factor = tl.full([BLOCK_K], 1.0, out.dtype) * prm.keep
+    if WEIGHTED:
+        factor = factor * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(out.dtype)
+    out = tl.where(g.zero[:, None], 0.0, out * factor[None, :])
+    offsets = R.to(tl.int64) * K + rows[:, None] * K + cols[None, :]
+    tl.store(grad_ptr + offsets, out.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
