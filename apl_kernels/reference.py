@@ -79,7 +79,7 @@ def _focal(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
     return -(factor.detach() * lp + (factor - factor.detach()) * lp_finite)
 
 
-def _expect(c: Tensor, x: Tensor) -> Tensor:
+def expectation(c: Tensor, x: Tensor) -> Tensor:
     """``sum_j c[j] x[j]`` per row, where a label of coefficient 0 adds 0 even if x is infinite there."""
     return (c * torch.where(c != 0, x, 0)).sum(1)
 
@@ -107,11 +107,11 @@ class Row:
 
 
 def _ce(r: Row) -> Tensor:
-    return -_expect(r.c, r.lp)
+    return -expectation(r.c, r.lp)
 
 
 def _fl(r: Row) -> Tensor:
-    return _expect(r.c, r.focal(r.lp))
+    return expectation(r.c, r.focal(r.lp))
 
 
 def _gce_elements(r: Row) -> Tensor:
@@ -125,11 +125,11 @@ def _gce_elements(r: Row) -> Tensor:
 
 
 def _gce(r: Row) -> Tensor:
-    return _expect(r.c, _gce_elements(r))
+    return expectation(r.c, _gce_elements(r))
 
 
 def _mae(r: Row) -> Tensor:
-    return _expect(r.c, _OneMinusExp.apply(r.lp))
+    return expectation(r.c, _OneMinusExp.apply(r.lp))
 
 
 def _rce(r: Row) -> Tensor:
@@ -139,12 +139,12 @@ def _rce(r: Row) -> Tensor:
 
 
 def _nce(r: Row) -> Tensor:
-    return _expect(r.c, r.lp) / r.lp.sum(1)
+    return expectation(r.c, r.lp) / r.lp.sum(1)
 
 
 def _nfl(r: Row) -> Tensor:
     f = r.focal(r.lp)
-    return _expect(r.c, f) / f.sum(1)
+    return expectation(r.c, f) / f.sum(1)
 
 
 def _ngce(r: Row) -> Tensor:
@@ -152,7 +152,7 @@ def _ngce(r: Row) -> Tensor:
     # numerator and every term of the denominator without cancellation (K - sum p̂^q is 0 in
     # float32 at q = 1e-8), and all of a size ~|ln p̂| rather than q |ln p̂| (so no underflow at q = 1e-30).
     v = _gce_elements(r)
-    return _expect(r.c, v) / v.sum(1)
+    return expectation(r.c, v) / v.sum(1)
 
 
 def _nmae(r: Row) -> Tensor:
@@ -165,13 +165,13 @@ def _nrce(r: Row) -> Tensor:
 
 def _nnce(r: Row) -> Tensor:
     s = -math.log(r.spec.param("min_prob")) + r.clamped_lp()
-    return r.total_c - _expect(r.c, s) / s.sum(1)
+    return r.total_c - expectation(r.c, s) / s.sum(1)
 
 
 def _nnfl(r: Row) -> Tensor:
     m, gamma = r.spec.param("min_prob"), r.spec.param("gamma")
     g = -(1 - m) ** gamma * math.log(m) - r.focal(r.clamped_lp())  # B - f̂
-    return r.total_c - _expect(r.c, g) / g.sum(1)
+    return r.total_c - expectation(r.c, g) / g.sum(1)
 
 
 def _agce(r: Row) -> Tensor:
@@ -187,7 +187,7 @@ def _agce(r: Row) -> Tensor:
     near = w <= 0.5
     log_ratio = torch.where(near, torch.log1p(-torch.where(near, w, 0)),
                             torch.log(torch.where(near, 1, (a + r.p) / (a + 1))))
-    return _expect(r.c, (a + 1) ** q * _one_minus_power(log_ratio, q))
+    return expectation(r.c, (a + 1) ** q * _one_minus_power(log_ratio, q))
 
 
 def _aul(r: Row) -> Tensor:
@@ -205,12 +205,12 @@ def _aul(r: Row) -> Tensor:
     small = q * t <= math.log(2)
     bottom = d**q
     powered = torch.exp(q * torch.log(d + u))
-    return _expect(r.c, torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q),
+    return expectation(r.c, torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q),
                                     (powered - bottom) / q))
 
 
 def _ael(r: Row) -> Tensor:
-    return _expect(r.c, torch.exp(-r.p / r.spec.param("a")))
+    return expectation(r.c, torch.exp(-r.p / r.spec.param("a")))
 
 
 BASE_FUNCTIONS = {
