@@ -198,15 +198,17 @@ def _aul(r: Row) -> Tensor:
     with (a - p)^q = exp(q ln(d + u)) >= 2 B (no cancellation; and B may underflow where expm1(x)
     overflows). Derivative, either branch: dx/du = q / (d + u), so dV/du = (a - p)^q / (d + u) and
     dV/dp = -(a - p)^(q-1), the published derivative."""
-    a, q = r.spec.param("a"), r.spec.param("q")
+    return expectation(r.c, _aul_elements(_OneMinusExp.apply(r.lp), r.spec.param("a"), r.spec.param("q")))
+
+
+def _aul_elements(u: Tensor, a: float, q: float) -> Tensor:
+    """aul's ((a - p)^q - (a - 1)^q) / q of every element from u = 1 - p (_aul's forms)."""
     d = a - 1
-    u = _OneMinusExp.apply(r.lp)
     t = torch.log1p(u / d)
     small = q * t <= math.log(2)
     bottom = d**q
     powered = torch.exp(q * torch.log(d + u))
-    return expectation(r.c, torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q),
-                                    (powered - bottom) / q))
+    return torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q), (powered - bottom) / q)
 
 
 def _ael(r: Row) -> Tensor:

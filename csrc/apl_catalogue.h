@@ -51,7 +51,7 @@ enum Base : int {
   kAEL = 14,
   kNumBases = 15
 };
-enum Family : int { kLocal = 0, kReverse = 1, kNormalized = 2, kNegative = 3 };
+enum Family : int { kLocal = 0, kReverse = 1, kNormalized = 2, kNegative = 3, kSplit = 4 };
 
 // How a base's expectation over the labels is formed (apl_rowmath.h); -1 for no base.
 APL_HD constexpr int family_of(int base) {
@@ -74,6 +74,12 @@ APL_HD constexpr int family_of(int base) {
   }
   return -1;
 }
+
+// Their names, for messages.
+constexpr const char* kBaseNames[kNumBases] = {"ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce", "nnce", "nnfl", "agce", "aul", "ael"};
+
+// Whether a base takes (a - p)^q, and so needs a > 1 (catalogue.Base.a_above_one).
+APL_HD constexpr bool needs_a_above_one(int base) { return base == kAUL; }
 
 // The ops' lists (contract.py): coefficients hold one weight per term (at most kMaxTerms), then
 // these at terms + position; options these.

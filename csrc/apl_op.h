@@ -94,7 +94,8 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
   TORCH_CHECK_VALUE(params.label_smoothing >= 0 && params.label_smoothing <= 1,
               "apl: label_smoothing must be in [0, 1], got ", params.label_smoothing);
   for (size_t t = 0; t < terms; ++t) {
-    TORCH_CHECK_VALUE(params.base[t] != kAUL || params.a > 1, "apl: aul needs a > 1, got ", params.a);
+    TORCH_CHECK_VALUE(!needs_a_above_one(params.base[t]) || params.a > 1, "apl: ", kBaseNames[params.base[t]],
+                      " needs a > 1, got ", params.a);
   }
   params.derive();
   call.ignore_index = options[kOptionIgnoreIndex];

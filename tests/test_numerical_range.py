@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from apl_kernels.backends.triton import rowmath
-from apl_kernels.catalogue import AUL_MIN_EXCESS, LIMITS, make_spec, members
+from apl_kernels.catalogue import AUL_MIN_EXCESS, BASE, BASES, LIMITS, PAIRS, make_spec, members, slot_names
 from test_cuda_kernel import BACKEND as EMULATED, emulated  # noqa: F401 (a fixture)
 from cases import FUSED, FUSED_IDS, assert_result, clamp_levels, coefficients, is_interpreted, make_target, \
     off_kinks, random_logits, run
@@ -27,8 +27,16 @@ DIGITS = 90  # cancellation of the published forms is at most ~1e-60 (a = 1e30, 
 ISSUE_Z = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))  # issue 26's logits
 ISSUE_T = torch.tensor([0, 6, 3, 2])
 
-# Every loss with q or a, and one pair of each (the pair's second term and its validation).
-LOSSES = ("gce", "ngce", "agce", "aul", "ael", "gce+nce", "ngce+nce", "nce+agce", "nce+aul", "nce+ael")
+
+
+def kernel_parameters(base: str) -> set:
+    """The kernels' parameters (catalogue.PARAMETERS) that base takes."""
+    return {BASE[base].slots.get(name, name) for name in BASE[base].defaults}
+
+
+# Every base with q or a, and its pair with nce (the pair's second term and its validation).
+RANGED = tuple(b.name for b in BASES if kernel_parameters(b.name) & {"q", "a"})
+LOSSES = RANGED + tuple(next(p for p in PAIRS if set(members(p)) == {b, "nce"}) for b in RANGED)
 # And the CUDA C++ row math through its host emulation (test_cuda_kernel.py's backend).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
 BACKENDS = [("cpu", "torch")] + FUSED + [("cpu", EMULATED)]
@@ -112,7 +120,9 @@ def accepted_points(name: str, rng: np.random.Generator) -> list[dict]:
     (both included, the points between drawn within their decade), a likewise up to its bound
     (aul: a - 1 from its bound up), and the points of issue 26."""
     parts = set(members(name))
-    uses_q, uses_a = bool(parts & {"gce", "ngce", "agce", "aul"}), bool(parts & {"agce", "aul", "ael"})
+    used = set().union(*(kernel_parameters(b) for b in parts))
+    uses_q, uses_a = "q" in used, "a" in used
+    above_one = any(BASE[b].a_above_one for b in parts)
 
     def spread(low, high, count):
         inner = np.linspace(math.log10(low), math.log10(high), count)[1:-1]
@@ -120,13 +130,14 @@ def accepted_points(name: str, rng: np.random.Generator) -> list[dict]:
         return [low, *(10.0 ** inner), high]
 
     qs = spread(*LIMITS["q"], 9) + [0.7, 1.0, 2.0] if uses_q else [None]
-    if "aul" in parts:
+    if above_one:
         a_values = [1 + x for x in spread(AUL_MIN_EXCESS, 1.0, 5)] + spread(3.0, LIMITS["a"][1], 6)
     else:
         a_values = spread(*LIMITS["a"], 11) if uses_a else [None]
-    points = [{k: v for k, v in (("q", q), ("a", a)) if v is not None} for q in qs for a in a_values]
+    names = slot_names(tuple(parts))  # the members' own names of q and a
+    points = [{names[k]: v for k, v in (("q", q), ("a", a)) if v is not None} for q in qs for a in a_values]
     issue = {"ngce": {"q": 1e-8}, "gce": {"q": 1e-8}, "agce": {"a": 1e8, "q": 1.0}, "aul": {"a": 1e6}}
-    return points + [issue[b] for b in parts if b in issue] + ([{"a": 1e30}] if "aul" in parts else [])
+    return points + [issue[b] for b in parts if b in issue] + ([{"a": 1e30}] if above_one else [])
 
 
 def refused(name: str, params: dict) -> bool:
@@ -134,7 +145,7 @@ def refused(name: str, params: dict) -> bool:
     try:
         make_spec(name, **params)
     except ValueError as err:
-        assert "need q · ln(a + 1) <= 88" in str(err), err
+        assert f"need {slot_names(members(name))['q']} · ln(a + 1) <= 88" in str(err), err
         return True
     return False
 
@@ -148,7 +159,8 @@ def test_every_accepted_parameter_is_accurate(name, device, backend, seed, reque
     rng = np.random.default_rng(seed)
     points = [params for params in accepted_points(name, rng) if not refused(name, params)]
     # Only q ln(a + 1) > 88 is refused: (a + 1)^q overflows float32 there.
-    assert all(p.get("q", 1) * math.log1p(p.get("a", 0)) <= 88 for p in points)
+    q = slot_names(members(name))["q"]
+    assert all(p.get(q, 1) * math.log1p(p.get("a", 0)) <= 88 for p in points)
     # Each run takes the range's corners and points drawn from the grid (fewer for the slow interpreter):
     # a sweep of seeds covers the whole grid.
     corners = {0, len(points) - 1}

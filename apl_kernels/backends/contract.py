@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..catalogue import BASE_INDEX, BASES, FAMILIES, PARAMETERS, LossSpec
+from ..catalogue import BASES, FAMILIES, PARAMETERS, LossSpec
 from ..options import FLOAT_DTYPES, CallOptions, accumulation_dtype
 
 # ---------------------------------------------------------------- the layout of the three lists
@@ -136,8 +136,9 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
         raise ValueError(f"apl: min_prob must be in (0, 1), got {min_prob}")
     if not 0 <= label_smoothing <= 1:
         raise ValueError(f"apl: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if BASE_INDEX["aul"] in bases and a <= 1:
-        raise ValueError(f"apl: aul needs a > 1, got {a}")
+    for base in bases:
+        if BASES[base].a_above_one and a <= 1:
+            raise ValueError(f"apl: {BASES[base].name} needs a > 1, got {a}")
     ignore_index, reduction, official_grad, grad_mode = (int(options[i]) for i in
                                                          (IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE))
     if reduction not in REDUCTION_CODES.values():
@@ -210,6 +211,7 @@ def header() -> str:
     """The text of csrc/apl_catalogue.h: the catalogue's bases and families and the ops' layout."""
     bases = " \\\n".join(f"  X({base.name.upper()})" for base in BASES)
     families = "\n".join(f"    case k{base.name.upper()}: return k{base.family.title()};" for base in BASES)
+    above_one = " || ".join(f"base == k{base.name.upper()}" for base in BASES if base.a_above_one) or "false"
     enum = "".join(f"  k{base.name.upper()} = {i},\n" for i, base in enumerate(BASES))
     coefficients = "".join(f"  kCoefficient{_constant(c)[1:]} = {i},\n" for i, c in enumerate(COEFFICIENTS))
     options = "".join(f"  kOption{_constant(o)[1:]} = {i},\n" for i, o in enumerate(OPTIONS))
@@ -247,6 +249,12 @@ APL_HD constexpr int family_of(int base) {{
   }}
   return -1;
 }}
+
+// Their names, for messages.
+constexpr const char* kBaseNames[kNumBases] = {{{", ".join(f'"{base.name}"' for base in BASES)}}};
+
+// Whether a base takes (a - p)^q, and so needs a > 1 (catalogue.Base.a_above_one).
+APL_HD constexpr bool needs_a_above_one(int base) {{ return {above_one}; }}
 
 // The ops' lists (contract.py): coefficients hold one weight per term (at most kMaxTerms), then
 // these at terms + position; options these.
