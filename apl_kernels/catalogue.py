@@ -61,6 +61,8 @@ BASES = (
     Base("agce", "AGCE", "((a + 1)^q - (a + p[y])^q) / q", {"a": 1.0, "q": 2.0}, powers_a=True),
     Base("aul", "AUL", "((a - p[y])^q - (a - 1)^q) / q", {"a": 1.5, "q": 0.9}, a_above_one=True, powers_a=True),
     Base("ael", "AEL", "exp(-p[y] / a)", {"a": 3.0}),
+    Base("anorm", "ANorm", "(Σ_k |a·[k = y] - p̂[k]|^p - (a - 1)^p) / p,  p̂ = clamp(p, 1e-5, 1)", {"a": 1.5, "p": 0.9},
+         family="split", slots={"p": "q"}, a_above_one=True, powers_a=True),
 )
 BASE = {base.name: base for base in BASES}
 BASE_LOSSES = tuple(base.name for base in BASES)
@@ -74,7 +76,7 @@ ACTIVE = ("ce", "fl", "gce", "nce", "nfl", "ngce")
 PASSIVE = ("mae", "rce", "nmae", "nrce")
 # Active Negative Loss (Ye et al., NeurIPS 2023) and the asymmetric losses (Zhou et al., ICML 2021)
 # as their papers pair them: ANL-CE = nce+nnce, ANL-FL = nfl+nnfl.
-LATER_PAIRS = ("nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl")
+LATER_PAIRS = ("nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl", "nce+anorm")
 EXTRA_PAIRS = ("gce+nce", "mae+rce", "nfl+nce", "ngce+nce") + LATER_PAIRS
 PAIRS = tuple(f"{a}+{p}" for a in ACTIVE for p in PASSIVE) + EXTRA_PAIRS
 SINGLES = BASE_LOSSES + ("sce",)
@@ -86,6 +88,7 @@ NAMED_PAIRS = {
     "ngce+mae": "NGCEMAE", "ngce+rce": "NGCERCE", "gce+mae": "GCEMAE", "gce+rce": "GCERCE",
     "gce+nce": "GCENCE", "mae+rce": "MAERCE", "nfl+nce": "NFLNCE", "ngce+nce": "NGCENCE",
     "nce+agce": "NCEAGCE", "nce+aul": "NCEAUL", "nce+ael": "NCEAEL", "nce+nnce": "ANLCE", "nfl+nnfl": "ANLFL",
+    "nce+anorm": "NCEANorm",
 }
 PAPER_PAIRS = tuple(NAMED_PAIRS)[:12]
 SCE_DEFAULTS = {"alpha": 0.1, "beta": 1.0}
@@ -115,6 +118,7 @@ PARAMETER_TEXT = {
     "q": "exponent q",
     "a": "offset a",
     "min_prob": "probability floor m of the clamp",
+    "p": "exponent p of the norm",
     "official_grad": "True: the published code's gradient, every focal factor (1 - p)^γ held constant",
 }
 

@@ -25,6 +25,7 @@ from .options import CallOptions, accumulation_dtype
 CLAMP_MIN = 1e-7  # p̂ = clamp(p, CLAMP_MIN, 1), as the published code clamps
 LOG_CLAMP_MIN = math.log(CLAMP_MIN)
 RCE_A = -math.log(1e-4)  # RCE's -log(clamp(one_hot, 1e-4, 1)) off the label
+ANORM_CLAMP_MIN = 1e-5  # anorm's p̂ = clamp(p, 1e-5, 1), as the official ANL code clamps
 
 
 class _OneMinusExp(torch.autograd.Function):
@@ -215,9 +216,22 @@ def _ael(r: Row) -> Tensor:
     return expectation(r.c, torch.exp(-r.p / r.spec.param("a")))
 
 
+def _anorm(r: Row) -> Tensor:
+    """sum_y c[y] (|a - p̂[y]|^q + sum_{k != y} p̂[k]^q - (a - 1)^q) / q (q carries its p) is
+    sum (c V + (C - c) W), the split family: V = ((a - p̂)^q - (a - 1)^q) / q is aul's at p̂ (a > 1)
+    and W = p̂^q / q. C - c is exactly 0 at a one-hot label, so W[y] ~ 1 / q is never added and then
+    cancelled by V[y]. Where the clamp holds (p < 1e-5) ln p̂ and 1 - p̂ are constants: no gradient."""
+    a, q = r.spec.param("a"), r.spec.param("q")
+    kept = r.p >= ANORM_CLAMP_MIN
+    at_label = _aul_elements(torch.where(kept, _OneMinusExp.apply(r.lp), 1 - ANORM_CLAMP_MIN), a, q)
+    others = torch.exp(q * torch.where(kept, r.lp, math.log(ANORM_CLAMP_MIN))) / q
+    return expectation(r.c, at_label) + ((r.total_c[:, None] - r.c) * others).sum(1)
+
+
 BASE_FUNCTIONS = {
     "ce": _ce, "fl": _fl, "gce": _gce, "mae": _mae, "rce": _rce, "nce": _nce, "nfl": _nfl, "ngce": _ngce,
     "nmae": _nmae, "nrce": _nrce, "nnce": _nnce, "nnfl": _nnfl, "agce": _agce, "aul": _aul, "ael": _ael,
+    "anorm": _anorm,
 }
 
 

@@ -50,6 +50,9 @@
 //   agce   local       ((a + 1)^q - (a + p)^q) / q         -(a + p)^(q-1) p
 //   aul    local       ((a - p)^q - (a - 1)^q) / q         -(a - p)^(q-1) p
 //   ael    local       exp(-p / a)                         -exp(-p / a) p / a
+//   anorm  split       aul's V at p̂5 (q: its p)            aul's V' at p̂5, times mask5
+//                      W = p̂5^q / q                         W' = p̂5^q mask5
+//          (p̂5 = clamp(p, 1e-5, 1), mask5 = [p >= 1e-5]: the official code's clamp; a > 1)
 //
 // official_grad (fl, nfl, nnfl): every focal factor u^g is held constant, d = -u^g.
 // ngce = (1 - P[y]) / (K - sum P) is the ratio of gce's V: the same value, each V without
@@ -94,6 +97,8 @@ constexpr double kClampMin = 1e-7;            // p̂ = clamp(p, 1e-7, 1)
 constexpr double kLogClampMin = -16.11809565095832;  // ln 1e-7
 constexpr double kLn2 = 0.69314718055994531;
 constexpr double kRceA = 9.2103403719761836;  // -ln(1e-4)
+constexpr double kAnormClampMin = 1e-5;       // anorm's p̂ = clamp(p, 1e-5, 1)
+constexpr double kLogAnormClampMin = -11.512925464970229;  // ln 1e-5
 
 // The loss of a call: sum of weight[t] * base[t], t < num_terms, with the members' parameters.
 struct LossParams {
@@ -308,6 +313,10 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
     const V inv_a(S(1) / S(params.a));
     const V e = M::exp(zero - p * inv_a);
     return {e, zero - e * (p * inv_a)};  // p / a first: e p may underflow where e p / a does not
+  } else if constexpr (kBase == kANORM) {  // aul's V at p̂ = clamp(p, 1e-5, 1): 1 - p̂ and dp̂/dlp
+    const auto kept = M::ge(p, V(S(kAnormClampMin)));
+    const V u = M::where(kept, one_minus_p<V, S>(p, row.one_minus_p_max), V(S(1.0 - kAnormClampMin)));
+    return aul_term<V, S>(u, M::where(kept, p, zero), params);
   } else {
     static_assert(kBase != kBase, "a base loss of catalogue.BASES has no V, V' in base_element");
   }
@@ -318,8 +327,14 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
 // catalogue without its case here does not compile.
 template <int kBase, typename V, typename S>
 APL_HD Element<V> off_label_element(V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  using M = Math<V>;
   if constexpr (family_of(kBase) != kSplit) {
     return base_element<kBase, V, S>(p, lp, row, params, K);
+  } else if constexpr (kBase == kANORM) {  // W = p̂^q / q = exp(x) / q, x = q ln p̂ <= 0; W' = p̂^q mask
+    const V q(S(params.q));
+    const auto kept = M::ge(p, V(S(kAnormClampMin)));
+    const V e = M::exp(q * M::where(kept, lp, V(S(kLogAnormClampMin))));
+    return {e / q, M::where(kept, e, V(S(0)))};
   } else {
     static_assert(kBase != kBase, "a split base loss of catalogue.BASES has no W, W' in off_label_element");
   }

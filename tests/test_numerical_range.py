@@ -23,6 +23,7 @@ from cases import FUSED, FUSED_IDS, assert_result, clamp_levels, coefficients, i
     off_kinks, random_logits, run
 
 CLAMP_MIN = mpmath.mpf(1e-7)  # the float64 1e-7 the clamps compare with
+ANORM_CLAMP_MIN = mpmath.mpf(1e-5)  # anorm's
 DIGITS = 90  # cancellation of the published forms is at most ~1e-60 (a = 1e30, q = 1e-30)
 ISSUE_Z = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))  # issue 26's logits
 ISSUE_T = torch.tensor([0, 6, 3, 2])
@@ -57,6 +58,13 @@ def _element(base, p, lp, params):
     if base == "ael":
         e = mpmath.exp(-p / a)
         return e, -e * p / a
+    if base in ("anorm", "anorm off"):  # at the label (V) or off it (W), at p̂ = clamp(p, 1e-5, 1)
+        kept = p >= ANORM_CLAMP_MIN
+        clamped = p if kept else ANORM_CLAMP_MIN
+        dp = p if kept else mpmath.mpf(0)
+        if base == "anorm":
+            return ((a - clamped) ** q - (a - 1) ** q) / q, -((a - clamped) ** (q - 1)) * dp
+        return clamped**q / q, clamped ** (q - 1) * dp
     raise KeyError(base)
 
 
@@ -90,6 +98,12 @@ def oracle(z: torch.Tensor, c: np.ndarray, name: str, params: dict, lp_error: fl
                     n, d = mpmath.fsum(cj * vj for cj, vj in zip(cs, v)), mpmath.fsum(v)
                     value += weight * n / d
                     h = [hj + weight * (cj * dvj * d - n * dvj) / d**2 for hj, cj, dvj in zip(h, cs, dv)]
+                elif BASE[base].family == "split":  # sum c V + (C - c) W, h = c V' + (C - c) W'
+                    v, dv = zip(*(_element(base, pj, lj, mp_params) for pj, lj in zip(p, lp)))
+                    w, dw = zip(*(_element(base + " off", pj, lj, mp_params) for pj, lj in zip(p, lp)))
+                    total = mpmath.fsum(cs)
+                    value += weight * mpmath.fsum(cj * vj + (total - cj) * wj for cj, vj, wj in zip(cs, v, w))
+                    h = [hj + weight * (cj * dvj + (total - cj) * dwj) for hj, cj, dvj, dwj in zip(h, cs, dv, dw)]
                 else:
                     v, dv = zip(*(_element(base, pj, lj, mp_params) for pj, lj in zip(p, lp)))
                     value += weight * mpmath.fsum(cj * vj for cj, vj in zip(cs, v))

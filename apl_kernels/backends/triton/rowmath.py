@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ...catalogue import BASE_INDEX, BASES, FAMILIES
-from ...reference import CLAMP_MIN, RCE_A
+from ...reference import ANORM_CLAMP_MIN, CLAMP_MIN, RCE_A
 from .. import contract
 
 # ---------------------------------------------------------------- the catalogue as constexprs
@@ -46,6 +46,8 @@ def needs_pass(base, dense):
 _CLAMP_MIN = tl.constexpr(CLAMP_MIN)
 _LOG_CLAMP_MIN = tl.constexpr(math.log(CLAMP_MIN))
 _RCE_A = tl.constexpr(RCE_A)
+_ANORM_CLAMP_MIN = tl.constexpr(ANORM_CLAMP_MIN)
+_LOG_ANORM_CLAMP_MIN = tl.constexpr(math.log(ANORM_CLAMP_MIN))
 _LN2 = tl.constexpr(math.log(2.0))
 STATS = tl.constexpr(contract.STATS)
 
@@ -272,6 +274,11 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
         e = tl.exp(-p / prm.a)
         value = e
         derivative = -e * (p / prm.a)  # e p may underflow where e p / a does not
+    elif BASE == ANORM:  # aul's V at p̂ = clamp(p, 1e-5, 1): 1 - p̂ and dp̂/dlp (W: off_label_element)
+        floor = tl.full(lp.shape, _ANORM_CLAMP_MIN, lp.dtype)
+        kept = p >= floor
+        value, derivative = aul(tl.where(kept, tl.where(p > 0.5, u_max, 1.0 - p), 1.0 - floor),
+                                tl.where(kept, p, 0.0), prm)
     else:
         tl.static_assert(False, "a base loss of catalogue.BASES has no V, V' in element")
     return value, derivative
@@ -282,7 +289,13 @@ def off_label_element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.co
     """W and W' of a split base, its element at the classes other than the label (apl_rowmath.h's
     off_label_element); any other base's V, V'."""
     if family_of(BASE) == SPLIT:
-        tl.static_assert(False, "a split base loss of catalogue.BASES has no W, W' in off_label_element")
+        if BASE == ANORM:  # W = p̂^q / q = exp(x) / q, x = q ln p̂ <= 0; W' = p̂^q mask
+            kept = p >= tl.full(lp.shape, _ANORM_CLAMP_MIN, lp.dtype)
+            e = tl.exp(prm.q * tl.where(kept, lp, tl.full(lp.shape, _LOG_ANORM_CLAMP_MIN, lp.dtype)))
+            value = e / prm.q
+            derivative = tl.where(kept, e, 0.0)
+        else:
+            tl.static_assert(False, "a split base loss of catalogue.BASES has no W, W' in off_label_element")
     else:
         value, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
     return value, derivative
