@@ -36,6 +36,7 @@ PARAM_VARIANTS = [
     ("nce+aul", {"alpha": 1.0, "beta": 4.0, "a": 6.3, "q": 1.5}),
     ("nce+ael", {"alpha": 1.0, "beta": 4.0, "a": 5.0}),
     ("agce", {"a": 0.5, "q": 0.2}),
+    ("nce+anorm", {"alpha": 1.0, "beta": 2.0, "a": 5.0, "p": 1.5}),
 ]
 
 
