@@ -277,7 +277,9 @@ AUDIT_CONFIGS = [
 # (they spill nothing given .maxnreg 255); ptxas keeps 128 and 48, spilling 8 and 4 bytes, so that 2
 # and 5 programs share an SM. Triton has no launch option that torch.compile passes on to forbid it
 # (docs/kernels.md, "Registers and spills"). (arch, AUDIT_CONFIGS index, kernel): stack bytes.
-OCCUPANCY_TRADES = {(80, 18, "forward_kernel"): 8, (80, 18, "backward_kernel"): 8}
+# Likewise nce+anorm's float64 dense forward at K = 1024 on sm_80 (8 warps, cap 255): ptxas keeps 128
+# registers and spills 16 bytes for two programs an SM; on sm_90 it keeps 168 and spills nothing.
+OCCUPANCY_TRADES = {(80, 18, "forward_kernel"): 8, (80, 18, "backward_kernel"): 8, (80, 21, "forward_kernel"): 16}
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU every other test compiles the kernels for it")
