@@ -30,8 +30,14 @@ class Base:
     official_grad: bool = False  # has focal factors that official_grad may hold constant
     # How the kernels form its expectation over the target distribution (apl_rowmath.h, family_of):
     # "local" (a function of p[j] alone), "reverse" (of the other classes' probabilities),
-    # "normalized" (over a sum across classes), "negative" (one minus a normalized complement).
+    # "normalized" (over a sum across classes), "negative" (one minus a normalized complement),
+    # "split" (one function at the label, another at every other class).
     family: str = "local"
+    # Its parameters that its paper names otherwise than the kernels' parameter (PARAMETERS) that
+    # carries them: {its name: the kernels' name}.
+    slots: dict = field(default_factory=dict)
+    a_above_one: bool = False  # takes (a - p)^q: needs a >= 1 + AUL_MIN_EXCESS
+    powers_a: bool = False  # takes (a + 1)^q or (a - p)^q: needs q ln(a + 1) <= 88 (check_params)
 
 
 # The kernels' enum order: csrc/apl_rowmath.h's `Base` and the Triton kernel's constants follow
@@ -52,14 +58,16 @@ BASES = (
          family="negative"),
     Base("nnfl", "NNFL", "1 - (B - f̂[y]) / (K·B - Σ_k f̂[k]),  f̂ = f at max(lp, ln m),  B = -(1 - m)^γ ln m",
          {"gamma": 0.5, "min_prob": 1e-7}, official_grad=True, family="negative"),
-    Base("agce", "AGCE", "((a + 1)^q - (a + p[y])^q) / q", {"a": 1.0, "q": 2.0}),
-    Base("aul", "AUL", "((a - p[y])^q - (a - 1)^q) / q", {"a": 1.5, "q": 0.9}),
+    Base("agce", "AGCE", "((a + 1)^q - (a + p[y])^q) / q", {"a": 1.0, "q": 2.0}, powers_a=True),
+    Base("aul", "AUL", "((a - p[y])^q - (a - 1)^q) / q", {"a": 1.5, "q": 0.9}, a_above_one=True, powers_a=True),
     Base("ael", "AEL", "exp(-p[y] / a)", {"a": 3.0}),
+    Base("anorm", "ANorm", "(Σ_k |a·[k = y] - p̂[k]|^p - (a - 1)^p) / p,  p̂ = clamp(p, 1e-5, 1)", {"a": 1.5, "p": 0.9},
+         family="split", slots={"p": "q"}, a_above_one=True, powers_a=True),
 )
 BASE = {base.name: base for base in BASES}
 BASE_LOSSES = tuple(base.name for base in BASES)
 BASE_INDEX = {name: i for i, name in enumerate(BASE_LOSSES)}
-FAMILIES = ("local", "reverse", "normalized", "negative")  # the kernels' enum order (apl_rowmath.h)
+FAMILIES = ("local", "reverse", "normalized", "negative", "split")  # the kernels' enum order (apl_rowmath.h)
 FOCAL = frozenset(base.name for base in BASES if base.official_grad)
 # Every loss parameter the kernels take, in the order of the fused ops' coefficient list.
 PARAMETERS = ("gamma", "q", "a", "min_prob")
@@ -68,7 +76,7 @@ ACTIVE = ("ce", "fl", "gce", "nce", "nfl", "ngce")
 PASSIVE = ("mae", "rce", "nmae", "nrce")
 # Active Negative Loss (Ye et al., NeurIPS 2023) and the asymmetric losses (Zhou et al., ICML 2021)
 # as their papers pair them: ANL-CE = nce+nnce, ANL-FL = nfl+nnfl.
-LATER_PAIRS = ("nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl")
+LATER_PAIRS = ("nce+agce", "nce+aul", "nce+ael", "nce+nnce", "nfl+nnfl", "nce+anorm")
 EXTRA_PAIRS = ("gce+nce", "mae+rce", "nfl+nce", "ngce+nce") + LATER_PAIRS
 PAIRS = tuple(f"{a}+{p}" for a in ACTIVE for p in PASSIVE) + EXTRA_PAIRS
 SINGLES = BASE_LOSSES + ("sce",)
@@ -80,6 +88,7 @@ NAMED_PAIRS = {
     "ngce+mae": "NGCEMAE", "ngce+rce": "NGCERCE", "gce+mae": "GCEMAE", "gce+rce": "GCERCE",
     "gce+nce": "GCENCE", "mae+rce": "MAERCE", "nfl+nce": "NFLNCE", "ngce+nce": "NGCENCE",
     "nce+agce": "NCEAGCE", "nce+aul": "NCEAUL", "nce+ael": "NCEAEL", "nce+nnce": "ANLCE", "nfl+nnfl": "ANLFL",
+    "nce+anorm": "NCEANorm",
 }
 PAPER_PAIRS = tuple(NAMED_PAIRS)[:12]
 SCE_DEFAULTS = {"alpha": 0.1, "beta": 1.0}
@@ -109,6 +118,7 @@ PARAMETER_TEXT = {
     "q": "exponent q",
     "a": "offset a",
     "min_prob": "probability floor m of the clamp",
+    "p": "exponent p of the norm",
     "official_grad": "True: the published code's gradient, every focal factor (1 - p)^γ held constant",
 }
 
@@ -191,24 +201,37 @@ def _shown(x: float) -> str:
     return f"{x:g}" if float(f"{x:g}") == x else repr(x)
 
 
+def slot_names(base_names: tuple[str, ...]) -> dict[str, str]:
+    """{kernel parameter: the name these members accept it by}: the name itself, or a member's own
+    name for it (Base.slots)."""
+    names = {param: param for param in PARAMETERS}
+    for base in base_names:
+        names.update({kernel: own for own, kernel in BASE[base].slots.items()})
+    return names
+
+
 def check_params(base_names: tuple[str, ...], values: dict[str, object]) -> dict[str, float]:
-    """Checked values of the members' parameters (every name of :data:`PARAMETERS`)."""
+    """Checked values of the members' parameters (every name of :data:`PARAMETERS`); ``values`` holds
+    them by the members' names (slot_names)."""
     checked: dict[str, float] = {}
+    names = slot_names(base_names)
     for param in PARAMETERS:
-        value = values.get(param)
+        value = values.get(names[param])
         if value is None:  # not a parameter of these members: the first default that exists
             value = next(b.defaults[param] for b in BASES if param in b.defaults)
             checked[param] = float(value)
             continue
         low, high = LIMITS[param]
-        checked[param] = check_number(param, value, low, high)
-    if "aul" in base_names and checked["a"] < 1 + AUL_MIN_EXCESS:
-        raise ValueError(f"a must be >= 1 + {AUL_MIN_EXCESS:g} for aul (its gradient has (a - p)^(q-1), and float32 "
-                         f"resolves 1 - p near p = 1 only to ~1e-7), got {_shown(checked['a'])}")
+        checked[param] = check_number(names[param], value, low, high)
+    for base in base_names:
+        if BASE[base].a_above_one and checked["a"] < 1 + AUL_MIN_EXCESS:
+            raise ValueError(f"a must be >= 1 + {AUL_MIN_EXCESS:g} for {base} (its gradient has (a - p)^(q-1), and "
+                             f"float32 resolves 1 - p near p = 1 only to ~1e-7), got {_shown(checked['a'])}")
     # (a + 1)^q (agce) and a^q (aul) must be finite in float32: q ln(a + 1) <= 88.
-    if {"agce", "aul"} & set(base_names) and checked["q"] * math.log1p(checked["a"]) > 88.0:
-        raise ValueError(f"(a + 1)^q overflows float32 for a = {checked['a']:g}, q = {checked['q']:g}: "
-                         f"need q · ln(a + 1) <= 88")
+    q = names["q"]
+    if any(BASE[b].powers_a for b in base_names) and checked["q"] * math.log1p(checked["a"]) > 88.0:
+        raise ValueError(f"(a + 1)^{q} overflows float32 for a = {checked['a']:g}, {q} = {checked['q']:g}: "
+                         f"need {q} · ln(a + 1) <= 88")
     return checked
 
 
@@ -242,7 +265,7 @@ def make_spec(name: str, **params: object) -> LossSpec:
         weights = (check_number("scale", values["scale"], -MAX_WEIGHT, MAX_WEIGHT),)
     else:
         weights = tuple(check_number(w, values[w], -MAX_WEIGHT, MAX_WEIGHT) for w in ("alpha", "beta"))
-    member_params = check_params(parts, {p: values.get(p) for p in PARAMETERS if p in accepted})
+    member_params = check_params(parts, {p: values.get(p) for p in slot_names(parts).values() if p in accepted})
     return LossSpec(
         name=name,
         terms=tuple(zip(parts, weights)),

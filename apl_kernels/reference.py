@@ -25,6 +25,7 @@ from .options import CallOptions, accumulation_dtype
 CLAMP_MIN = 1e-7  # p̂ = clamp(p, CLAMP_MIN, 1), as the published code clamps
 LOG_CLAMP_MIN = math.log(CLAMP_MIN)
 RCE_A = -math.log(1e-4)  # RCE's -log(clamp(one_hot, 1e-4, 1)) off the label
+ANORM_CLAMP_MIN = 1e-5  # anorm's p̂ = clamp(p, 1e-5, 1), as the official ANL code clamps
 
 
 class _OneMinusExp(torch.autograd.Function):
@@ -79,7 +80,7 @@ def _focal(lp: Tensor, gamma: float, official_grad: bool) -> Tensor:
     return -(factor.detach() * lp + (factor - factor.detach()) * lp_finite)
 
 
-def _expect(c: Tensor, x: Tensor) -> Tensor:
+def expectation(c: Tensor, x: Tensor) -> Tensor:
     """``sum_j c[j] x[j]`` per row, where a label of coefficient 0 adds 0 even if x is infinite there.
     Its derivative in c[j] is x[j] wherever x[j] is finite, coefficient 0 included (as
     ``F.cross_entropy``'s in a probability target), 0 where c[j] = 0 and x[j] is infinite."""
@@ -109,11 +110,11 @@ class Row:
 
 
 def _ce(r: Row) -> Tensor:
-    return -_expect(r.c, r.lp)
+    return -expectation(r.c, r.lp)
 
 
 def _fl(r: Row) -> Tensor:
-    return _expect(r.c, r.focal(r.lp))
+    return expectation(r.c, r.focal(r.lp))
 
 
 def _gce_elements(r: Row) -> Tensor:
@@ -127,11 +128,11 @@ def _gce_elements(r: Row) -> Tensor:
 
 
 def _gce(r: Row) -> Tensor:
-    return _expect(r.c, _gce_elements(r))
+    return expectation(r.c, _gce_elements(r))
 
 
 def _mae(r: Row) -> Tensor:
-    return _expect(r.c, _OneMinusExp.apply(r.lp))
+    return expectation(r.c, _OneMinusExp.apply(r.lp))
 
 
 def _rce(r: Row) -> Tensor:
@@ -141,12 +142,12 @@ def _rce(r: Row) -> Tensor:
 
 
 def _nce(r: Row) -> Tensor:
-    return _expect(r.c, r.lp) / r.lp.sum(1)
+    return expectation(r.c, r.lp) / r.lp.sum(1)
 
 
 def _nfl(r: Row) -> Tensor:
     f = r.focal(r.lp)
-    return _expect(r.c, f) / f.sum(1)
+    return expectation(r.c, f) / f.sum(1)
 
 
 def _ngce(r: Row) -> Tensor:
@@ -154,7 +155,7 @@ def _ngce(r: Row) -> Tensor:
     # numerator and every term of the denominator without cancellation (K - sum p̂^q is 0 in
     # float32 at q = 1e-8), and all of a size ~|ln p̂| rather than q |ln p̂| (so no underflow at q = 1e-30).
     v = _gce_elements(r)
-    return _expect(r.c, v) / v.sum(1)
+    return expectation(r.c, v) / v.sum(1)
 
 
 def _nmae(r: Row) -> Tensor:
@@ -167,13 +168,13 @@ def _nrce(r: Row) -> Tensor:
 
 def _nnce(r: Row) -> Tensor:
     s = -math.log(r.spec.param("min_prob")) + r.clamped_lp()
-    return r.total_c - _expect(r.c, s) / s.sum(1)
+    return r.total_c - expectation(r.c, s) / s.sum(1)
 
 
 def _nnfl(r: Row) -> Tensor:
     m, gamma = r.spec.param("min_prob"), r.spec.param("gamma")
     g = -(1 - m) ** gamma * math.log(m) - r.focal(r.clamped_lp())  # B - f̂
-    return r.total_c - _expect(r.c, g) / g.sum(1)
+    return r.total_c - expectation(r.c, g) / g.sum(1)
 
 
 def _agce(r: Row) -> Tensor:
@@ -189,7 +190,7 @@ def _agce(r: Row) -> Tensor:
     near = w <= 0.5
     log_ratio = torch.where(near, torch.log1p(-torch.where(near, w, 0)),
                             torch.log(torch.where(near, 1, (a + r.p) / (a + 1))))
-    return _expect(r.c, (a + 1) ** q * _one_minus_power(log_ratio, q))
+    return expectation(r.c, (a + 1) ** q * _one_minus_power(log_ratio, q))
 
 
 def _aul(r: Row) -> Tensor:
@@ -200,24 +201,39 @@ def _aul(r: Row) -> Tensor:
     with (a - p)^q = exp(q ln(d + u)) >= 2 B (no cancellation; and B may underflow where expm1(x)
     overflows). Derivative, either branch: dx/du = q / (d + u), so dV/du = (a - p)^q / (d + u) and
     dV/dp = -(a - p)^(q-1), the published derivative."""
-    a, q = r.spec.param("a"), r.spec.param("q")
+    return expectation(r.c, _aul_elements(_OneMinusExp.apply(r.lp), r.spec.param("a"), r.spec.param("q")))
+
+
+def _aul_elements(u: Tensor, a: float, q: float) -> Tensor:
+    """aul's ((a - p)^q - (a - 1)^q) / q of every element from u = 1 - p (_aul's forms)."""
     d = a - 1
-    u = _OneMinusExp.apply(r.lp)
     t = torch.log1p(u / d)
     small = q * t <= math.log(2)
     bottom = d**q
     powered = torch.exp(q * torch.log(d + u))
-    return _expect(r.c, torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q),
-                                    (powered - bottom) / q))
+    return torch.where(small, -bottom * _one_minus_power(torch.where(small, t, 0), q), (powered - bottom) / q)
 
 
 def _ael(r: Row) -> Tensor:
-    return _expect(r.c, torch.exp(-r.p / r.spec.param("a")))
+    return expectation(r.c, torch.exp(-r.p / r.spec.param("a")))
+
+
+def _anorm(r: Row) -> Tensor:
+    """sum_y c[y] (|a - p̂[y]|^q + sum_{k != y} p̂[k]^q - (a - 1)^q) / q (q carries its p) is
+    sum (c V + (C - c) W), the split family: V = ((a - p̂)^q - (a - 1)^q) / q is aul's at p̂ (a > 1)
+    and W = p̂^q / q. C - c is exactly 0 at a one-hot label, so W[y] ~ 1 / q is never added and then
+    cancelled by V[y]. Where the clamp holds (p < 1e-5) ln p̂ and 1 - p̂ are constants: no gradient."""
+    a, q = r.spec.param("a"), r.spec.param("q")
+    kept = r.p >= ANORM_CLAMP_MIN
+    at_label = _aul_elements(torch.where(kept, _OneMinusExp.apply(r.lp), 1 - ANORM_CLAMP_MIN), a, q)
+    others = torch.exp(q * torch.where(kept, r.lp, math.log(ANORM_CLAMP_MIN))) / q
+    return expectation(r.c, at_label) + ((r.total_c[:, None] - r.c) * others).sum(1)
 
 
 BASE_FUNCTIONS = {
     "ce": _ce, "fl": _fl, "gce": _gce, "mae": _mae, "rce": _rce, "nce": _nce, "nfl": _nfl, "ngce": _ngce,
     "nmae": _nmae, "nrce": _nrce, "nnce": _nnce, "nnfl": _nnfl, "agce": _agce, "aul": _aul, "ael": _ael,
+    "anorm": _anorm,
 }
 
 

@@ -31,7 +31,8 @@ namespace apl {
   X(NNFL) \
   X(AGCE) \
   X(AUL) \
-  X(AEL)
+  X(AEL) \
+  X(ANORM)
 
 enum Base : int {
   kCE = 0,
@@ -49,9 +50,10 @@ enum Base : int {
   kAGCE = 12,
   kAUL = 13,
   kAEL = 14,
-  kNumBases = 15
+  kANORM = 15,
+  kNumBases = 16
 };
-enum Family : int { kLocal = 0, kReverse = 1, kNormalized = 2, kNegative = 3 };
+enum Family : int { kLocal = 0, kReverse = 1, kNormalized = 2, kNegative = 3, kSplit = 4 };
 
 // How a base's expectation over the labels is formed (apl_rowmath.h); -1 for no base.
 APL_HD constexpr int family_of(int base) {
@@ -71,9 +73,16 @@ APL_HD constexpr int family_of(int base) {
     case kAGCE: return kLocal;
     case kAUL: return kLocal;
     case kAEL: return kLocal;
+    case kANORM: return kSplit;
   }
   return -1;
 }
+
+// Their names, for messages.
+constexpr const char* kBaseNames[kNumBases] = {"ce", "fl", "gce", "mae", "rce", "nce", "nfl", "ngce", "nmae", "nrce", "nnce", "nnfl", "agce", "aul", "ael", "anorm"};
+
+// Whether a base takes (a - p)^q, and so needs a > 1 (catalogue.Base.a_above_one).
+APL_HD constexpr bool needs_a_above_one(int base) { return base == kAUL || base == kANORM; }
 
 // The ops' lists (contract.py): coefficients hold one weight per term (at most kMaxTerms), then
 // these at terms + position; options these.

@@ -266,7 +266,12 @@ class RowKernel {
     auto accumulate = [&](int64_t i, int64_t count, auto counted, auto off_label) {
       const V p = V::loadu(e + i) * inv_s_v;
       const V lp = (load(z + i, count) - max_vec) - log_s_v;
-      const Element<V> el = base_element<kBase, V, acc_t>(p, lp, row, params_, K);
+      Element<V> el;
+      if constexpr (kDense) {
+        el = dense_element<kBase, V, acc_t>(p, lp, V::loadu(c + i), total_c, row, params_, K);
+      } else {
+        el = off_label_element<kBase, V, acc_t>(p, lp, row, params_, K);
+      }
       if (store) el.derivative.store(derivatives + i);
       if constexpr (kDense) {
         const V w = Math<V>::where(counted, omega<V, acc_t>(kBase, V::loadu(c + i), total_c), zero);
@@ -277,7 +282,7 @@ class RowKernel {
           el.value.store(values + i);
           if constexpr (kFamily == kReverse) sum.plain.add(Math<V>::where(counted, el.value, zero));
         }
-      } else if constexpr (kFamily == kReverse) {
+      } else if constexpr (sums_off_label(kBase)) {
         sum.weighted.add(Math<V>::where(off_label, total_c_v * el.value, zero));
         sum.weighted_derivative.add(Math<V>::where(off_label, total_c_v * el.derivative, zero));
       }
@@ -327,7 +332,8 @@ class RowKernel {
         return term_pass<kDense, decltype(base)::value>(t, z, y, total_c, row, inv_s, stored[t]);
       });
     }
-    // One-hot rows: the sums of omega = c, which is label_c at the label and 0 elsewhere.
+    // One-hot rows: the sums of omega = c, which is label_c at the label and 0 elsewhere (added to a
+    // split term's sums off the label).
     const acc_t* e = this->e();
     Element<acc_t> at_label[kMaxTerms];
     acc_t p_label = 0;
@@ -337,8 +343,8 @@ class RowKernel {
       for (int t = 0; t < terms; ++t) {
         at_label[t] = element<acc_t, acc_t>(params_.base[t], p_label, lp_label, row, params_, K);
         if (family_of(params_.base[t]) != kReverse) {
-          sums[t].weighted = label_c == acc_t(0) ? acc_t(0) : label_c * at_label[t].value;
-          sums[t].weighted_derivative = label_c * at_label[t].derivative;
+          sums[t].weighted += label_c == acc_t(0) ? acc_t(0) : label_c * at_label[t].value;
+          sums[t].weighted_derivative += label_c * at_label[t].derivative;
         }
       }
     }
@@ -352,7 +358,7 @@ class RowKernel {
     acc_t off_label[kMaxTerms];  // one-hot rows: alpha_t + beta_t omega_t away from the label
     acc_t constant = 0;
     for (int t = 0; t < terms; ++t) {
-      off_label[t] = k.alpha[t] + (family_of(params_.base[t]) == kReverse ? k.beta[t] * total_c : acc_t(0));
+      off_label[t] = k.alpha[t] + (sums_off_label(params_.base[t]) ? k.beta[t] * total_c : acc_t(0));
       if (!stored[t]) constant += params_.base[t] == kNCE ? off_label[t] : acc_t(0);
     }
     const V constant_v(constant);

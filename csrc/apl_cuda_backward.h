@@ -12,7 +12,7 @@ namespace gpu {
 
 // The gradient's per-row coefficients (apl_cpu.cpp's pass 4), grad = sum_t coef_t V'_t - p H:
 // dense rows coef_t = alpha_t + beta_t omega_t; one-hot rows, away from the label, off_label[t]
-// (alpha_t, plus beta_t C for reverse terms) for the terms with a pass (`stored`) plus nce's alpha
+// (alpha_t, plus beta_t C for reverse and split terms) for the terms with a pass (`stored`) plus nce's alpha
 // (`constant`) where nce has none, and at the label label_coef[t] = alpha_t + beta_t C (reverse:
 // alpha_t) for every term.
 template <typename S>
@@ -29,10 +29,11 @@ APL_UNROLL
     for (int t = 0; t < kMaxTerms; ++t) {
       const bool used = t < params.num_terms;
       const bool reverse = used && family_of(params.base[t]) == kReverse;
+      const bool off = used && sums_off_label(params.base[t]);
       stored[t] = used && term_needs_pass(params.base[t], dense);
       alpha[t] = k.alpha[t];
       beta[t] = k.beta[t];
-      off_label[t] = k.alpha[t] + (reverse ? k.beta[t] * total_c : S(0));
+      off_label[t] = k.alpha[t] + (off ? k.beta[t] * total_c : S(0));
       label_coef[t] = k.alpha[t] + (reverse ? S(0) : k.beta[t] * total_c);
       if (used && !stored[t] && params.base[t] == kNCE) constant += off_label[t];
     }
@@ -51,7 +52,10 @@ APL_UNROLL
     const S coef = kDense     ? gc.alpha[t] + gc.beta[t] * omega<S, S>(base, c, gc.total_c)
                    : at_label ? gc.label_coef[t]
                               : gc.off_label[t];
-    g += coef * element<S, S>(base, p, lp, row, params, K).derivative;
+    const Element<S> el = kDense     ? dense_element<S, S>(base, p, lp, c, gc.total_c, row, params, K)
+                          : at_label ? element<S, S>(base, p, lp, row, params, K)
+                                     : off_label_element<S, S>(base, p, lp, row, params, K);
+    g += coef * el.derivative;
   }
   return g;
 }

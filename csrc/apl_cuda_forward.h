@@ -10,7 +10,8 @@ namespace gpu {
 
 // ------------------------------------------------------------------ forward
 
-// The one-hot sums of the terms that take no pass: omega = c is label_c at the label, 0 elsewhere.
+// The one-hot sums at the label, omega = c = label_c there (0 elsewhere): of the terms that take no
+// pass, and added to a split term's sums off the label.
 template <typename S>
 APL_HD void label_terms(const LossParams& params, S z_label, const RowStats<S>& row, S label_c, int64_t K,
                         TermSums<S>* sums) {
@@ -20,8 +21,8 @@ APL_UNROLL
   for (int t = 0; t < kMaxTerms; ++t) {
     if (t >= params.num_terms || family_of(params.base[t]) == kReverse) continue;
     const Element<S> at = element<S, S>(params.base[t], p, lp, row, params, K);
-    sums[t].weighted = label_c == S(0) ? S(0) : label_c * at.value;
-    sums[t].weighted_derivative = label_c * at.derivative;
+    sums[t].weighted += label_c == S(0) ? S(0) : label_c * at.value;
+    sums[t].weighted_derivative += label_c * at.derivative;
   }
 }
 
@@ -46,14 +47,15 @@ APL_UNROLL
           if (t >= a.params.num_terms || !term_needs_pass(a.params.base[t], a.dense)) continue;
           const int base = a.params.base[t];
           const int family = family_of(base);
-          const Element<S> el = element<S, S>(base, p, lp, row, a.params, span.K);
+          const Element<S> el = a.dense ? dense_element<S, S>(base, p, lp, c, total_c, row, a.params, span.K)
+                                        : off_label_element<S, S>(base, p, lp, row, a.params, span.K);
           S* s = part[i].v + 4 * t;  // weighted, weighted_derivative, plain, plain_derivative
           if (a.dense) {
             // A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
             const S w = omega<S, S>(base, c, total_c);
             s[0] += w != S(0) ? w * el.value : S(0);
             s[1] += w * el.derivative;
-          } else if (family == kReverse && j != y) {
+          } else if (sums_off_label(base) && j != y) {
             s[0] += total_c * el.value;
             s[1] += total_c * el.derivative;
           }

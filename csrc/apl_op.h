@@ -96,7 +96,8 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
   TORCH_CHECK_VALUE(params.label_smoothing >= 0 && params.label_smoothing <= 1,
               "apl: label_smoothing must be in [0, 1], got ", params.label_smoothing);
   for (size_t t = 0; t < terms; ++t) {
-    TORCH_CHECK_VALUE(params.base[t] != kAUL || params.a > 1, "apl: aul needs a > 1, got ", params.a);
+    TORCH_CHECK_VALUE(!needs_a_above_one(params.base[t]) || params.a > 1, "apl: ", kBaseNames[params.base[t]],
+                      " needs a > 1, got ", params.a);
   }
   params.derive();
   call.ignore_index = options[kOptionIgnoreIndex];
@@ -115,6 +116,10 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
                     "apl: target_grad (options[", kOptionTargetGrad, "]) must be 0, or 1 for probability targets "
                     "with a gradient mode; got ", target_grad);
   call.target_grad = target_grad == 1;
+  for (size_t t = 0; call.target_grad && t < terms; ++t) {  // apl_rowmath.h, target_coefs
+    TORCH_CHECK_VALUE(family_of(params.base[t]) != kSplit, "apl: the fused kernels give no gradient of the "
+                      "probability targets of ", kBaseNames[params.base[t]], ": detach them, or use backend='torch'");
+  }
   call.dense = call.probabilities || params.label_smoothing != 0;
   return call;
 }

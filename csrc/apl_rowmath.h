@@ -11,21 +11,28 @@
 // and the row's loss is the expectation L(z, c) = sum_y c[y] L(z, y); C = sum_y c[y].
 //
 // Elements. Each base loss b has two per-element terms: V[j] and its derivative V'[j] = dV[j]/dlp[j]
-// (lp taken as free variables, p = exp(lp)). Its expectation has one of four forms, its family:
+// (lp taken as free variables, p = exp(lp)). Its expectation has one of five forms, its family:
 //
 //   local       L(z, y) = V[y]                    L(z, c) = sum c V            h[j] = c[j] V'[j]
 //   reverse     L(z, y) = sum_{j != y} V[j]       L(z, c) = sum (C - c) V      h[j] = (C - c[j]) V'[j]
 //   normalized  L(z, y) = V[y] / D, D = sum V     L(z, c) = N / D, N = sum c V h[j] = (c[j]/D - N/D^2) V'[j]
 //   negative    L(z, y) = 1 - V[y] / D            L(z, c) = C - N / D          h[j] = -(c[j]/D - N/D^2) V'[j]
+//   split       L(z, y) = V[y] + sum_{j != y} W[j]  L(z, c) = sum (c V + (C - c) W)  h[j] = c[j] V'[j] + (C - c[j]) W'[j]
+//
+// A split base has a second element W (off_label_element) for the classes other than the label;
+// its term's element is E = c V + (C - c) W on rows with coefficients on every label (omega = 1:
+// split_element), and on one-hot rows W off the label (omega = C there, as reverse) and V at it
+// (omega = C, as local). Each of the C - c and c factors is exactly 0 where the label's or the
+// other classes' part must be (a one-hot label adds no W[y] that U[y] would have to cancel).
 //
 // with h[j] = dL/dlp[j]; since dlp[j]/dz[i] = [i == j] - p[i], the gradient is
 //
 //     dL/dz[i] = h[i] - p[i] H,   H = sum_j h[j],
 //
 // so every loss is h[i] = sum_t (alpha_t + beta_t omega_t[i]) V'_t[i] over its terms t (at most
-// two), omega = c (C - c for reverse), with per-row coefficients alpha, beta (RowCoefs):
-// local and reverse alpha = 0, beta = w; normalized beta = w / D, alpha = -w N / D^2; negative the
-// opposite signs. A pair alpha A + beta B adds its members' terms: one pass writes its gradient.
+// two), omega = c (C - c for reverse, 1 for split, whose V' is E'), with per-row coefficients alpha,
+// beta (RowCoefs): local, reverse and split alpha = 0, beta = w; normalized beta = w / D,
+// alpha = -w N / D^2; negative the opposite signs. A pair alpha A + beta B adds its members' terms: one pass writes its gradient.
 //
 //   base   family      V[j]                                V'[j]
 //   ce     local       -lp                                 -1
@@ -43,6 +50,9 @@
 //   agce   local       ((a + 1)^q - (a + p)^q) / q         -(a + p)^(q-1) p
 //   aul    local       ((a - p)^q - (a - 1)^q) / q         -(a - p)^(q-1) p
 //   ael    local       exp(-p / a)                         -exp(-p / a) p / a
+//   anorm  split       aul's V at p̂5 (q: its p)            aul's V' at p̂5, times mask5
+//                      W = p̂5^q / q                         W' = p̂5^q mask5
+//          (p̂5 = clamp(p, 1e-5, 1), mask5 = [p >= 1e-5]: the official code's clamp; a > 1)
 //
 // official_grad (fl, nfl, nnfl): every focal factor u^g is held constant, d = -u^g.
 // ngce = (1 - P[y]) / (K - sum P) is the ratio of gce's V: the same value, each V without
@@ -87,6 +97,8 @@ constexpr double kClampMin = 1e-7;            // p̂ = clamp(p, 1e-7, 1)
 constexpr double kLogClampMin = -16.11809565095832;  // ln 1e-7
 constexpr double kLn2 = 0.69314718055994531;
 constexpr double kRceA = 9.2103403719761836;  // -ln(1e-4)
+constexpr double kAnormClampMin = 1e-5;       // anorm's p̂ = clamp(p, 1e-5, 1)
+constexpr double kLogAnormClampMin = -11.512925464970229;  // ln 1e-5
 
 // The loss of a call: sum of weight[t] * base[t], t < num_terms, with the members' parameters.
 struct LossParams {
@@ -244,6 +256,20 @@ APL_HD Element<V> focal_term(V p, V lp, S one_minus_p_max, S gamma, bool officia
   return f;
 }
 
+// aul's V = ((a - p)^q - (a - 1)^q) / q from u = 1 - p, and V' = -(a - p)^(q-1) dp, dp = dp/dlp
+// (the forms of "Numerical range" at the top).
+template <typename V, typename S>
+APL_HD Element<V> aul_term(V u, V dp, const LossParams& params) {
+  using M = Math<V>;
+  const V zero(S(0)), q(S(params.q)), bottom(S(params.aul_bottom)), d(S(params.a_minus_one));
+  const V a_minus_p = d + u;
+  const V t = M::log1p(u / d), x = q * t;  // x = q ln((a - p) / (a - 1)) >= 0
+  const V powered = M::exp_any(q * M::log(a_minus_p));  // (a - p)^q
+  const V value = M::where(M::ge(V(S(kLn2)), x), zero - bottom * one_minus_power<V, S>(t, x, q),
+                           (powered - bottom) / q);
+  return {value, zero - powered / a_minus_p * dp};  // (a - p)^(q-1) first, as for agce
+}
+
 // V[j] and V'[j] of base kBase at an element with probability p and log-probability lp (the
 // table at the top of this file). A base of the catalogue without its case here does not compile.
 template <int kBase, typename V, typename S>
@@ -282,19 +308,53 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
     // (a = 1e30) may underflow float32 where the gradient does not.
     return {top * one_minus_power<V, S>(log_ratio, x, q), zero - top / a_plus_p * p * M::exp(x)};
   } else if constexpr (kBase == kAUL) {
-    const V q(S(params.q)), bottom(S(params.aul_bottom)), d(S(params.a_minus_one));
-    const V u = one_minus_p<V, S>(p, row.one_minus_p_max), a_minus_p = d + u;
-    const V t = M::log1p(u / d), x = q * t;  // x = q ln((a - p) / (a - 1)) >= 0
-    const V powered = M::exp_any(q * M::log(a_minus_p));  // (a - p)^q
-    const V value = M::where(M::ge(V(S(kLn2)), x), zero - bottom * one_minus_power<V, S>(t, x, q),
-                             (powered - bottom) / q);
-    return {value, zero - powered / a_minus_p * p};  // (a - p)^(q-1) first, as for agce
+    return aul_term<V, S>(one_minus_p<V, S>(p, row.one_minus_p_max), p, params);
   } else if constexpr (kBase == kAEL) {
     const V inv_a(S(1) / S(params.a));
     const V e = M::exp(zero - p * inv_a);
     return {e, zero - e * (p * inv_a)};  // p / a first: e p may underflow where e p / a does not
+  } else if constexpr (kBase == kANORM) {  // aul's V at p̂ = clamp(p, 1e-5, 1): 1 - p̂ and dp̂/dlp
+    const auto kept = M::ge(p, V(S(kAnormClampMin)));
+    const V u = M::where(kept, one_minus_p<V, S>(p, row.one_minus_p_max), V(S(1.0 - kAnormClampMin)));
+    return aul_term<V, S>(u, M::where(kept, p, zero), params);
   } else {
     static_assert(kBase != kBase, "a base loss of catalogue.BASES has no V, V' in base_element");
+  }
+}
+
+// W[j] and W'[j] of a split base: its element at the classes other than the label (the table at
+// the top; the base's V is its element at the label). Other bases: their V, V'. A split base of the
+// catalogue without its case here does not compile.
+template <int kBase, typename V, typename S>
+APL_HD Element<V> off_label_element(V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  using M = Math<V>;
+  if constexpr (family_of(kBase) != kSplit) {
+    return base_element<kBase, V, S>(p, lp, row, params, K);
+  } else if constexpr (kBase == kANORM) {  // W = p̂^q / q = exp(x) / q, x = q ln p̂ <= 0; W' = p̂^q mask
+    const V q(S(params.q));
+    const auto kept = M::ge(p, V(S(kAnormClampMin)));
+    const V e = M::exp(q * M::where(kept, lp, V(S(kLogAnormClampMin))));
+    return {e / q, M::where(kept, e, V(S(0)))};
+  } else {
+    static_assert(kBase != kBase, "a split base loss of catalogue.BASES has no W, W' in off_label_element");
+  }
+}
+
+// A term's element on a row with coefficients on every label: c V + (C - c) W for a split base
+// (its omega is 1), V for any other (its omega multiplies it). A label or a class whose factor is
+// 0 adds nothing, even where V or W is infinite.
+template <int kBase, typename V, typename S>
+APL_HD Element<V> dense_element(V p, V lp, V c, S total_c, const RowStats<S>& row, const LossParams& params,
+                                int64_t K) {
+  if constexpr (family_of(kBase) != kSplit) {
+    return base_element<kBase, V, S>(p, lp, row, params, K);
+  } else {
+    using M = Math<V>;
+    const V zero(S(0)), rest = V(total_c) - c;
+    const Element<V> at = base_element<kBase, V, S>(p, lp, row, params, K);
+    const Element<V> off = off_label_element<kBase, V, S>(p, lp, row, params, K);
+    return {M::where(M::ne(c, zero), c * at.value, zero) + M::where(M::ne(rest, zero), rest * off.value, zero),
+            c * at.derivative + rest * off.derivative};
   }
 }
 
@@ -303,10 +363,36 @@ APL_HD Element<V> base_element(V p, V lp, const RowStats<S>& row, const LossPara
 template <typename V, typename S>
 APL_HD Element<V> element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
   switch (base) {
-#define APL_ELEMENT_CASE(NAME) \
+#define APL_CASE(NAME) \
   case k##NAME: return base_element<k##NAME, V, S>(p, lp, row, params, K);
-    APL_BASES(APL_ELEMENT_CASE)
-#undef APL_ELEMENT_CASE
+    APL_BASES(APL_CASE)
+#undef APL_CASE
+  }
+  const V nan(S(NAN));
+  return {nan, nan};
+}
+
+template <typename V, typename S>
+APL_HD Element<V> off_label_element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params,
+                                    int64_t K) {
+  switch (base) {
+#define APL_CASE(NAME) \
+  case k##NAME: return off_label_element<k##NAME, V, S>(p, lp, row, params, K);
+    APL_BASES(APL_CASE)
+#undef APL_CASE
+  }
+  const V nan(S(NAN));
+  return {nan, nan};
+}
+
+template <typename V, typename S>
+APL_HD Element<V> dense_element(int base, V p, V lp, V c, S total_c, const RowStats<S>& row,
+                                const LossParams& params, int64_t K) {
+  switch (base) {
+#define APL_CASE(NAME) \
+  case k##NAME: return dense_element<k##NAME, V, S>(p, lp, c, total_c, row, params, K);
+    APL_BASES(APL_CASE)
+#undef APL_CASE
   }
   const V nan(S(NAN));
   return {nan, nan};
@@ -351,7 +437,7 @@ APL_HD RowCoefs<S> row_coefs(const LossParams& params, const TermSums<S>* sums, 
     const S w = S(params.weight[t]);
     const TermSums<S>& sum = sums[t];
     const int family = family_of(params.base[t]);
-    if (family == kLocal || family == kReverse) {
+    if (family == kLocal || family == kReverse || family == kSplit) {
       k.value += w * sum.weighted;
       k.beta[t] = w;
       k.total_h += w * sum.weighted_derivative;
@@ -405,12 +491,14 @@ APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* 
   for (int t = 0; t < kMaxTerms && t < params.num_terms; ++t) {
     const S w = S(params.weight[t]);
     const int family = family_of(params.base[t]);
+    // The split family's dL/dc[k] = V[k] - W[k] + sum_j W[j] needs both elements: decode_call
+    // refuses the targets' gradient of its bases.
     if (family == kLocal) {
       k.slope[t] = w;
     } else if (family == kReverse) {
       k.slope[t] = -w;
       k.constant += w * sums[t].plain;
-    } else {
+    } else if (family == kNormalized || family == kNegative) {
       const S d = params.base[t] == kNCE ? row.lp_sum(K) : sums[t].plain;
       k.slope[t] = (family == kNormalized ? w : -w) / d;
       if (family == kNegative) k.constant += w;
@@ -419,10 +507,18 @@ APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* 
   return k;
 }
 
-// omega of term base b at an element of coefficient c: c, or C - c for the reverse family.
+// omega of term base b at an element of coefficient c (rows with coefficients on every label): c,
+// C - c for the reverse family, 1 for the split family (its dense_element holds c and C - c).
 template <typename V, typename S>
 APL_HD V omega(int base, V c, S total_c) {
-  return family_of(base) == kReverse ? V(total_c) - c : c;
+  const int family = family_of(base);
+  return family == kReverse ? V(total_c) - c : family == kSplit ? V(S(1)) : c;
+}
+
+// One-hot rows: whether a term's sums run over the classes other than the label with omega = C
+// (its off_label_element there), as reverse's do; a split term also adds its V at the label.
+APL_HD constexpr bool sums_off_label(int base) {
+  return family_of(base) == kReverse || family_of(base) == kSplit;
 }
 
 }  // namespace apl

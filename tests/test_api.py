@@ -21,6 +21,7 @@ MODULES = {
     "gce+nce": ak.GCENCE, "mae+rce": ak.MAERCE, "nfl+nce": ak.NFLNCE, "ngce+nce": ak.NGCENCE,
     "nnce": ak.NNCE, "nnfl": ak.NNFL, "agce": ak.AGCE, "aul": ak.AUL, "ael": ak.AEL, "nce+agce": ak.NCEAGCE,
     "nce+aul": ak.NCEAUL, "nce+ael": ak.NCEAEL, "nce+nnce": ak.ANLCE, "nfl+nnfl": ak.ANLFL,
+    "anorm": ak.ANorm, "nce+anorm": ak.NCEANorm,
 }
 
 

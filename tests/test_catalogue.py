@@ -128,3 +128,18 @@ def test_every_base_of_the_catalogue_is_computed_by_every_backend(base, mode, se
             cases.assert_parity(value, want_value, torch.maximum(value_terms + sensitivities, want_value.abs()),
                                 torch.float64, 1, f"{base} reference value")
             cases.assert_parity(grad, want_grad, grad_terms, torch.float64, 1, f"{base} reference gradient")
+
+
+@pytest.mark.parametrize("name,params,value,grad_sum", [
+    ("anorm", {"a": 1.5, "p": 0.9}, 1.360013, 0.560523),
+    ("anorm", {"a": 5.0, "p": 1.5}, 1.339005, 0.644944),
+])
+def test_split_family_anchors_on_every_backend(name, params, value, grad_sum):
+    """docs/losses.md's ANorm anchors (the official ANL code, float64) on every backend here: the
+    split family's one-hot rows (V at the label, W elsewhere) in every kernel."""
+    from test_reference import ANCHOR_LOGITS, ANCHOR_TARGET
+    for backend, device in backends_here():
+        loss, grad = cases.run(ANCHOR_LOGITS.to(device), ANCHOR_TARGET.to(device), name, params, backend,
+                               reduction="mean")
+        assert abs(loss.item() - value) <= 5e-7, (backend, loss.item(), value)
+        assert abs(grad.abs().sum().item() - grad_sum) <= 5e-7, (backend, grad.abs().sum().item(), grad_sum)

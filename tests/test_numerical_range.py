@@ -17,18 +17,27 @@ import triton
 import triton.language as tl
 
 from apl_kernels.backends.triton import rowmath
-from apl_kernels.catalogue import AUL_MIN_EXCESS, LIMITS, make_spec, members
+from apl_kernels.catalogue import AUL_MIN_EXCESS, BASE, BASES, LIMITS, PAIRS, make_spec, members, slot_names
 from test_cuda_kernel import BACKEND as EMULATED, emulated  # noqa: F401 (a fixture)
 from cases import FUSED, FUSED_IDS, assert_result, clamp_levels, coefficients, is_interpreted, make_target, \
     off_kinks, random_logits, run
 
 CLAMP_MIN = mpmath.mpf(1e-7)  # the float64 1e-7 the clamps compare with
+ANORM_CLAMP_MIN = mpmath.mpf(1e-5)  # anorm's
 DIGITS = 90  # cancellation of the published forms is at most ~1e-60 (a = 1e30, q = 1e-30)
 ISSUE_Z = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))  # issue 26's logits
 ISSUE_T = torch.tensor([0, 6, 3, 2])
 
-# Every loss with q or a, and one pair of each (the pair's second term and its validation).
-LOSSES = ("gce", "ngce", "agce", "aul", "ael", "gce+nce", "ngce+nce", "nce+agce", "nce+aul", "nce+ael")
+
+
+def kernel_parameters(base: str) -> set:
+    """The kernels' parameters (catalogue.PARAMETERS) that base takes."""
+    return {BASE[base].slots.get(name, name) for name in BASE[base].defaults}
+
+
+# Every base with q or a, and its pair with nce (the pair's second term and its validation).
+RANGED = tuple(b.name for b in BASES if kernel_parameters(b.name) & {"q", "a"})
+LOSSES = RANGED + tuple(next(p for p in PAIRS if set(members(p)) == {b, "nce"}) for b in RANGED)
 # And the CUDA C++ row math through its host emulation (test_cuda_kernel.py's backend).
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs on CPU tensors
 BACKENDS = [("cpu", "torch")] + FUSED + [("cpu", EMULATED)]
@@ -49,6 +58,13 @@ def _element(base, p, lp, params):
     if base == "ael":
         e = mpmath.exp(-p / a)
         return e, -e * p / a
+    if base in ("anorm", "anorm off"):  # at the label (V) or off it (W), at p̂ = clamp(p, 1e-5, 1)
+        kept = p >= ANORM_CLAMP_MIN
+        clamped = p if kept else ANORM_CLAMP_MIN
+        dp = p if kept else mpmath.mpf(0)
+        if base == "anorm":
+            return ((a - clamped) ** q - (a - 1) ** q) / q, -((a - clamped) ** (q - 1)) * dp
+        return clamped**q / q, clamped ** (q - 1) * dp
     raise KeyError(base)
 
 
@@ -82,6 +98,12 @@ def oracle(z: torch.Tensor, c: np.ndarray, name: str, params: dict, lp_error: fl
                     n, d = mpmath.fsum(cj * vj for cj, vj in zip(cs, v)), mpmath.fsum(v)
                     value += weight * n / d
                     h = [hj + weight * (cj * dvj * d - n * dvj) / d**2 for hj, cj, dvj in zip(h, cs, dv)]
+                elif BASE[base].family == "split":  # sum c V + (C - c) W, h = c V' + (C - c) W'
+                    v, dv = zip(*(_element(base, pj, lj, mp_params) for pj, lj in zip(p, lp)))
+                    w, dw = zip(*(_element(base + " off", pj, lj, mp_params) for pj, lj in zip(p, lp)))
+                    total = mpmath.fsum(cs)
+                    value += weight * mpmath.fsum(cj * vj + (total - cj) * wj for cj, vj, wj in zip(cs, v, w))
+                    h = [hj + weight * (cj * dvj + (total - cj) * dwj) for hj, cj, dvj, dwj in zip(h, cs, dv, dw)]
                 else:
                     v, dv = zip(*(_element(base, pj, lj, mp_params) for pj, lj in zip(p, lp)))
                     value += weight * mpmath.fsum(cj * vj for cj, vj in zip(cs, v))
@@ -112,7 +134,9 @@ def accepted_points(name: str, rng: np.random.Generator) -> list[dict]:
     (both included, the points between drawn within their decade), a likewise up to its bound
     (aul: a - 1 from its bound up), and the points of issue 26."""
     parts = set(members(name))
-    uses_q, uses_a = bool(parts & {"gce", "ngce", "agce", "aul"}), bool(parts & {"agce", "aul", "ael"})
+    used = set().union(*(kernel_parameters(b) for b in parts))
+    uses_q, uses_a = "q" in used, "a" in used
+    above_one = any(BASE[b].a_above_one for b in parts)
 
     def spread(low, high, count):
         inner = np.linspace(math.log10(low), math.log10(high), count)[1:-1]
@@ -120,13 +144,14 @@ def accepted_points(name: str, rng: np.random.Generator) -> list[dict]:
         return [low, *(10.0 ** inner), high]
 
     qs = spread(*LIMITS["q"], 9) + [0.7, 1.0, 2.0] if uses_q else [None]
-    if "aul" in parts:
+    if above_one:
         a_values = [1 + x for x in spread(AUL_MIN_EXCESS, 1.0, 5)] + spread(3.0, LIMITS["a"][1], 6)
     else:
         a_values = spread(*LIMITS["a"], 11) if uses_a else [None]
-    points = [{k: v for k, v in (("q", q), ("a", a)) if v is not None} for q in qs for a in a_values]
+    names = slot_names(tuple(parts))  # the members' own names of q and a
+    points = [{names[k]: v for k, v in (("q", q), ("a", a)) if v is not None} for q in qs for a in a_values]
     issue = {"ngce": {"q": 1e-8}, "gce": {"q": 1e-8}, "agce": {"a": 1e8, "q": 1.0}, "aul": {"a": 1e6}}
-    return points + [issue[b] for b in parts if b in issue] + ([{"a": 1e30}] if "aul" in parts else [])
+    return points + [issue[b] for b in parts if b in issue] + ([{"a": 1e30}] if above_one else [])
 
 
 def refused(name: str, params: dict) -> bool:
@@ -134,7 +159,7 @@ def refused(name: str, params: dict) -> bool:
     try:
         make_spec(name, **params)
     except ValueError as err:
-        assert "need q · ln(a + 1) <= 88" in str(err), err
+        assert f"need {slot_names(members(name))['q']} · ln(a + 1) <= 88" in str(err), err
         return True
     return False
 
@@ -148,7 +173,8 @@ def test_every_accepted_parameter_is_accurate(name, device, backend, seed, reque
     rng = np.random.default_rng(seed)
     points = [params for params in accepted_points(name, rng) if not refused(name, params)]
     # Only q ln(a + 1) > 88 is refused: (a + 1)^q overflows float32 there.
-    assert all(p.get("q", 1) * math.log1p(p.get("a", 0)) <= 88 for p in points)
+    q = slot_names(members(name))["q"]
+    assert all(p.get(q, 1) * math.log1p(p.get("a", 0)) <= 88 for p in points)
     # Each run takes the range's corners and points drawn from the grid (fewer for the slow interpreter):
     # a sweep of seeds covers the whole grid.
     corners = {0, len(points) - 1}

@@ -13,7 +13,7 @@ import torch
 
 from apl_kernels.reproduce import cli, ddp, webvision, webvision_grid
 from apl_kernels.reproduce.datasets import DatasetNotFound
-from apl_kernels.reproduce.settings import _read_csv
+from apl_kernels.reproduce.settings import read_csv
 
 from webvision_support import write_jpeg, write_webvision
 
@@ -107,8 +107,8 @@ def test_the_configs_are_both_papers_rows():
     assert configs["nce+agce"]["params"] == {"alpha": 50.0, "beta": 0.1, "q": 3.0, "a": 2.5}
     assert configs["nfl+rce"]["params"] == {"alpha": 50.0, "beta": 0.1, "gamma": 0.5, "official_grad": True}
     assert configs["gce"]["params"] == {"q": 0.7} and configs["sce"]["params"] == {"alpha": 10.0, "beta": 1.0}
-    rows = [r for r in _read_csv("anl_neurips2023_configs.csv") if r["dataset"] == "webvision"]
-    rows += [r for r in _read_csv("apl_icml2020_configs.csv") if r["dataset"] == "webvision_mini"]
+    rows = [r for r in read_csv("anl_neurips2023_configs.csv") if r["dataset"] == "webvision"]
+    rows += [r for r in read_csv("apl_icml2020_configs.csv") if r["dataset"] == "webvision_mini"]
     assert len(rows) == 13 and all(r["epochs"] == "250" and r["batch"] == "512" for r in rows)
     assert {k: v[1] for k, v in webvision_grid.PUBLISHED_TOP1.items()} == {
         "nce+rce": 62.64, "nce+mae": 62.36, "nce+nnce": 67.44, "nce+agce": 65.00}

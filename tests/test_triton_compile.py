@@ -169,6 +169,7 @@ COMPILE_CONFIGS = [
     ("nce+aul", "float16", 10, "index", "none", contract.GRAD_IN_BACKWARD),
     ("fl+nrce", "float32", 1000, "smoothed", "sum", contract.GRAD_IN_FORWARD),
     ("ce", "float64", 50000, "index", "mean", contract.NO_GRAD),
+    ("nce+anorm", "float64", 2000, "smoothed", "mean", contract.GRAD_IN_BACKWARD),
 ]
 
 
@@ -272,6 +273,9 @@ AUDIT_CONFIGS = [
     ("nce+agce", "bfloat16", 128000, "probabilities", "mean", GIB, {}),
     ("ce", "float32", 128000, "index", "mean", NO_GRAD, {}),
     ("ce", "float64", 10, "index", "none", NO_GRAD, {}),
+    # The split family's dense rows take two elements a class (anorm's V and W).
+    ("nce+anorm", "float64", 1024, "probabilities", "mean", GIB, {}),
+    ("nce+anorm", "float32", 1000, "smoothed", "sum", GIF, {}),
 ]
 
 

@@ -110,7 +110,7 @@ def test_launch_table():
                         assert (plan.rows, plan.warps) == (1, triton_backend.CHUNK_WARPS)
                         assert plan.registers == triton_backend.CHUNK_REGISTERS[wide] <= 65536 // (32 * plan.warps)
                     else:
-                        assert plan.registers is None
+                        assert plan.registers == triton_backend.ON_CHIP_REGISTERS[wide]
                 if launch.chunked:
                     continue
                 # Each thread holds PER_THREAD elements of the tile (fewer only in a one-warp program);

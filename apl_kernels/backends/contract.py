@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..catalogue import BASE_INDEX, BASES, FAMILIES, PARAMETERS, LossSpec
+from ..catalogue import BASES, FAMILIES, PARAMETERS, LossSpec
 from ..options import FLOAT_DTYPES, CallOptions, accumulation_dtype
 
 # ---------------------------------------------------------------- the layout of the three lists
@@ -149,9 +149,11 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
         raise ValueError(f"apl: min_prob must be in (0, 1), got {min_prob}")
     if not 0 <= label_smoothing <= 1:
         raise ValueError(f"apl: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if BASE_INDEX["aul"] in bases and a <= 1:
-        raise ValueError(f"apl: aul needs a > 1, got {a}")
-    ignore_index, reduction, official_grad, grad_mode, target_grad = (int(x) for x in options)
+    for base in bases:
+        if BASES[base].a_above_one and a <= 1:
+            raise ValueError(f"apl: {BASES[base].name} needs a > 1, got {a}")
+    ignore_index, reduction, official_grad, grad_mode, target_grad = (
+        int(options[i]) for i in (IGNORE_INDEX, REDUCTION, OFFICIAL_GRAD, GRAD_MODE, TARGET_GRAD))
     if reduction not in REDUCTION_CODES.values():
         raise ValueError(f"apl: reduction code must be 0 (none), 1 (mean) or 2 (sum); got {reduction}")
     if official_grad not in (0, 1):
@@ -161,6 +163,10 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
     if target_grad not in (0, 1) or (target_grad and (not probabilities or grad_mode == NO_GRAD)):
         raise ValueError(f"apl: target_grad (options[{TARGET_GRAD}]) must be 0, or 1 for probability targets with a "
                          f"gradient mode; got {target_grad}")
+    for base in bases if target_grad else ():  # apl_rowmath.h, target_coefs
+        if BASES[base].family == "split":
+            raise ValueError(f"apl: the fused kernels give no gradient of the probability targets of "
+                             f"{BASES[base].name}: detach them, or use backend='torch'")
     return Call(tuple(int(b) for b in bases), tuple(float(w) for w in coefficients[:terms]), gamma, q, a, min_prob,
                 label_smoothing, ignore_index, reduction, bool(official_grad), grad_mode, bool(target_grad),
                 probabilities,
@@ -246,6 +252,7 @@ def header() -> str:
     """The text of csrc/apl_catalogue.h: the catalogue's bases and families and the ops' layout."""
     bases = " \\\n".join(f"  X({base.name.upper()})" for base in BASES)
     families = "\n".join(f"    case k{base.name.upper()}: return k{base.family.title()};" for base in BASES)
+    above_one = " || ".join(f"base == k{base.name.upper()}" for base in BASES if base.a_above_one) or "false"
     enum = "".join(f"  k{base.name.upper()} = {i},\n" for i, base in enumerate(BASES))
     coefficients = "".join(f"  kCoefficient{_constant(c)[1:]} = {i},\n" for i, c in enumerate(COEFFICIENTS))
     options = "".join(f"  kOption{_constant(o)[1:]} = {i},\n" for i, o in enumerate(OPTIONS))
@@ -283,6 +290,12 @@ APL_HD constexpr int family_of(int base) {{
   }}
   return -1;
 }}
+
+// Their names, for messages.
+constexpr const char* kBaseNames[kNumBases] = {{{", ".join(f'"{base.name}"' for base in BASES)}}};
+
+// Whether a base takes (a - p)^q, and so needs a > 1 (catalogue.Base.a_above_one).
+APL_HD constexpr bool needs_a_above_one(int base) {{ return {above_one}; }}
 
 // The ops' lists (contract.py): coefficients hold one weight per term (at most kMaxTerms), then
 // these at terms + position; options these.

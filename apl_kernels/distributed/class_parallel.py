@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..catalogue import BASE, LossSpec, canonical_name, check_classes, make_spec
 from ..options import DEFAULTS, FLOAT_DTYPES, CallOptions, accumulation_dtype, check_target_range
-from ..reference import BASE_FUNCTIONS, Row, _expect, reduce_rows
+from ..reference import BASE_FUNCTIONS, Row, expectation, reduce_rows
 
 # Elements per chunk of rows (~16 MiB of float32): bounds what one pass holds besides the logits.
 CHUNK_ELEMENTS = 1 << 22
@@ -97,7 +97,7 @@ def partial_sums(spec: LossSpec, r: ShardRow) -> Tensor:
     for base, _ in spec.terms:
         if _is_ratio(base):
             numerator, denominator = _ratio_terms(base, r)
-            sums += [_expect(r.c, numerator), denominator.sum(1)]
+            sums += [expectation(r.c, numerator), denominator.sum(1)]
         else:  # a sum of per-label terms: the reference's value on these columns is this rank's part
             sums.append(BASE_FUNCTIONS[base](r))
     return torch.stack(sums, 1)

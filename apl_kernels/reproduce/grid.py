@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from .. import backends
 from . import datasets, store
-from .noise import NOISE_KINDS
-from .report import cell_label, load_record, plural
+from .noise import NOISE_KINDS, cell_label
+from .report import load_record, plural
 from .settings import published, training_settings
 from .train import ConfigMismatch, Options, RunConfig, train_run
 

@@ -52,6 +52,13 @@ def cell_name(kind: str, rate: float | str) -> str:
     return f"{kind}-{rate}" if kind == "human" else f"{kind}{float(rate)}"
 
 
+def cell_label(kind: str, rate: float | str) -> str:
+    """A noise cell in tables and plots: ``sym 0.4``, ``clean``, ``human aggre``."""
+    if isinstance(rate, str):
+        return f"{kind} {rate}"
+    return "clean" if rate == 0.0 else f"{kind} {rate:g}"
+
+
 @dataclass
 class NoisyLabels:
     labels: np.ndarray  # int64 (N,), the noisy training labels

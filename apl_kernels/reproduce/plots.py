@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import datasets, report, store
-from .noise import cell_name
+from . import datasets, store
+from .noise import cell_label, cell_name
 
 
 def save(figure, path: Path) -> None:
@@ -47,7 +47,7 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
                 mean = np.nanmean(padded, axis=0) if np.isfinite(padded).any() else padded[0]
             axes.plot(np.arange(1, length + 1), mean, label=loss)
         axes.set(xlabel="epoch", ylabel="clean test accuracy (%)",
-                 title=f"{datasets.DATASETS[dataset].title}, {report.cell_label(kind, rate)}")
+                 title=f"{datasets.DATASETS[dataset].title}, {cell_label(kind, rate)}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, ncol=2)
         path = store.child(plots, f"test_acc_{dataset}_{cell_name(kind, rate)}.png")
@@ -84,7 +84,7 @@ def write_plots(rows: list[dict], records: list[dict], plots: Path) -> list[Path
                     dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
                     axes.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=6,
                               color="white" if dark else "black")
-            axes.set_xticks(range(len(columns)), [report.cell_label(*col) for col in columns], rotation=45,
+            axes.set_xticks(range(len(columns)), [cell_label(*col) for col in columns], rotation=45,
                             ha="right", fontsize=7)
             axes.set_yticks(range(len(losses)), losses, fontsize=7)
             axes.set_title(title, fontsize=9)

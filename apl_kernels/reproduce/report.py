@@ -13,7 +13,7 @@ import numpy as np
 from ..batch_losses import BATCH_LOSSES
 from ..catalogue import available_losses
 from . import datasets, plots, store
-from .noise import HUMAN_LABEL_SETS, NOISE_KINDS
+from .noise import HUMAN_LABEL_SETS, NOISE_KINDS, cell_label
 from .settings import (LATER_LOSSES, NMAE_PUBLISHED_SCALE, PAPER_DATASET, VARIANTS, UsageError, dataset_notes,
                        paper_losses, paper_results, published, training_settings)
 
@@ -122,12 +122,6 @@ def results_csv(rows: list[dict]) -> str:
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def cell_label(kind: str, rate: float | str) -> str:
-    if isinstance(rate, str):
-        return f"{kind} {rate}"
-    return "clean" if rate == 0.0 else f"{kind} {rate:g}"
 
 
 def _cell_text(row: dict) -> str:

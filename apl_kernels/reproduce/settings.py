@@ -79,14 +79,14 @@ def training_settings(dataset: str, variant: str = "paper", overrides: dict | No
     return replace(settings, epochs=epochs) if epochs is not None else settings
 
 
-def _read_csv(name: str) -> list[dict]:
+def read_csv(name: str) -> list[dict]:
     text = resources.files(__package__).joinpath(f"data/{name}").read_text()
     return list(csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#")))
 
 
 @lru_cache(maxsize=None)
 def _paper_rows() -> tuple[dict, ...]:
-    rows = _read_csv("apl_icml2020_results.csv")
+    rows = read_csv("apl_icml2020_results.csv")
     for row in rows:
         row["rate"], row["mean"], row["std"] = float(row["rate"]), float(row["mean"]), float(row["std"])
     return tuple(rows)
@@ -127,7 +127,7 @@ NMAE_PUBLISHED_SCALE = 0.5
 def published_table() -> tuple[dict, ...]:
     """The rows of ``data/published_params.csv``, numbers as floats (absent: not in the dict)."""
     rows = []
-    for row in _read_csv(TABLE_FILE):
+    for row in read_csv(TABLE_FILE):
         numbers = {k: float(row[k]) for k in PARAM_COLUMNS + OVERRIDE_COLUMNS if row.get(k) not in ("", None)}
         rows.append({k: row[k] for k in ("dataset", "noise", "loss", "variant", "source", "note")} | numbers)
     return tuple(rows)

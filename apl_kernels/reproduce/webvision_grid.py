@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import ddp, store, webvision
-from .settings import _read_csv
+from .settings import read_csv
 from .train import ConfigMismatch
 
 DATASET = "webvision"
@@ -83,10 +83,10 @@ def published_configs() -> dict[str, dict]:
         else:
             configs[loss] = entry
 
-    for row in _read_csv("apl_icml2020_configs.csv"):
+    for row in read_csv("apl_icml2020_configs.csv"):
         if row["dataset"] == "webvision_mini":
             add(row["config"], "APL", row)
-    for row in _read_csv("anl_neurips2023_configs.csv"):
+    for row in read_csv("anl_neurips2023_configs.csv"):
         if row["dataset"] == DATASET:
             add(ANL_NAMES[row["loss"]], "ANL", row, row["delta"])
     return configs

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import apl_kernels as ak
+from apl_kernels import reference
 from apl_kernels.backends import contract
 from apl_kernels.catalogue import FOCAL, available_losses, make_spec, members
 from apl_kernels.options import CallOptions
@@ -35,6 +36,7 @@ PARAM_VARIANTS = [
     ("nce+aul", {"alpha": 1.0, "beta": 4.0, "a": 6.3, "q": 1.5}),
     ("nce+ael", {"alpha": 1.0, "beta": 4.0, "a": 5.0}),
     ("agce", {"a": 0.5, "q": 0.2}),
+    ("nce+anorm", {"alpha": 1.0, "beta": 2.0, "a": 5.0, "p": 1.5}),
 ]
 
 
@@ -183,8 +185,12 @@ def assert_parity(got: torch.Tensor, truth: torch.Tensor, magnitude: torch.Tenso
 
 
 def clamp_levels(params: dict) -> tuple[float, ...]:
-    """The probabilities at which a loss's clamps switch (their gradient jumps there)."""
-    return (1e-7, params.get("min_prob", 1e-7))
+    """The probabilities at which a loss's clamps switch (their gradient jumps there): the
+    reference's clamps (its constants ``CLAMP_MIN``, ``<BASE>_CLAMP_MIN``, so that a new base's comes in by itself) and
+    min_prob."""
+    fixed = tuple(value for name, value in vars(reference).items()
+                  if name.endswith("CLAMP_MIN") and not name.startswith("LOG"))
+    return fixed + (params.get("min_prob", 1e-7),)
 
 
 def off_kinks(z: torch.Tensor, levels=(1e-7,)) -> torch.Tensor:

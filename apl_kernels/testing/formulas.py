@@ -20,7 +20,9 @@ A = -math.log(1e-4)
 DEFAULTS = {"gamma": 0.5, "q": 0.7, "a": None, "min_prob": 1e-7}
 # The later families' own defaults of q and a (docs/losses.md).
 BASE_DEFAULTS = {"gce": {"q": 0.7}, "ngce": {"q": 0.7}, "agce": {"a": 1.0, "q": 2.0}, "aul": {"a": 1.5, "q": 0.9},
-                 "ael": {"a": 3.0}}
+                 "ael": {"a": 3.0}, "anorm": {"a": 1.5, "q": 0.9}}
+ANORM_EPS = 1e-5  # anorm's clamp of p (the official ANL code)
+OWN_NAMES = {"anorm": {"p": "q"}}  # a base's own name of a parameter: the name the formulas use
 
 
 def _focal_h(u, p, lp, gamma, official):
@@ -150,6 +152,14 @@ def row_value_and_h(z, y, base, gamma=0.5, q=0.7, official=False, a=None, min_pr
     elif base == "ael":
         value = math.exp(-p[y] / a)
         h[y] = -math.exp(-p[y] / a) * p[y] / a
+    elif base == "anorm":
+        # (sum_k |a onehot[k] - p̂[k]|^q - (a - 1)^q) / q, p̂ = clamp(p, 1e-5, 1), as published (q is
+        # its p); d|t - p̂|^q / dlp / q = -sign(t - p̂) |t - p̂|^(q-1) p [p >= 1e-5].
+        diff = a * onehot - np.clip(p, ANORM_EPS, 1.0)
+        keep = p >= ANORM_EPS
+        value = ((np.abs(diff) ** q).sum() - (a - 1) ** q) / q
+        h = -np.sign(diff) * np.abs(diff) ** (q - 1) * p * keep
+        terms = (np.abs(diff) ** q).sum() / q
     else:
         raise KeyError(base)
     return value, h, p, np.abs(h) if h_terms is None else h_terms, abs(value) if terms is None else terms
@@ -205,7 +215,8 @@ def loss_and_grad(z, target, name, weight=None, label_smoothing=0.0, ignore_inde
         for y in np.flatnonzero(c[r]):
             for base, base_weight in members(name, params):
                 kw = dict(DEFAULTS, **BASE_DEFAULTS.get(base, {}))
-                kw.update({k: params[k] for k in ("gamma", "q", "a", "min_prob") if k in params})
+                own = OWN_NAMES.get(base, {})
+                kw.update({own.get(k, k): params[k] for k in ("gamma", "q", "a", "min_prob", *own) if k in params})
                 value, h, p, h_terms, terms = row_value_and_h(z[r], int(y), base, official=params.get("official_grad", False),
                                                        **kw)
                 scale = c[r, y] * base_weight
@@ -225,5 +236,12 @@ def loss_and_grad(z, target, name, weight=None, label_smoothing=0.0, ignore_inde
                 mask = p >= EPS
                 value_terms[r] += (size * np.clip(p, EPS, 1.0)).sum()
                 h_terms = size * p * mask
+                magnitudes[r] += h_terms + p * h_terms.sum()
+            if base == "anorm" and rounded.any():  # its other classes' terms: p̂^q / q times C - c
+                q = params.get("p", BASE_DEFAULTS["anorm"]["q"])
+                powered = np.clip(p, ANORM_EPS, 1.0) ** q
+                size = abs(base_weight) * total * rounded
+                value_terms[r] += (size * powered / q).sum()
+                h_terms = size * powered * (p >= ANORM_EPS)
                 magnitudes[r] += h_terms + p * h_terms.sum()
     return values, grads, magnitudes, sensitivities, value_terms

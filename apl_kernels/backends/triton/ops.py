@@ -46,6 +46,9 @@ CHUNK = {False: 2048, True: 2048}
 CHUNK_DENSE = {False: 1024, True: 1024}
 CHUNK_WARPS = 8
 CHUNK_REGISTERS = {False: 128, True: 255}
+# Float64 programs of rows kept on chip get the cap as their budget too: nce+anorm's dense forward
+# at 1024 classes (8 warps) kept 128 registers and 16 bytes of stack on sm_80 without one.
+ON_CHIP_REGISTERS = {False: None, True: 255}
 # Rows shorter than a tile, several a program: each thread holds every per-row value (label, record,
 # coefficients, sums: about 30) of each row it has an element of. A row takes a warp, its lanes
 # holding BLOCK_K / 32 elements each, down to SMALL_ROW_PER_THREAD; shorter rows share a warp, a row
@@ -60,7 +63,7 @@ class Launch(NamedTuple):
     block: int  # classes per tile: the whole row, or a chunk (a power of two)
     warps: int
     chunked: bool  # the row streams through chunks of `block` classes
-    registers: Optional[int] = None  # the register budget (.maxnreg) of a chunked program
+    registers: Optional[int] = None  # the register budget (.maxnreg), if any
 
 
 def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, backward: bool = False) -> Launch:
@@ -77,7 +80,7 @@ def launch_config(num_classes: int, dtype: torch.dtype, dense: bool = False, bac
     per_thread = min((PER_THREAD_DENSE if dense else PER_THREAD)[wide], max(SMALL_ROW_PER_THREAD, block // WARP))
     rows = max(1, WARP * 4 * per_thread // block)  # small rows: four warps of them per program
     warps = min(MAX_WARPS, max(1, rows * block // (WARP * per_thread)))
-    return Launch(rows, block, warps, False)
+    return Launch(rows, block, warps, False, ON_CHIP_REGISTERS[wide])
 
 
 # ---------------------------------------------------------------- the ops' arguments

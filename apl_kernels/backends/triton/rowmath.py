@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ...catalogue import BASE_INDEX, BASES, FAMILIES
-from ...reference import CLAMP_MIN, RCE_A
+from ...reference import ANORM_CLAMP_MIN, CLAMP_MIN, RCE_A
 from .. import contract
 
 # ---------------------------------------------------------------- the catalogue as constexprs
@@ -26,8 +26,8 @@ NO_TERM = tl.constexpr(-1)  # BASE1 of a single loss
 
 # The families of catalogue.FAMILIES (apl_rowmath.h's family_of): how a base's expectation over
 # labels is formed.
-LOCAL, REVERSE, NORMALIZED, NEGATIVE = (tl.constexpr(FAMILIES.index(f)) for f in
-                                        ("local", "reverse", "normalized", "negative"))
+LOCAL, REVERSE, NORMALIZED, NEGATIVE, SPLIT = (tl.constexpr(FAMILIES.index(f)) for f in
+                                               ("local", "reverse", "normalized", "negative", "split"))
 _FAMILIES = tuple(FAMILIES.index(base.family) for base in BASES)
 
 
@@ -52,6 +52,8 @@ def target_sign(base):
 _CLAMP_MIN = tl.constexpr(CLAMP_MIN)
 _LOG_CLAMP_MIN = tl.constexpr(math.log(CLAMP_MIN))
 _RCE_A = tl.constexpr(RCE_A)
+_ANORM_CLAMP_MIN = tl.constexpr(ANORM_CLAMP_MIN)
+_LOG_ANORM_CLAMP_MIN = tl.constexpr(math.log(ANORM_CLAMP_MIN))
 _LN2 = tl.constexpr(math.log(2.0))
 STATS = tl.constexpr(contract.STATS)
 
@@ -208,6 +210,19 @@ def focal(p, lp, u_max, gamma, OFFICIAL: tl.constexpr):
 
 
 @triton.jit
+def aul(u, dp, prm):
+    """aul's V = ((a - p)^q - (a - 1)^q) / q from u = 1 - p, and V' = -(a - p)^(q-1) dp (dp = dp/dlp):
+    B expm1(x) / q, x = q log1p(u / d) <= ln 2, else ((a - p)^q - B) / q (apl_rowmath.h's aul_term)."""
+    a_minus_p = prm.a_minus_one + u
+    t = log1p(u / prm.a_minus_one)
+    powered = tl.exp(prm.q * tl.log(a_minus_p))  # (a - p)^q
+    small = prm.q * t <= _LN2
+    value = tl.where(small, -prm.aul_bottom * one_minus_power(tl.where(small, t, 0.0), prm.q),
+                     (powered - prm.aul_bottom) / prm.q)
+    return value, -(powered / a_minus_p) * dp
+
+
+@triton.jit
 def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
     """V and V' = dV/dlp of base BASE at elements of probability p, log-probability lp (the table
     of apl_rowmath.h); u_max is 1 - p at the row's max (one expm1 per row), kf = K."""
@@ -261,21 +276,57 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
         log_ratio = tl.where(near, log1p(-tl.where(near, w, 0.0)), tl.log(a_plus_p / a_plus_one))
         value = prm.agce_top * one_minus_power(log_ratio, prm.q)
         derivative = -(prm.agce_top / a_plus_p) * p * tl.exp(prm.q * log_ratio)  # T / (a + p) first
-    elif BASE == AUL:  # B expm1(x) / q, x = q log1p(u / d) <= ln 2, else ((a - p)^q - B) / q
-        u = tl.where(p > 0.5, u_max, 1.0 - p)
-        a_minus_p = prm.a_minus_one + u
-        t = log1p(u / prm.a_minus_one)
-        powered = tl.exp(prm.q * tl.log(a_minus_p))  # (a - p)^q
-        small = prm.q * t <= _LN2
-        value = tl.where(small, -prm.aul_bottom * one_minus_power(tl.where(small, t, 0.0), prm.q),
-                         (powered - prm.aul_bottom) / prm.q)
-        derivative = -(powered / a_minus_p) * p
+    elif BASE == AUL:
+        value, derivative = aul(tl.where(p > 0.5, u_max, 1.0 - p), p, prm)
     elif BASE == AEL:
         e = tl.exp(-p / prm.a)
         value = e
         derivative = -e * (p / prm.a)  # e p may underflow where e p / a does not
+    elif BASE == ANORM:  # aul's V at p̂ = clamp(p, 1e-5, 1): 1 - p̂ and dp̂/dlp (W: off_label_element)
+        floor = tl.full(lp.shape, _ANORM_CLAMP_MIN, lp.dtype)
+        kept = p >= floor
+        value, derivative = aul(tl.where(kept, tl.where(p > 0.5, u_max, 1.0 - p), 1.0 - floor),
+                                tl.where(kept, p, 0.0), prm)
     else:
         tl.static_assert(False, "a base loss of catalogue.BASES has no V, V' in element")
+    return value, derivative
+
+
+@triton.jit
+def off_label_element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
+    """W and W' of a split base, its element at the classes other than the label (apl_rowmath.h's
+    off_label_element); any other base's V, V'."""
+    if family_of(BASE) == SPLIT:
+        if BASE == ANORM:  # W = p̂^q / q = exp(x) / q, x = q ln p̂ <= 0; W' = p̂^q mask
+            kept = p >= tl.full(lp.shape, _ANORM_CLAMP_MIN, lp.dtype)
+            e = tl.exp(prm.q * tl.where(kept, lp, tl.full(lp.shape, _LOG_ANORM_CLAMP_MIN, lp.dtype)))
+            value = e / prm.q
+            derivative = tl.where(kept, e, 0.0)
+        else:
+            tl.static_assert(False, "a split base loss of catalogue.BASES has no W, W' in off_label_element")
+    else:
+        value, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    return value, derivative
+
+
+@triton.jit
+def term_element(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
+                 OFFICIAL: tl.constexpr):
+    """The element a term sums and differentiates: with dense coefficients, a split term's
+    c V + (C - c) W (apl_rowmath.h's dense_element; its omega is 1); one-hot, a split term's V at the
+    label and W elsewhere; any other term's V, V'."""
+    if family_of(BASE) == SPLIT:
+        at_value, at_derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+        off_value, off_derivative = off_label_element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+        if DENSE:
+            rest = tl.where(valid, total_c[:, None] - c, 0.0)
+            value = tl.where(c != 0.0, c * at_value, 0.0) + tl.where(rest != 0.0, rest * off_value, 0.0)
+            derivative = c * at_derivative + rest * off_derivative
+        else:
+            value = tl.where(is_label, at_value, off_value)
+            derivative = tl.where(is_label, at_derivative, off_derivative)
+    else:
+        value, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
     return value, derivative
 
 
@@ -286,11 +337,12 @@ def element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
 def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
               OFFICIAL: tl.constexpr, TARGET_GRAD: tl.constexpr = False):
     """A tile's part of a term's Sums over its elements (a term with needs_pass): with dense
-    coefficients, omega = c (C - c for reverse); one-hot, the reverse terms' omega is C off the
-    label (skipping it rather than subtracting p[y] ~ 1 later) and the other terms' label sums come
-    from the label alone (label_sums); normalized and negative terms add sum V, sum V', and reverse
-    terms sum V for the targets' gradient (TARGET_GRAD: its S)."""
-    value, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    coefficients, omega = c (C - c for reverse, 1 for split); one-hot, the reverse and split terms'
+    omega is C off the label (skipping it rather than subtracting p[y] ~ 1 later) and the other
+    terms' label sums come from the label alone (label_sums, which a split term's adds to these);
+    normalized and negative terms add sum V, sum V', and reverse terms sum V for the targets'
+    gradient (TARGET_GRAD: its S)."""
+    value, derivative = term_element(BASE, DENSE, p, lp, valid, c, total_c, is_label, u_max, kf, prm, OFFICIAL)
     zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     weighted = zero
     weighted_derivative = zero
@@ -299,12 +351,14 @@ def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c,
     if DENSE:
         if family_of(BASE) == REVERSE:
             omega = tl.where(valid, total_c[:, None] - c, 0.0)
+        elif family_of(BASE) == SPLIT:
+            omega = tl.where(valid, 1.0, 0.0)
         else:
             omega = c
         # A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
         weighted = tl.sum(tl.where(omega != 0.0, omega * value, 0.0), 1)
         weighted_derivative = tl.sum(omega * derivative, 1)
-    elif family_of(BASE) == REVERSE:
+    elif family_of(BASE) == REVERSE or family_of(BASE) == SPLIT:
         off_label = valid & ~is_label
         weighted = total_c * tl.sum(tl.where(off_label, value, 0.0), 1)
         weighted_derivative = total_c * tl.sum(tl.where(off_label, derivative, 0.0), 1)
@@ -323,11 +377,12 @@ def add_sums(a, b):
 
 @triton.jit
 def label_sums(BASE: tl.constexpr, sums, p_y, lp_y, total_c, u_max, kf, prm, OFFICIAL: tl.constexpr):
-    """One-hot rows: a non-reverse term's sums of omega = c, which is C at the label, 0 elsewhere."""
+    """One-hot rows: a non-reverse term's sums of omega = c, which is C at the label, 0 elsewhere
+    (added to a split term's sums off the label; the others' are 0 there)."""
     if family_of(BASE) != REVERSE:
         value, derivative = element(BASE, p_y, lp_y, u_max, kf, prm, OFFICIAL)
-        sums = Sums(tl.where(total_c == 0.0, 0.0, total_c * value), total_c * derivative, sums.plain,
-                    sums.plain_derivative)
+        sums = Sums(sums.weighted + tl.where(total_c == 0.0, 0.0, total_c * value),
+                    sums.weighted_derivative + total_c * derivative, sums.plain, sums.plain_derivative)
     return sums
 
 
@@ -337,7 +392,7 @@ def coefs(BASE: tl.constexpr, w, sums, lp_sum, total_c, kf):
     from the row's statistics. A masked class makes nce's and nfl's D infinite: value and gradient
     0, their limits."""
     zero = tl.full(total_c.shape, 0.0, total_c.dtype)
-    if family_of(BASE) == LOCAL or family_of(BASE) == REVERSE:
+    if family_of(BASE) == LOCAL or family_of(BASE) == REVERSE or family_of(BASE) == SPLIT:
         value = w * sums.weighted
         alpha = zero
         beta = zero + w
@@ -377,15 +432,20 @@ def target_constant(BASE: tl.constexpr, w, sums):
 @triton.jit
 def pass_term_gradient(BASE: tl.constexpr, DENSE: tl.constexpr, alpha, beta, p, lp, c, total_c, is_label, u_max,
                        kf, prm, OFFICIAL: tl.constexpr):
-    """(alpha + beta omega[i]) V'[i] of a term with needs_pass (omega as in term_sums)."""
-    _, derivative = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    """(alpha + beta omega[i]) V'[i] of a term with needs_pass (omega and V' as in term_sums)."""
+    everywhere = is_label | ~is_label  # as `valid`: the gradient's store masks the padding
+    _, derivative = term_element(BASE, DENSE, p, lp, everywhere, c, total_c, is_label, u_max, kf, prm, OFFICIAL)
     if DENSE:
         if family_of(BASE) == REVERSE:
             omega = total_c[:, None] - c
+        elif family_of(BASE) == SPLIT:
+            omega = tl.full(c.shape, 1.0, c.dtype)
         else:
             omega = c
     elif family_of(BASE) == REVERSE:
         omega = tl.where(is_label, 0.0, total_c[:, None])
+    elif family_of(BASE) == SPLIT:
+        omega = tl.full(derivative.shape, 0.0, derivative.dtype) + total_c[:, None]
     else:
         omega = tl.where(is_label, total_c[:, None], 0.0)
     return (alpha[:, None] + beta[:, None] * omega) * derivative
