@@ -123,7 +123,7 @@ def _gce_elements(r: Row) -> Tensor:
     ulps for every q, and tends to -ln p̂ as q -> 0. Its derivative (autograd, through
     _OneMinusExp, whose derivative -exp(x) is taken from x) is -p̂^q where p >= 1e-7, 0 where the
     clamp holds ln p̂ at ln 1e-7 (torch's clamp passes the gradient at the bound, as here)."""
-    log_clamped = torch.where(r.p >= CLAMP_MIN, r.lp, LOG_CLAMP_MIN)
+    log_clamped = torch.where(r.p < CLAMP_MIN, LOG_CLAMP_MIN, r.lp)  # a NaN p stays NaN
     return _one_minus_power(log_clamped, r.spec.param("q"))
 
 
@@ -224,7 +224,7 @@ def _anorm(r: Row) -> Tensor:
     and W = p̂^q / q. C - c is exactly 0 at a one-hot label, so W[y] ~ 1 / q is never added and then
     cancelled by V[y]. Where the clamp holds (p < 1e-5) ln p̂ and 1 - p̂ are constants: no gradient."""
     a, q = r.spec.param("a"), r.spec.param("q")
-    kept = r.p >= ANORM_CLAMP_MIN
+    kept = ~(r.p < ANORM_CLAMP_MIN)  # a NaN p is kept: it stays NaN
     at_label = _aul_elements(torch.where(kept, _OneMinusExp.apply(r.lp), 1 - ANORM_CLAMP_MIN), a, q)
     others = torch.exp(q * torch.where(kept, r.lp, math.log(ANORM_CLAMP_MIN))) / q
     return expectation(r.c, at_label) + ((r.total_c[:, None] - r.c) * others).sum(1)

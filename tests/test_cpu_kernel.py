@@ -110,7 +110,8 @@ def test_gradient_over_the_logits_opcheck():
     from cases import sample_inputs
 
     for z, *rest in sample_inputs("cpu", contract.GRAD_IN_FORWARD):
-        if rest[-1][contract.GRAD_MODE] == contract.GRAD_IN_FORWARD:
+        options = rest[-1]
+        if options[contract.GRAD_MODE] == contract.GRAD_IN_FORWARD and not options[contract.TARGET_GRAD]:
             torch.library.opcheck(_inplace_op(), (z.detach().contiguous(), *rest))
 
 
@@ -129,3 +130,7 @@ def test_gradient_over_the_logits_refuses_what_it_cannot_overwrite():
             _inplace_op()(z, y, None, *contract.op_arguments(spec, CallOptions(), mode))
     with pytest.raises(ValueError, match=r"the target must not share their memory; pass a copy"):
         _inplace_op()(z, z, None, *contract.op_arguments(spec, CallOptions(), contract.GRAD_IN_FORWARD))
+    probabilities = torch.softmax(torch.randn(4, 6), 1)
+    with pytest.raises(ValueError, match=r"the logits' gradient alone .* call fused_loss"):
+        _inplace_op()(z, probabilities, None, *contract.op_arguments(spec, CallOptions(), contract.GRAD_IN_FORWARD,
+                                                                       target_grad=True))
