@@ -167,7 +167,11 @@ def test_targets_gradient_parity_with_reference(case, emulated, seed):
     logits' gradient of the same call, in every dtype, rotating layouts, upstream gradients,
     reductions, class weights, smoothing, group sizes and shared memory (test_target_grad.py's
     check)."""
-    from test_target_grad import check_target_parity, combos, upstream_of
+    from test_target_grad import check_refusal, check_target_parity, combos, targets_refused, upstream_of
+    if targets_refused(case[0]):
+        with launch(GROUPS[0]):
+            check_refusal(case[0], case[1], BACKEND, "cpu", seed)
+        return
     index = LOSS_CASES.index(case)
     for j, (dtype, rows, classes, mode, layout, weighted, eps) in enumerate(combos(index, "cpu", BACKEND, seed)):
         s = seed + 7 * j
