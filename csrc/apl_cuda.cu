@@ -164,10 +164,14 @@ __global__ void APL_LAUNCH_BOUNDS forward_kernel(const __grid_constant__ Args<sc
   finish_reduction(DeviceGroup{kBlockThreads, slots, &last}, a, &mine);
 }
 
-template <typename scalar_t>
-__global__ void APL_LAUNCH_BOUNDS backward_kernel(const __grid_constant__ Args<scalar_t> a) {
+// The backward with the targets' gradient (kTargets, for target_grad) is a kernel of its own, one
+// block an SM: its element switch needs more than 64 registers (sm_80's bfloat16 backward spilled
+// 8 bytes with it inside), and the backward without it keeps two blocks an SM.
+template <typename scalar_t, bool kTargets>
+__global__ void __launch_bounds__(kBlockThreads, kTargets ? 1 : kBlocksPerSM<scalar_t>)
+    backward_kernel(const __grid_constant__ Args<scalar_t> a) {
   const DeviceGroup lanes{a.group, nullptr, nullptr};
-  backward_row(lanes, a, lanes.row());
+  backward_row<kTargets>(lanes, a, lanes.row());
 }
 
 // Dynamic shared memory a block may use while two fit on an SM (cudaDeviceGetAttribute: no
@@ -197,7 +201,12 @@ void launch(Kernel kernel, const Args<scalar_t>& a, const Launch& l, cudaStream_
 
 template <typename scalar_t>
 void run_backward(const BackwardCall<scalar_t>& b, cudaStream_t stream) {
-  if (b.args.rows > 0) launch(backward_kernel<scalar_t>, b.args, b.launch, stream);
+  if (b.args.rows == 0) return;
+  if (b.args.target_grad) {
+    launch(backward_kernel<scalar_t, true>, b.args, b.launch, stream);
+  } else {
+    launch(backward_kernel<scalar_t, false>, b.args, b.launch, stream);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& logits, const at::Tensor& target,

@@ -64,12 +64,9 @@ APL_UNROLL
 // logits. Zero and undefined rows are still read (their logits may load while their state is
 // being learnt) and get 0 and NaN. One loop each for dense and one-hot rows: each keeps only its
 // own coefficients in registers.
-// With a.target_grad (dense rows: probability targets), the targets' gradient too, from the same
-// elements: (1 - eps) w[j] (G + sum_t delta_t V_t[j]) (apl_rowmath.h, "Targets' gradient"; tk
-// already scaled).
 template <bool kDense, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
-                          const GradCoefs<S>& gc, const TargetCoefs<S>& tk, S label_c, int y, int state) {
+                          const GradCoefs<S>& gc, S label_c, int y, int state) {
   const scalar_t* z = a.logits + r * a.row_stride;
   scalar_t* out = a.grad + r * a.K;
   const RowSpan<scalar_t> span{static_cast<int>(a.K)};
@@ -88,31 +85,55 @@ APL_UNROLL
         const S c = kDense ? coefficient(a, r, j, y, label_c) : S(0);
         const S value = gradient_element<kDense>(a.params, gc, row, p, lp, c, !kDense && j == y, span.K);
         grad.v[e] = static_cast<scalar_t>(state == kCounted ? value : state == kZero ? S(0) : quiet_nan<S>());
-        if (kDense && a.target_grad) {
-          S t = tk.constant;
-APL_UNROLL
-          for (int term = 0; term < kMaxTerms; ++term) {
-            if (term < a.params.num_terms) {
-              t += tk.slope[term] * element<S, S>(a.params.base[term], p, lp, row, a.params, span.K).value;
-            }
-          }
-          t *= a.keep * class_weight(a, j);
-          a.target_grad_out[r * a.K + j] = state == kCounted ? t : state == kZero ? S(0) : quiet_nan<S>();
-        }
       }
       store_unit(out, vector_store, span, u, grad);
     }
   }
 }
 
+// With a.target_grad (dense rows: probability targets), the targets' gradient of row r:
+// (1 - eps) w[j] (G + sum_t delta_t V_t[j]) (apl_rowmath.h, "Targets' gradient"; tk already
+// scaled), in a loop of its own over the row after the logits' gradient (the row read once more,
+// from cache as far as it stays there): inside gradient_loop its element switch pushed the
+// bfloat16 backward past its 64 registers on sm_80.
 template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+APL_HD void target_gradient_loop(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
+                                 const TargetCoefs<S>& tk, int state) {
+  const scalar_t* z = a.logits + r * a.row_stride;
+  const RowSpan<scalar_t> span{static_cast<int>(a.K)};
+  const bool vector = vector_row(a, z);
+  for (int i = 0; i < g.count(); ++i) {
+    for (int u = g.lane(i); u < span.units(); u += g.size()) {
+      const Pack<scalar_t> pack = load_unit(z, a.col_stride, vector, span, u);
+APL_UNROLL
+      for (int e = 0; e < span.V; ++e) {
+        const int j = span.element(u, e);
+        if (j >= span.K) continue;
+        const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
+        const S p = Math<S>::exp(lp);
+        S t = tk.constant;
+APL_UNROLL
+        for (int term = 0; term < kMaxTerms; ++term) {
+          if (term < a.params.num_terms) {
+            t += tk.slope[term] * element<S, S>(a.params.base[term], p, lp, row, a.params, span.K).value;
+          }
+        }
+        t *= a.keep * class_weight(a, j);
+        a.target_grad_out[r * a.K + j] = state == kCounted ? t : state == kZero ? S(0) : quiet_nan<S>();
+      }
+    }
+  }
+}
+
+template <bool kTargets = true, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, const RowStats<S>& row,
                           const RowCoefs<S>& k, const TargetCoefs<S>& tk, S total_c, S label_c, int y, int state) {
   const GradCoefs<S> gc(a.params, k, total_c, a.dense);
   if (a.dense) {
-    gradient_loop<true>(g, a, r, row, gc, tk, label_c, y, state);
+    gradient_loop<true>(g, a, r, row, gc, label_c, y, state);
+    if (kTargets && a.target_grad) target_gradient_loop(g, a, r, row, tk, state);
   } else {
-    gradient_loop<false>(g, a, r, row, gc, tk, label_c, y, state);
+    gradient_loop<false>(g, a, r, row, gc, label_c, y, state);
   }
 }
 
@@ -121,7 +142,8 @@ APL_HD void gradient_pass(const Group& g, const Args<scalar_t>& a, int64_t r, co
 // Row r's gradient from its record, times the upstream gradient over the mean's divisor (the
 // record after the last row), reading the row once. Nothing is branched on before the row's
 // loads: the record, the label and the logits load together.
-template <class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
+// kTargets false: a kernel that never computes the targets' gradient (apl_cuda.cu, backward_kernel).
+template <bool kTargets = true, class Group, typename scalar_t, typename S = at::opmath_type<scalar_t>>
 APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   if (r >= a.rows) return;
   const RowRecord<S> record = a.records[r];
@@ -140,7 +162,7 @@ APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   k.total_h = record.total_h;
   // The targets' gradient's G and delta_t = beta_t (-beta_t for reverse terms), before the scale.
   TargetCoefs<S> tk;
-  if (a.target_grad) {
+  if (kTargets && a.target_grad) {
     tk.constant = record.target_g;
 APL_UNROLL
     for (int t = 0; t < kMaxTerms; ++t) {
@@ -152,7 +174,7 @@ APL_UNROLL
   tk.scale_gradient(scale);
   // One-hot rows: label_c = C. Smoothed labels: c[y] = spread + (1 - eps) w[y].
   const S label_c = !a.dense ? record.total_c : counted_label ? a.keep * class_weight(a, y) : S(0);
-  gradient_pass(g, a, r, row, k, tk, record.total_c, label_c, y, state);
+  gradient_pass<kTargets>(g, a, r, row, k, tk, record.total_c, label_c, y, state);
 }
 
 }  // namespace gpu

@@ -441,7 +441,9 @@ def _nvcc() -> Path | None:
     return home / "bin" / "nvcc" if home else None
 
 
-KERNEL_DTYPES = {"IfE": torch.float32, "IdE": torch.float64, "IN3c104HalfE": torch.float16,
+# The kernels' template arguments as mangled: the dtype, then E (forward_kernel<T>) or a bool
+# (backward_kernel<T, kTargets>: Lb0E or Lb1E).
+KERNEL_DTYPES = {"If": torch.float32, "Id": torch.float64, "IN3c104HalfE": torch.float16,
                  "IN3c108BFloat16E": torch.bfloat16}
 
 
@@ -461,7 +463,7 @@ def ptxas_report(text: str) -> dict[tuple[str, str], dict[str, int]]:
 def test_kernels_build_for_sm80_and_sm90_without_spills_or_local_memory(tmp_path):
     """The device code, compiled as the library compiles it, for each architecture at once: every
     kernel fits the registers its launch bounds give (64 at two 512-thread blocks per SM; 128 for
-    float64, one block) with no stack frame (no local arrays) and no spills."""
+    float64 and for the backward with the targets' gradient, one block) with no stack frame (no local arrays) and no spills."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     source = cpp.source_dir() / "apl_cuda.cu"
@@ -478,9 +480,9 @@ def test_kernels_build_for_sm80_and_sm90_without_spills_or_local_memory(tmp_path
     for arch in ("sm_80", "sm_90"):
         found = {(kind, dtype) for (name, a) in kernels if a == arch
                  for kind in ("forward_kernel", "backward_kernel") if kind in name
-                 for code, dtype in KERNEL_DTYPES.items() if f"{kind}{code}" in name}
+                 for code, dtype in KERNEL_DTYPES.items() if re.search(f"{kind}{code}(E|Lb)", name)}
         assert len(found) == 8, (arch, sorted(map(str, found)))
     for (name, arch), usage in kernels.items():
-        limit = 128 if "kernelIdE" in name else 64
+        limit = 128 if re.search("kernelId(E|Lb)|Lb1E", name) else 64  # float64; the targets' backward
         assert usage["stack"] == 0 and usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (name, arch, usage)
         assert usage["registers"] <= limit, (name, arch, usage)
