@@ -35,13 +35,14 @@ PER_THREAD = {False: 16, True: 8}
 PER_THREAD_DENSE = {False: 16, True: 4}
 ON_CHIP = {False: 8192, True: 2048}
 ON_CHIP_DENSE = {False: 4096, True: 1024}
-# Longer rows stream through chunks, one 8-warp program a row (8 elements a thread; 4 for dense
-# float64 rows) under a register budget (.maxnreg). Left to itself, ptxas trades registers for
+# Longer rows stream through chunks, one 8-warp program a row (2048 classes, 8 elements a thread;
+# dense rows 1024, 4 a thread) under a register budget (.maxnreg). Left to itself, ptxas trades registers for
 # occupancy in the chunk loop: it kept 48, 64, 80 or 128 registers and spilled 8 to 24 bytes in 23
 # of the 108 kinds of launch compiled at K = 128,000 (every dense and float64 one of the heaviest
-# losses), whatever the tile; a budget ends the trade, and 128 (two programs an SM) holds every
-# float32 chunk of 8 elements a thread without a spill where 16 a thread spilled up to 152 bytes
-# within it. Float64 chunks need more than 128: their budget is the cap.
+# losses), whatever the tile; a budget ends the trade, and 128 (two programs an SM) holds these
+# chunks without a spill, where 16 elements a thread spilled up to 152 bytes within it and dense
+# 2048-class chunks 8 bytes (nfl+nnfl, bfloat16, sm_90). Float64 chunks need more than 128: their
+# budget is the cap.
 CHUNK = {False: 2048, True: 2048}
 CHUNK_DENSE = {False: 1024, True: 1024}
 CHUNK_WARPS = 8
