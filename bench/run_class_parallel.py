@@ -18,6 +18,12 @@ would remove, not a speed-up measured here.
 
     python bench/run_class_parallel.py                     # bench/results/class-parallel-cpu.md
     python bench/run_class_parallel.py --quick --out DIR   # tiny shapes, a smoke test
+    python bench/run_class_parallel.py --working-set       # chunk-sized tensors held, every loss
+
+``--working-set``: in one process (a group of one), the allocator's peak of the class-parallel
+linear + loss's forward plus backward for every catalogue loss and pair, with class indices and
+with probability targets, in units of one chunk's logits (rows per chunk x K_r elements): what a
+rank holds at once besides its gradients, whatever N and K are.
 """
 
 from __future__ import annotations
@@ -111,6 +117,38 @@ def worker(args) -> dict:
     return {"rank": rank, "time": statistics.median(times), "rss": peak_rss, "allocated": allocated}
 
 
+def working_set(args) -> str:
+    """The ``--working-set`` table (the docstring)."""
+    import torch.distributed as dist
+    from run_linear import peak_memory
+
+    from apl_kernels.catalogue import PAIRS, SINGLES
+    from apl_kernels.distributed import class_parallel_linear_loss
+
+    n, h, k, chunk = 256, 64, 8000, 64
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='apl-working-set-')}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=600))
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(n, h).requires_grad_(), (torch.randn(k, h) / h**0.5).requires_grad_()
+    targets = {"class indices": torch.randint(0, k, (n,)), "probabilities": torch.randn(n, k).softmax(1)}
+    lines = [f"Chunk-sized tensors held at the peak of forward plus backward (N = {n}, H = {h}, K_r = {k}, "
+             f"{chunk} rows a chunk; `--working-set`):", "", "| loss | " + " | ".join(targets) + " |",
+             "|---|" + "---:|" * len(targets)]
+    for name in SINGLES + PAIRS:
+        cells = []
+        for target in targets.values():
+            def step():
+                hidden.grad = weight.grad = None
+                class_parallel_linear_loss(hidden, weight, target, name, class_offset=0, num_classes=k,
+                                           chunk_size=chunk).backward()
+            peak = peak_memory(step, lambda: [hidden.grad, weight.grad])
+            cells.append(f"{peak / (chunk * k * 4):.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    dist.destroy_process_group()
+    return "\n".join(lines) + "\n"
+
+
 def launch(args, workload: str, shape: tuple, world: int, backend: str = "auto") -> list[dict]:
     # The ranks meet in a file, not at a TCP port: a port found free can be taken before they meet.
     store = tempfile.mktemp(prefix="apl-class-parallel-store-")
@@ -175,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the single-process path's backends, comma-separated (default: auto; the first is the "
                              "ratios' reference)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--working-set", action="store_true", help="chunk-sized tensors held, every loss (docstring)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", default="class-parallel-cpu.md", help="the report's file name in --out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -187,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                  and (i == 0 or argv[i - 1] not in ("--out", "--report"))]
     if args.worker:
         print(json.dumps(worker(args)))
+        return 0
+    if args.working_set:
+        print(working_set(args))
         return 0
     if args.quick:
         args.rows, args.hidden, args.classes, args.reps = 64, 16, 1000, 1
