@@ -13,12 +13,31 @@ computes the loss of a linear layer's output without the (N, K) logits (``apl_ke
 The contract every backend follows is docs/losses.md.
 """
 
-from . import functional, linear, nn
+import importlib
+
+from . import functional, nn
 from .backends import available_backends
 from .batch_losses import ANLCEER, anl_ce_er
 from .catalogue import available_losses
-from .linear import LinearLoss, get_linear_loss, linear_loss
 from .nn import APLLoss, Loss, get_loss
+
+# The fused linear + loss is imported on first use: it marks functions for torch.compile
+# (torch.compiler.assume_constant_result), which imports Dynamo, seconds that a user of the loss
+# modules alone need not wait.
+_LINEAR = ("LinearLoss", "get_linear_loss", "linear_loss")
+
+
+def __getattr__(name: str):
+    if name == "linear" or name in _LINEAR:
+        linear = importlib.import_module(".linear", __name__)  # (sets this module's `linear`)
+        globals().update({attr: getattr(linear, attr) for attr in _LINEAR})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"linear", *_LINEAR})
+
 
 # The loss modules, one per single loss and named pair of the catalogue: CE, NCE, ..., NCEMAE, ...
 globals().update({cls.__name__: cls for cls in nn.NAMED_MODULES.values()})

@@ -247,3 +247,20 @@ def test_functional_stub_matches_the_catalogue():
 
 def test_named_modules_cover_the_catalogue():
     assert set(MODULES) == set(ak.catalogue.SINGLES) | set(NAMED_PAIRS)
+
+
+def test_importing_the_package_leaves_dynamo_and_the_linear_loss_for_first_use():
+    """``import apl_kernels`` and a loss module's call do not import Dynamo (seconds at start-up);
+    the linear + loss's names load on first use, as the same objects as ``apl_kernels.linear``'s."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, apl_kernels as ak\n"
+            "ak.NCEMAE(1.0, 1.0)(torch.randn(4, 10, requires_grad=True), torch.tensor([0, 1, 2, 9])).backward()\n"
+            "assert 'torch._dynamo' not in sys.modules and 'apl_kernels.linear' not in sys.modules\n"
+            "assert {'linear', 'linear_loss', 'LinearLoss', 'get_linear_loss'} <= set(dir(ak))\n"
+            "from apl_kernels import LinearLoss\n"
+            "import apl_kernels.linear as AL\n"
+            "assert LinearLoss is AL.LinearLoss and ak.linear_loss is AL.linear_loss and ak.linear is AL\n"
+            "assert ak.get_linear_loss is AL.get_linear_loss\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
