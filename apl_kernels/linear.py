@@ -23,6 +23,7 @@ catalogue.
 from __future__ import annotations
 
 import inspect
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,17 @@ def default_chunk_size(rows: int, hidden_size: int, num_classes: int, device_typ
     return max(1, min(rows, CPU_CHUNK_ROWS))
 
 
+def _workspace(shape: tuple[int, int], like: Tensor) -> Tensor:
+    """An uninitialized ``shape`` tensor of ``like``'s dtype and device. On CPU its memory is its own
+    anonymous mapping, returned to the system when the tensor is freed: from the C heap, a block of
+    up to 32 MiB (glibc's largest mmap threshold) stays with the process after it is freed, and
+    between training steps the process holds it beside the gradients (bench/run_linear.py --rss)."""
+    count = shape[0] * shape[1]
+    if like.device.type != "cpu" or count == 0:
+        return like.new_empty(shape)
+    return torch.frombuffer(mmap.mmap(-1, count * like.element_size()), dtype=like.dtype, count=count).view(shape)
+
+
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, class_weight: Tensor | None,
                 backend: str, bases: list[int], coefficients: list[float], options: list[int], chunk_size: int,
                 needs: list[bool], row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -87,12 +99,13 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     grad_weight = weight.new_zeros(weight.shape if needs[1] else 0)
     grad_bias = weight.new_zeros(classes if needs[2] else 0)
     ones = weight.new_ones(min(chunk_size, rows) if needs[2] else 0)  # the bias' gradient as a matmul (GEMV)
-    # One chunk's logits, allocated once and overwritten by each chunk, and the op's gradient written
-    # over them where the backend can (the CPU op, apl::fused_loss_): chunk-sized blocks freed and
-    # allocated again beside the large gradients fragment the C heap, and the process then holds
-    # hundreds of MiB more than the allocator's peak (bench/run_linear.py --rss). (The GPU ops return
-    # a new gradient, which the CUDA caching allocator hands back to the next chunk as it is.)
-    workspace = hidden.new_empty((min(chunk_size, rows), classes))
+    # One chunk's logits, allocated once (outside the C heap: _workspace) and overwritten by each
+    # chunk, and the op's gradient written over them where the backend can (the CPU op,
+    # apl::fused_loss_): chunk-sized blocks freed and allocated again beside the large gradients
+    # fragment the C heap, and the process then holds hundreds of MiB more than the allocator's peak
+    # (bench/run_linear.py --rss). (The GPU ops return a new gradient, which the CUDA caching
+    # allocator hands back to the next chunk as it is.)
+    workspace = _workspace((min(chunk_size, rows), classes), hidden)
     for start in range(0, rows, chunk_size):
         end = min(start + chunk_size, rows)
         chunk = hidden[start:end]

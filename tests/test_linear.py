@@ -21,6 +21,7 @@ import inspect
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -227,21 +228,27 @@ def test_never_allocates_the_logits(seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_one_logits_workspace_per_call(reduction, seed):
-    """The chunks' logits go into one workspace allocated once per call, and the CPU op writes each
-    chunk's gradient over them (apl::fused_loss_): that workspace is the only chunk-sized allocation
-    (allocating the logits or a gradient again in each chunk fragments the C heap:
-    bench/run_linear.py --rss). For ``none``, forward (no gradient) and backward (which recomputes
-    the logits) each have one workspace."""
+    """The chunks' logits go into one workspace allocated once per call (linear._workspace, a mapping
+    of its own, returned to the system when freed), and the CPU op writes each chunk's gradient over
+    them (apl::fused_loss_): nothing chunk-sized goes through the C heap (blocks freed and allocated
+    again there beside the large gradients fragment it: bench/run_linear.py --rss). For ``none``,
+    forward (no gradient) and backward (which recomputes the logits) each have one workspace."""
     n, h, k, chunk = 256, 16, 3000, 64  # 4 chunks; a chunk's logits (768 KB) outsize every other tensor
     hidden, weight, bias = (x.float().requires_grad_() for x in exact_inputs(seed, n, h, k))
     target = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+    workspaces, allocate = [], AL._workspace
+
+    def workspace(shape, like):
+        workspaces.append(shape)
+        return allocate(shape, like)
 
     def linear():
         AL.linear_loss(hidden, weight, target, "nce+rce", bias=bias, chunk_size=chunk,
                        reduction=reduction).sum().backward()
 
-    sizes = [size for size, _ in run_linear.allocations(linear) if size >= chunk * k * 4]
-    assert n // chunk == 4 and len(sizes) == (1 if reduction == "mean" else 2), sizes
+    with mock.patch.object(AL, "_workspace", workspace):
+        sizes = [size for size, _ in run_linear.allocations(linear) if size >= chunk * k * 4]
+    assert n // chunk == 4 and sizes == [] and workspaces == [(chunk, k)] * (1 if reduction == "mean" else 2)
     # and the workspace gives the values of a materialized call
     grads = [x.grad.clone() for x in (hidden, weight, bias)]
     for x in (hidden, weight, bias):
