@@ -355,9 +355,10 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
 
     Gradients flow to ``hidden``, ``weight``, ``bias`` and to probability targets that require grad
     (as the fused ops give them, options' ``target_grad``; that gradient is then the one (N, K)
-    tensor made), not to ``class_weight``; fused backends support no double backward. Works under ``torch.compile(fullgraph=True)`` (with
-    ``dynamic=True``, use the module form: the functional form's options must be constants),
-    ``torch.func.grad`` and ``torch.func.vmap`` of it (per-sample gradients).
+    tensor made), not to ``class_weight``; fused backends support no double backward. Works under
+    ``torch.compile(fullgraph=True)`` (with ``dynamic=True``, use the module form: the functional
+    form's options must be constants), ``torch.func.grad`` and ``torch.func.vmap`` of it
+    (per-sample gradients).
 
     Example::
 
