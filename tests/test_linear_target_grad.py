@@ -17,7 +17,9 @@ from apl_kernels.backends import contract
 from apl_kernels.catalogue import make_spec
 from apl_kernels.functional import apl_loss
 from apl_kernels.options import CallOptions
-from apl_kernels.testing.cases import FUSED, FUSED_IDS, INTERPRETED, LOSS_CASES, random_probabilities, random_weight
+from apl_kernels.testing.cases import (
+    FUSED, FUSED_IDS, INTERPRETED, LOSS_CASES, assert_parity, random_probabilities, random_weight,
+)
 
 from test_linear import CHUNK, H, K, N, check_parity, exact_inputs, run, run_linear
 
@@ -143,6 +145,34 @@ def test_targets_alone_and_no_grad(seed):
     with torch.no_grad():
         value = AL.linear_loss(hidden, weight, target, "nfl+rce", bias=bias, chunk_size=CHUNK)
     assert not value.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast"])
+def test_targets_of_another_dtype_and_autocast(autocast, seed):
+    """float64 targets of float32 hidden states, plain or under CPU autocast to bfloat16 (bf16 logits
+    into the loss): the targets' gradient is float64 (the op's pair in the promoted dtype) and equals
+    the float64 reference on the logits the loss saw, within float32 arithmetic (test_target_grad's
+    rule); the value and the other gradients are those of float32 targets (the kernel reads the
+    targets in float32 either way), bit for bit."""
+    from test_target_grad import target_magnitudes
+
+    hidden, weight, bias = (x.float() for x in exact_inputs(seed))
+    target = random_probabilities(N, K, seed)
+    results = []
+    for t in (target, target.float()):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias, t)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = AL.linear_loss(leaves[0], leaves[1], leaves[3], "nfl+nnfl", bias=leaves[2], chunk_size=CHUNK)
+            z = torch.nn.functional.linear(hidden, weight, bias).double()  # the logits the loss sees
+        loss.backward(torch.tensor(1.5))
+        results.append((loss.detach(), *(x.grad for x in leaves)))
+    for a, b in zip(results[0][:4], results[1][:4]):
+        assert torch.equal(a, b)
+    t64 = target.clone().requires_grad_()
+    truth = torch.autograd.grad(apl_loss(z, t64, "nfl+nnfl", backend="torch") * 1.5, t64)[0]
+    assert results[0][4].dtype == torch.float64
+    magnitude = target_magnitudes(z, "nfl+nnfl", {}, None, 0.0, "mean", torch.tensor(1.5))
+    assert_parity(results[0][4], truth, magnitude, torch.float32, roundings=4, where=f"autocast={autocast}")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
