@@ -4,7 +4,9 @@ At vocabulary scale the logits and their gradient dominate memory (8,192 rows of
 head: 8 GB in float32). Here the rows go in chunks: per chunk a matmul forms the chunk's logits,
 the fused op of the backend (backends/fused.py, mode ``GRAD_IN_FORWARD``) turns them into the rows'
 losses and the gradient in one pass (on CPU written over the logits), and matmuls accumulate the
-gradients of ``hidden``, ``weight`` and ``bias``; the next chunk reuses the logits' buffer. The ideas are those of
+gradients of ``hidden``, ``weight`` and ``bias``; the next chunk reuses the logits' buffer. Probability targets
+that require grad get theirs from the same op (the pair of contract.gradient_output), copied chunk by
+chunk into their (N, K) gradient. The ideas are those of
 Liger-Kernel's fused linear cross entropy and Apple's Cut Cross-Entropy, for every loss of the
 catalogue.
 
@@ -76,11 +78,12 @@ def _workspace(shape: tuple[int, int], like: Tensor) -> Tensor:
 
 def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, class_weight: Tensor | None,
                 backend: str, bases: list[int], coefficients: list[float], options: list[int], chunk_size: int,
-                needs: list[bool], row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The rows' summed (or per-row) losses and the gradients of hidden, weight and bias for an
-    upstream gradient of 1 (of ``row_scale`` per row, when given), ``chunk_size`` rows at a time (0:
-    the default); a gradient not in ``needs`` is an empty tensor. Never holds more than one chunk of
-    logits (one workspace, reused) and their gradient."""
+                needs: list[bool], row_scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rows' summed (or per-row) losses and the gradients of hidden, weight, bias and the
+    probability targets for an upstream gradient of 1 (of ``row_scale`` per row, when given),
+    ``chunk_size`` rows at a time (0: the default); a gradient not in ``needs`` is an empty tensor.
+    Never holds more than one chunk of logits (one workspace, reused) and their gradient; the
+    targets' gradient, when needed, is the one (N, K) output (the size of the targets)."""
     function = backends.REGISTRY[backend].load()  # the backend _linear_loss chose
     op, inplace_op = function.op, function.inplace_op
     rows, classes = hidden.shape[0], weight.shape[0]
@@ -89,8 +92,12 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
     grad_mode = contract.GRAD_IN_FORWARD if any(needs) else contract.NO_GRAD
     # Each chunk's op sums (or keeps) its rows: the mean's divisor is the whole batch's, applied here.
+    # With the targets' gradient (options' target_grad) the op's gradient is the pair (2, R, K) of
+    # contract.gradient_output: [0] the logits', [1] the targets' (a new tensor: the in-place CPU op
+    # writes the logits' gradient alone).
     chunk_options = [*options]
     chunk_options[contract.GRAD_MODE] = grad_mode
+    chunk_options[contract.TARGET_GRAD] = int(needs[3])
     if reduced:
         chunk_options[contract.REDUCTION] = contract.REDUCTION_CODES["sum"]
     loss = hidden.new_zeros((), dtype=acc) if reduced else hidden.new_empty(rows, dtype=acc)
@@ -98,6 +105,8 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
     grad_hidden = hidden.new_empty(hidden.shape if needs[0] else 0)  # contiguous
     grad_weight = weight.new_zeros(weight.shape if needs[1] else 0)
     grad_bias = weight.new_zeros(classes if needs[2] else 0)
+    # (contiguous, in the targets' dtype; else an empty one in hidden's: class indices are integers)
+    grad_target = target.new_empty(target.shape) if needs[3] else hidden.new_empty(0)
     ones = weight.new_ones(min(chunk_size, rows) if needs[2] else 0)  # the bias' gradient as a matmul (GEMV)
     # One chunk's logits, allocated once (outside the C heap: _workspace) and overwritten by each
     # chunk, and the op's gradient written over them where the backend can (the CPU op,
@@ -114,7 +123,7 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
             torch.mm(chunk, weight.t(), out=logits)
         else:
             torch.addmm(bias, chunk, weight.t(), out=logits)
-        if grad_mode == contract.GRAD_IN_FORWARD and inplace_op is not None:
+        if grad_mode == contract.GRAD_IN_FORWARD and inplace_op is not None and not needs[3]:
             chunk_loss, grad = inplace_op(logits, target[start:end], class_weight, bases, coefficients,
                                           chunk_options), logits
         else:
@@ -126,7 +135,10 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
         if grad_mode == contract.NO_GRAD:
             continue
         if row_scale is not None:
-            grad.mul_(row_scale[start:end, None].to(grad.dtype))
+            grad.mul_(row_scale[start:end, None].to(grad.dtype))  # (both halves of a pair)
+        if needs[3]:
+            grad_target[start:end] = grad[1]
+            grad = grad[0].to(logits.dtype)  # (the pair is in the promoted dtype of logits and targets)
         if needs[0]:
             torch.mm(grad, weight, out=grad_hidden[start:end])
         if needs[1]:
@@ -139,52 +151,60 @@ def _chunk_loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Ten
         loss = loss / divisor
         # (N + K) H elements, against the loop's 6 N K H flops. (In a half type the divisor is rounded
         # to it: one rounding of the result, as an upstream gradient in that type would make.)
-        for grad in (grad_hidden, grad_weight, grad_bias):
+        for grad in (grad_hidden, grad_weight, grad_bias, grad_target):
             grad.div_(divisor)
-    return loss, grad_hidden, grad_weight, grad_bias
+    return loss, grad_hidden, grad_weight, grad_bias, grad_target
 
 
 @torch.library.custom_op("apl::linear_loss", mutates_args=())
 def _linear_loss_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, class_weight: Tensor | None,
                     backend: str, bases: list[int], coefficients: list[float], options: list[int], chunk_size: int,
-                    needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss (reduced, or per row for ``none``) and, for ``mean``/``sum``, the gradients of hidden,
-    weight and bias for an upstream gradient of 1 (those not in ``needs``, and all for ``none``,
-    are empty)."""
+    weight, bias and the probability targets for an upstream gradient of 1 (those not in ``needs``,
+    and all for ``none``, are empty)."""
     reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
+    if needs[3] and not reduced:
+        # ``none`` computes its gradients in backward: the ops' check of the targets' gradient (a loss
+        # whose kernels give none) runs now, with the options backward will use, on no rows.
+        gradient_options = [*options]
+        gradient_options[contract.GRAD_MODE], gradient_options[contract.TARGET_GRAD] = contract.GRAD_IN_FORWARD, 1
+        contract.decode(hidden.new_empty((0, weight.shape[0])), target[:0], class_weight, bases, coefficients,
+                        gradient_options)
     with torch.no_grad():
         return _chunk_loop(hidden, weight, bias, target, class_weight, backend, bases, coefficients, options,
-                           chunk_size, needs if reduced else [False] * 3)
+                           chunk_size, needs if reduced else [False] * 4)
 
 
 @torch.library.custom_op("apl::linear_loss_backward", mutates_args=())
 def _linear_loss_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                              class_weight: Tensor | None, grad_rows: Tensor, backend: str, bases: list[int],
                              coefficients: list[float], options: list[int], chunk_size: int,
-                             needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of hidden, weight and bias of ``reduction="none"`` for the upstream ``grad_rows``
-    (N,): the logits are recomputed chunk by chunk."""
+                             needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of hidden, weight, bias and the probability targets of ``reduction="none"`` for
+    the upstream ``grad_rows`` (N,): the logits are recomputed chunk by chunk."""
     with torch.no_grad():
         return _chunk_loop(hidden, weight, bias, target, class_weight, backend, bases, coefficients, options,
                            chunk_size, needs, row_scale=grad_rows)[1:]
 
 
-def _fake_gradients(hidden, weight, bias, needs, reduced=True):
-    grads = (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0]))
-    return tuple(g if need and reduced else hidden.new_empty(0) for g, need in zip(grads, needs))
+def _fake_gradients(hidden, weight, target, needs, reduced=True):
+    """_chunk_loop's gradients: each its input's shape and dtype where needed, else empty in hidden's."""
+    inputs = (hidden, weight, weight[:, 0], target)
+    return tuple(x.new_empty(x.shape) if need and reduced else hidden.new_empty(0) for x, need in zip(inputs, needs))
 
 
 @_linear_loss_op.register_fake
 def _(hidden, weight, bias, target, class_weight, backend, bases, coefficients, options, chunk_size, needs):
     reduced = options[contract.REDUCTION] != contract.REDUCTION_CODES["none"]
     loss = hidden.new_empty(() if reduced else hidden.shape[:1], dtype=accumulation_dtype(hidden.dtype))
-    return (loss, *_fake_gradients(hidden, weight, bias, needs, reduced))
+    return (loss, *_fake_gradients(hidden, weight, target, needs, reduced))
 
 
 @_linear_loss_backward_op.register_fake
 def _(hidden, weight, bias, target, class_weight, grad_rows, backend, bases, coefficients, options, chunk_size,
       needs):
-    return _fake_gradients(hidden, weight, bias, needs)
+    return _fake_gradients(hidden, weight, target, needs)
 
 
 def _loop_vmap(op):
@@ -248,7 +268,7 @@ class _LinearLoss(torch.autograd.Function):
                 grads = fused.FirstDerivativeOnly.apply(_linear_loss_backward_op, *arguments)
             else:
                 grads = _linear_loss_backward_op(*arguments)
-        return (*(g if need else None for g, need in zip(grads, ctx.arguments[-1])), None, None, None)
+        return (*(g if need else None for g, need in zip(grads, ctx.arguments[-1])), None, None)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -346,10 +366,12 @@ def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, name: str, *, bi
         arithmetic is float32), as ``F.linear`` followed by a fused loss would; under
         ``torch.autocast`` in the autocast dtype, and the loss is float32.
 
-    Gradients flow to ``hidden``, ``weight`` and ``bias`` (not to ``target`` or ``class_weight``);
-    fused backends support no double backward. Works under ``torch.compile(fullgraph=True)`` (with
-    ``dynamic=True``, use the module form: the functional form's options must be constants),
-    ``torch.func.grad`` and ``torch.func.vmap`` of it (per-sample gradients).
+    Gradients flow to ``hidden``, ``weight``, ``bias`` and to probability targets that require grad
+    (as the fused ops give them, options' ``target_grad``; that gradient is then the one (N, K)
+    tensor made), not to ``class_weight``; fused backends support no double backward. Works under
+    ``torch.compile(fullgraph=True)`` (with ``dynamic=True``, use the module form: the functional
+    form's options must be constants), ``torch.func.grad`` and ``torch.func.vmap`` of it
+    (per-sample gradients).
 
     Example::
 
@@ -380,10 +402,11 @@ def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | 
     if dtype is not None:
         hidden, weight, bias = (x if x is None else x.to(dtype) for x in (hidden, weight, bias))
     result = result_dtype(hidden)
-    fused.refuse_other_gradients(target, class_weight, "linear + loss gives")
+    fused.refuse_other_gradients(None, class_weight, "linear + loss gives")
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
-             grad and bias is not None and bias.requires_grad]
+             grad and bias is not None and bias.requires_grad,
+             grad and target.is_floating_point() and target.requires_grad]  # (the ops' target_grad)
     # (0: the op picks the default from the real shapes, which a compiled graph may only know symbolically.)
     arguments = (chosen.name, *contract.op_arguments(spec, options, contract.GRAD_IN_FORWARD), chunk_size or 0, needs)
     loss = _LinearLoss.apply(hidden, weight, bias, target, class_weight, arguments)[0]

@@ -23,6 +23,7 @@ from apl_kernels.testing.cases import (
     LOSS_CASES, TARGET_MODES, assert_parity, case_id, clamp_levels, make_target, off_kinks, random_logits, run,
     term_magnitudes,
 )
+from test_target_grad import target_magnitudes  # (this file's directory is on the path)
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier")
@@ -74,7 +75,8 @@ def counted_call(fn):
 def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
     """Every catalogue case against the single-process reference on the whole logits. The (case,
     target mode) pairs are dealt over the groups of 2, 3 and 4 ranks (each case meets each group):
-    float64 on 2 ranks, float32 on 3, both in turn on 4."""
+    float64 on 2 ranks, float32 on 3, both in turn on 4. Probability targets require grad: their
+    columns' gradient too."""
     group = world - 2
     dtypes_of = {0: lambda i: (torch.float64,), 1: lambda i: (torch.float32,),
                  2: lambda i: ((torch.float64, torch.float32)[i % 2],)}[group]
@@ -97,6 +99,7 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
                 where = f"seed {seed} {case_id((name, params))} {mode} {dtype} {reduction} split {sizes}"
                 shard = z[:, offset:offset + kr].clone().requires_grad_()
                 local_target = target[:, offset:offset + kr].to(dtype) if mode == "probabilities" else target
+                local_target.requires_grad_(mode == "probabilities")
                 weight = options.get("weight")
 
                 def call():
@@ -111,18 +114,26 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
                     counts[(forward, backward)] += 1
                     assert got.dtype == dtype, f"loss dtype {got.dtype}"
                     got, grad = got.detach(), shard.grad
+                    grad_t = local_target.grad if mode == "probabilities" else torch.zeros_like(shard)
+                    assert grad_t.dtype == dtype and grad_t.shape == shard.shape, f"targets' gradient {grad_t}"
                 except Exception as err:  # noqa: BLE001  (reported to the test; the gathers below go on)
                     failures.append(f"rank {rank} {where}: {type(err).__name__}: {err}")
                     got, grad = torch.full(upstream.shape, math.nan, dtype=dtype), torch.full_like(shard, math.nan)
+                    grad_t = torch.full_like(shard, math.nan)
                 # Rank 0 checks the whole loss (the same on every rank) and gradient against the reference.
-                values, grads = gather(got.reshape(-1), world), gather(grad, world)
+                values, grads, grads_t = gather(got.reshape(-1), world), gather(grad, world), gather(grad_t, world)
                 if rank != 0:
                     continue
                 try:
                     assert all(torch.equal(v, values[0]) for v in values), f"the ranks' losses differ: {values}"
                     full_grad = torch.cat([g[:, :k] for g, k in zip(grads, sizes)], 1)
-                    truth = run(z.double(), target.double() if target.is_floating_point() else target, name, params,
-                                "torch", reduction, upstream, **dict(options))
+                    t64 = target.double().requires_grad_() if target.is_floating_point() else target
+                    truth = run(z.double(), t64, name, params, "torch", reduction, upstream, **dict(options))
+                    if mode == "probabilities":  # test_target_grad's rule
+                        full_grad_t = torch.cat([g[:, :k] for g, k in zip(grads_t, sizes)], 1)
+                        magnitude = target_magnitudes(z, name, params, options.get("weight"),
+                                                      options["label_smoothing"], reduction, upstream)
+                        assert_parity(full_grad_t, t64.grad, magnitude, dtype, 1, where + " targets' gradient")
                     value_terms, grad_terms = term_magnitudes(z, target, name, params, reduction, upstream,
                                                               **options)
                     assert_parity(values[0], truth[0], torch.maximum(value_terms, truth[0].abs().reshape(
@@ -158,6 +169,7 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
                 w = weight[offset:offset + kr].clone().requires_grad_()
                 b = bias[offset:offset + kr].clone().requires_grad_()
                 local_target = target[:, offset:offset + kr].to(dtype) if mode == "probabilities" else target
+                local_target.requires_grad_(mode == "probabilities")
 
                 def call():
                     loss = class_parallel_linear_loss(
@@ -172,7 +184,7 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
                 # gradient is a matmul of the logits' gradient G: its rounding is relative to the terms
                 # |G| |W| (|G|^T |hidden|, Σ|G|), with |G| the largest term of G's row (testing.cases).
                 x1, w1, b1 = (t.double().requires_grad_() for t in (hidden, weight, bias))
-                t64 = target.double() if mode == "probabilities" else target
+                t64 = target.double().requires_grad_() if mode == "probabilities" else target
                 want = ak.linear_loss(x1, w1, t64, name, bias=b1, class_weight=class_weight, reduction=reduction,
                                       label_smoothing=smoothing, **params)
                 want.backward(upstream.double())
@@ -182,9 +194,14 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
                 g = g.amax(1, keepdim=True).expand_as(g)
                 magnitudes = {"hidden": g @ w1.detach().abs(), "weight": (g.t() @ x1.detach().abs())[offset:offset + kr],
                               "bias": g.sum(0)[offset:offset + kr]}
-                for label, a, e in (("value", got.detach(), want.detach()), ("hidden", x.grad, x1.grad),
-                                    ("weight", w.grad, w1.grad[offset:offset + kr]),
-                                    ("bias", b.grad, b1.grad[offset:offset + kr])):
+                checks = [("value", got.detach(), want.detach()), ("hidden", x.grad, x1.grad),
+                          ("weight", w.grad, w1.grad[offset:offset + kr]),
+                          ("bias", b.grad, b1.grad[offset:offset + kr])]
+                if mode == "probabilities":  # (test_target_grad's rule)
+                    magnitudes["target"] = target_magnitudes(logits, name, params, class_weight, smoothing, reduction,
+                                                             upstream)[:, offset:offset + kr]
+                    checks.append(("target", local_target.grad, t64.grad[:, offset:offset + kr]))
+                for label, a, e in checks:
                     e = e.reshape(1, -1) if e.dim() < 2 else e
                     m = magnitudes.get(label, e.abs()).reshape(e.shape)
                     assert_parity(a.reshape(e.shape), e, torch.maximum(m, e.abs()), dtype, 1, f"{where} {label}")
@@ -305,6 +322,8 @@ def errors_job(rank: int, world: int, seed: int) -> dict:
         "official_grad": dict(official_grad=rank == 0),
         "reduction": dict(reduction="sum" if rank == 0 else "mean"),
         "weight_size": dict(weight=torch.ones(kr + (rank == 0), dtype=torch.float64)),
+        # probability targets whose gradient one rank alone asks for (the second all-reduce's width differs)
+        "target_grad": dict(target=torch.full((5, kr), 1 / K, dtype=torch.float64).requires_grad_(rank == 0)),
     }
     for label, change in cases.items():
         args = {"class_offset": offset, "num_classes": K, "target": target, **change}

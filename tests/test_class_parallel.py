@@ -73,7 +73,8 @@ def test_cases_cover_the_catalogue():
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_every_loss_matches_the_single_process_loss(world, base_seed, tmp_path_factory):
     """Values and the gradient (each rank's columns, gathered) equal the reference on the whole
-    logits within the suite's tolerance rule, and the loss is the same on every rank: every loss
+    logits within the suite's tolerance rule (the probability targets' gradient too, which they
+    require), and the loss is the same on every rank: every loss
     and pair, every target mode (index with an ignored row, smoothed, weighted, probabilities with
     weights and smoothing) dealt over the three group sizes, float64 on 2 ranks, float32 on 3, both
     on 4, reductions in turn, uneven splits with a rank of one class; and each call makes exactly 2
@@ -86,9 +87,9 @@ def test_every_loss_matches_the_single_process_loss(world, base_seed, tmp_path_f
 
 
 def test_linear_loss_matches_the_single_device_linear_loss(base_seed, tmp_path_factory):
-    """hidden's, the weight shard's and the bias shard's gradients and the value equal linear_loss on
-    the whole classifier (3 ranks, float64 and float32, chunks of 4 rows); 2 all-reduces in forward,
-    1 (hidden's gradient) in backward."""
+    """hidden's, the weight shard's and the bias shard's gradients (and the probability targets') and
+    the value equal linear_loss on the whole classifier (3 ranks, float64 and float32, chunks of 4
+    rows); 2 all-reduces in forward, 1 (hidden's gradient) in backward."""
     reports = reports_of("linear", 3, base_seed, tmp_path_factory)
     assert_no_failures(reports)
     for report in reports:
@@ -110,11 +111,12 @@ def test_spatial_noncontiguous_bfloat16_module_and_no_grad(base_seed, tmp_path_f
 
 def test_bad_input_raises_on_every_rank(base_seed, tmp_path_factory):
     """Overlapping shards, shards short of num_classes, disagreeing num_classes / parameters /
-    official_grad / reduction, one rank's target out of range, a wrong weight slice: every rank
-    raises a clear error (no hang), and the group then still computes a correct loss."""
+    official_grad / reduction / targets' gradient, one rank's target out of range, a wrong weight
+    slice: every rank raises a clear error (no hang), and the group then still computes a correct loss."""
     reports = reports_of("errors", 2, base_seed, tmp_path_factory)
     expected = {"overlap": "cover", "gap": "cover", "num_classes": "num_classes", "target": "outside [0",
-                "params": "disagree", "official_grad": "disagree", "reduction": "disagree", "weight_size": "weight"}
+                "params": "disagree", "official_grad": "disagree", "reduction": "disagree", "weight_size": "weight",
+                "target_grad": "require grad"}
     for rank, report in enumerate(reports):
         for label, text in expected.items():
             message = report["raised"][label]

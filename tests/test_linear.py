@@ -72,20 +72,25 @@ def make_target(mode: str, seed: int, n: int = N, k: int = K, ignore_index: int 
 
 def run(hidden, weight, bias, target, name, params, reduction, upstream, backend="auto", chunk_size=CHUNK,
         device="cpu", **options):
-    """Loss and the gradients of hidden, weight and bias (None for a bias of None), on the CPU."""
+    """Loss and the gradients of hidden, weight and bias (None for a bias of None), on the CPU; and of
+    the probability targets, fifth, when ``target`` requires grad (strides kept: views stay views)."""
     leaves = [x.detach().to(device).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    target_grad = target.requires_grad
+    target = target.detach().to(device).requires_grad_(target_grad)
     options = {k: v.to(device) for k, v in options.items() if isinstance(v, torch.Tensor)} | \
         {k: v for k, v in options.items() if not isinstance(v, torch.Tensor)}
-    loss = AL.linear_loss(leaves[0], leaves[1], target.to(device), name, bias=leaves[2], reduction=reduction,
+    loss = AL.linear_loss(leaves[0], leaves[1], target, name, bias=leaves[2], reduction=reduction,
                           chunk_size=chunk_size, backend=backend, **options, **params)
     loss.backward(upstream.to(device, loss.dtype).expand(loss.shape))
+    leaves += [target] if target_grad else []
     return tuple(x.detach().cpu() if x is not None else None for x in (loss, *(x.grad if x is not None else None
                                                                              for x in leaves)))
 
 
 def check_parity(hidden, weight, bias, target, name, params, reduction, upstream, dtype, where="",
                  device="cpu", backend="auto", **options):
-    """The fused path in ``dtype`` against the float64 reference on the same values (module docstring)."""
+    """The fused path in ``dtype`` against the float64 reference on the same values (module docstring);
+    the targets' gradient too when ``target`` requires grad."""
     cast = {k: v.to(dtype) if k == "class_weight" else v for k, v in options.items()}
     probabilities = target.is_floating_point()
     got = run(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
@@ -102,11 +107,11 @@ def check_parity(hidden, weight, bias, target, name, params, reduction, upstream
                   "label_smoothing": options.get("label_smoothing", 0.0),
                   "ignore_index": options.get("ignore_index", -100)}
     _, grad, grad_terms, sensitivity, value_terms = (torch.from_numpy(x) for x in loss_and_grad(
-        z, target64.numpy(), name, **np_options, **params))
+        z, target64.detach().numpy(), name, **np_options, **params))
     # A value's terms, and lp's rounding times the value's sensitivity to lp (cases.check_parity's rule).
     value_terms = value_terms + sensitivity * (1 + 2 * torch.from_numpy(z).abs().amax(1) + math.log(z.shape[1]))
     mean = reduction == "mean"
-    divisor = (coefficients(target64.numpy(), z.shape[1], **np_options)[1].sum() or 1.0) if mean else 1.0
+    divisor = (coefficients(target64.detach().numpy(), z.shape[1], **np_options)[1].sum() or 1.0) if mean else 1.0
     scale = upstream.double().expand(z.shape[0] if reduction == "none" else ()).reshape(-1, 1) / divisor
     grad, row_terms = grad * scale, grad_terms.amax(1, keepdim=True) * scale.abs()
     value_terms = value_terms * scale.abs()[:, 0]
@@ -121,6 +126,13 @@ def check_parity(hidden, weight, bias, target, name, params, reduction, upstream
             assert g is None, where
             continue
         assert_parity(g, t, m, dtype, where=f"{where} grad {label}")
+    if target.requires_grad:  # each element from the exact logits: test_target_grad's rule, 4 roundings (the
+        # op's output, the upstream's rounding to dtype and its product, a mean's division)
+        from test_target_grad import target_magnitudes
+        assert got[4].dtype == dtype and got[4].shape == target.shape, where
+        magnitude = target_magnitudes(torch.from_numpy(z), name, params, weights64.get("class_weight"),
+                                      np_options["label_smoothing"], reduction, upstream)
+        assert_parity(got[4], truth[4], magnitude, dtype, roundings=4, where=f"{where} grad target")
 
 
 CASES = [(dtype, mode, reduction) for dtype in (torch.float64, torch.float32) for mode in TARGET_MODES
@@ -425,7 +437,6 @@ def test_bad_input_is_named():
         (dict(chunk_size=2.0), ValueError, "chunk_size must be None or an int >= 1"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(backend="cuda"), ValueError, "does not run on cpu tensors"),
-        (dict(target=torch.rand(4, 5, requires_grad=True)), ValueError, "no gradient of the probability targets"),
         (dict(class_weight=torch.rand(5, requires_grad=True)), ValueError, "no gradient of the class weights"),
     ]
     for change, error, message in bad:
@@ -444,7 +455,7 @@ def test_opcheck(reduction, seed):
     hidden, weight, bias = exact_inputs(seed, n=9)
     target, options = make_target("weighted", seed, n=9)
     arguments = ("cpp", *contract.op_arguments(make_spec("nfl+rce"), CallOptions(reduction), contract.GRAD_IN_FORWARD),
-                 4, [True, True, True])
+                 4, [True, True, True, False])
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(AL._linear_loss_op, (hidden, weight, bias, target, options["class_weight"], *arguments),
                           test_utils=utils)

@@ -11,7 +11,8 @@ so the global loss needs two all-reduces of per-row numbers, whatever the loss:
    knows ``lse = M + ln Σ_r S_r e^{M_r - M}`` and so the exact ``lp = z - lse`` of its columns;
 2. the loss's partial sums over this rank's columns (``Σ c·x`` and ``Σ x`` of the loss's terms,
    clamps included: they are applied to the exact ``p``), batched into one ``(R, 2n)`` tensor with
-   their derivatives ``D = ∂(sum)/∂lse``.
+   their derivatives ``D = ∂(sum)/∂lse`` (``(R, 3n)`` with ``E = ∂(sum)/∂C`` for the gradient of
+   probability targets: a sum of the reverse family reads the row's total ``C``).
 
 The backward needs no collective: the loss is a function ``F(H)`` of the global sums ``H``, replicated
 on every rank, so ``∂F/∂H`` is known everywhere, and this rank's columns' gradient is
@@ -19,6 +20,8 @@ on every rank, so ``∂F/∂H`` is known everywhere, and this rank's columns' gr
 logits through ``lse``, whose derivative is ``p``). The per-element derivatives are autograd's, on
 the same code as the forward's, recomputed in the backward chunk by chunk (as the fused kernels'
 GRAD_IN_BACKWARD mode recomputes them): nothing of size (R, K_r) is kept between the passes.
+Probability targets that require grad get their columns' gradient alike, ``∂F/∂c`` through the
+sums and through ``C`` (``E``), times ``∂c/∂t = (1 - ε) w`` (docs/losses.md).
 
 The per-element formulas are the reference's (reference.Row's methods and its base functions):
 a "local" or "reverse" base is a row sum of per-label terms, so the reference's own function on a
@@ -126,9 +129,10 @@ class _Problem:
                  class_offset: int, num_classes: int, local_classes: int, group, acc: torch.dtype,
                  chunk_rows: int, logits) -> None:
         self.spec, self.options, self.group, self.acc = spec, options, group, acc
-        self.target, self.offset, self.K, self.Kr = target, class_offset, num_classes, local_classes
+        self.target, self.offset, self.K, self.Kr = target.detach(), class_offset, num_classes, local_classes
         self.class_weight = None if class_weight is None else class_weight.to(acc)
         self.probabilities = target.is_floating_point()
+        self.target_grad = self.probabilities and target.requires_grad and torch.is_grad_enabled()
         self.rows = target.shape[0]
         self.chunk_rows = max(1, min(self.rows, chunk_rows))
         self.logits = logits
@@ -194,29 +198,35 @@ class _Problem:
         self.counted = shared[2] > 0  # rows with some coefficient (reference: the others give 0)
 
     # -- pass 2 and the second all-reduce ---------------------------------------------------------
-    def row(self, lp: Tensor, start: int, end: int) -> ShardRow:
-        return ShardRow(lp, self.coefficients(start, end)[0], self.total_c[start:end], self.K, self.spec)
+    def row(self, lp: Tensor, start: int, end: int, c: Tensor | None = None, total_c: Tensor | None = None):
+        c = self.coefficients(start, end)[0] if c is None else c
+        return ShardRow(lp, c, self.total_c[start:end] if total_c is None else total_c, self.K, self.spec)
 
     def sums(self, need_grad: bool) -> None:
         n = num_sums(self.spec)
-        local = torch.zeros(self.rows, 2 * n, dtype=self.acc, device=self.target.device)
+        local = torch.zeros(self.rows, (3 if self.target_grad else 2) * n, dtype=self.acc, device=self.target.device)
         for start, end in self.chunks():
             lp = (self.logits(start, end).detach() - self.lse[start:end, None]).requires_grad_(need_grad)
+            total_c = self.total_c[start:end].detach().requires_grad_(self.target_grad)
             with torch.enable_grad() if need_grad else torch.no_grad():
-                h = partial_sums(self.spec, self.row(lp, start, end))
-                if need_grad:  # D_k = ∂h_k/∂lse = -Σ_j ∂h_k/∂lp_j
+                h = partial_sums(self.spec, self.row(lp, start, end, total_c=total_c))
+                if need_grad:  # D_k = ∂h_k/∂lse = -Σ_j ∂h_k/∂lp_j; E_k = ∂h_k/∂C
                     for k in range(n):
-                        (g,) = torch.autograd.grad(h[:, k].sum(), lp, retain_graph=k + 1 < n, allow_unused=True,
-                                                   materialize_grads=True)
-                        local[start:end, n + k] = -g.sum(1)
+                        g = torch.autograd.grad(h[:, k].sum(), (lp, total_c) if self.target_grad else lp,
+                                                retain_graph=k + 1 < n, allow_unused=True, materialize_grads=True)
+                        local[start:end, n + k] = -g[0].sum(1)
+                        if self.target_grad:
+                            local[start:end, 2 * n + k] = g[1]
             local[start:end, :n] = h.detach()
         local = torch.where(self.counted[:, None], local, 0)  # ignored rows may hold anything
         dist.all_reduce(local, group=self.group)
-        self.global_sums, self.lse_derivatives = local[:, :n], local[:, n:]
+        self.global_sums, self.lse_derivatives = local[:, :n], local[:, n:2 * n]
+        self.total_derivatives = local[:, 2 * n:]  # (empty without the targets' gradient)
 
-    def loss(self, sums: Tensor) -> Tensor:
+    def loss(self, sums: Tensor, total_c: Tensor | None = None) -> Tensor:
+        total_c = self.total_c if total_c is None else total_c
         sums = torch.where(self.counted[:, None], sums, 1)  # (uncounted rows: finite values and gradients)
-        rows = torch.where(self.counted, row_values(self.spec, sums, self.total_c, self.K), 0)
+        rows = torch.where(self.counted, row_values(self.spec, sums, total_c, self.K), 0)
         # the mean's divisor (contract.mean_divisor's rule): the counted rows' summed weight, 1 if none
         divisor = self.row_weight.sum()
         return reduce_rows(rows, torch.where(divisor == 0, 1, divisor), self.options.reduction)
@@ -228,19 +238,31 @@ class _Problem:
 
     # -- pass 3: the gradient, chunk by chunk, with no collective ---------------------------------
     def gradient_chunks(self, grad_loss: Tensor):
-        """Yield (start, end, d loss / d logits of the chunk) for the upstream ``grad_loss``."""
+        """Yield (start, end, d loss / d logits of the chunk, d loss / d targets of the chunk or None)
+        for the upstream ``grad_loss``."""
         sums = self.global_sums.detach().requires_grad_()
+        total_c = self.total_c.detach().requires_grad_(self.target_grad)
         with torch.enable_grad():
-            (grad_sums,) = torch.autograd.grad(self.loss(sums), sums, grad_loss.to(self.acc))
+            grads = torch.autograd.grad(self.loss(sums, total_c), (sums, total_c) if self.target_grad else sums,
+                                        grad_loss.to(self.acc), allow_unused=True, materialize_grads=True)
+        grad_sums = grads[0]
         grad_lse = (grad_sums * self.lse_derivatives).sum(1)
+        if self.target_grad:  # ∂F/∂C, directly and through the sums; ∂c/∂t = (1 - ε) w
+            grad_total = grads[1] + (grad_sums * self.total_derivatives).sum(1)
+            keep = (1 - self.options.label_smoothing) * (1 if self.class_weight is None else self.class_weight)
         for start, end in self.chunks():
             lp = (self.logits(start, end).detach() - self.lse[start:end, None]).requires_grad_()
+            c = self.coefficients(start, end)[0].detach().requires_grad_(self.target_grad)
             with torch.enable_grad():
-                r = self.row(lp, start, end)
-                h = partial_sums(self.spec, r)
-                (grad,) = torch.autograd.grad(h, lp, grad_sums[start:end], materialize_grads=True)
-            grad = grad + grad_lse[start:end, None] * r.p.detach()
-            yield start, end, torch.where(self.counted[start:end, None], grad, 0)
+                r = self.row(lp, start, end, c=c)
+                g = torch.autograd.grad(partial_sums(self.spec, r), (lp, c) if self.target_grad else lp,
+                                        grad_sums[start:end], materialize_grads=True)
+            grad = g[0] + grad_lse[start:end, None] * r.p.detach()
+            counted = self.counted[start:end, None]
+            grad_target = None
+            if self.target_grad:
+                grad_target = torch.where(counted, (g[1] + grad_total[start:end, None]) * keep, 0)
+            yield start, end, torch.where(counted, grad, 0), grad_target
 
 
 def _check_headers(headers: Tensor, error: str | None, rank: int) -> None:
@@ -256,7 +278,8 @@ def _check_headers(headers: Tensor, error: str | None, rank: int) -> None:
         raise RuntimeError("class-parallel loss: a rank's slot was written twice or not at all (ranks of the group "
                            "disagree on their rank?)")
     for name, what in (("fingerprint", "the loss, its parameters or the call's options (reduction, ignore_index, "
-                                       "label_smoothing, class weights or not, index or probability targets)"),
+                                       "label_smoothing, class weights or not, index or probability targets, "
+                                       "whether these require grad)"),
                        ("num_classes", "num_classes"), ("rows", "the number of rows (targets)")):
         if len(set(h[name])) != 1:
             raise ValueError(f"class-parallel loss: the ranks disagree on {what}: {h[name]}; every rank must make "
@@ -276,9 +299,9 @@ def _check_headers(headers: Tensor, error: str | None, rank: int) -> None:
                          f"ranks' shard sizes")
 
 
-def _fingerprint(spec: LossSpec, options: CallOptions, weighted: bool, probabilities: bool) -> float:
+def _fingerprint(spec: LossSpec, options: CallOptions, weighted: bool, probabilities: bool, target_grad: bool) -> float:
     text = repr((spec.name, spec.terms, spec.params, spec.official_grad, options.reduction, options.ignore_index,
-                 options.label_smoothing, weighted, probabilities))
+                 options.label_smoothing, weighted, probabilities, target_grad))
     return float(zlib.crc32(text.encode()))
 
 
@@ -359,7 +382,8 @@ def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, clas
     problem = _Problem(spec, options, target, weight if error is None else None, class_offset, num_classes,
                        local_classes, group, acc, chunk_rows, source)
     header = [1.0, float(class_offset), float(local_classes), float(num_classes), float(target.shape[0]),
-              _fingerprint(spec, options, weight is not None, target.is_floating_point()), float(error is not None)]
+              _fingerprint(spec, options, weight is not None, target.is_floating_point(), problem.target_grad),
+              float(error is not None)]
     return problem, header, error
 
 
@@ -375,11 +399,19 @@ def _spatial_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple
     return rows, labels, (target.shape[:1] + target.shape[2:]) if target.is_floating_point() else target.shape
 
 
+def _target_gradient(problem: _Problem) -> tuple:
+    """(the probability targets' gradient, to fill) if they require grad, else ()."""
+    return (torch.empty_like(problem.target, memory_format=torch.contiguous_format),) if problem.target_grad else ()
+
+
 def _logits_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
     grad = torch.empty(problem.rows, problem.Kr, dtype=problem.input_dtype, device=problem.target.device)
-    for start, end, g in problem.gradient_chunks(grad_loss):
+    grad_target = _target_gradient(problem)
+    for start, end, g, g_target in problem.gradient_chunks(grad_loss):
         grad[start:end] = g
-    return (grad,)
+        if grad_target:
+            grad_target[0][start:end] = g_target
+    return (grad, *grad_target)
 
 
 def _run_loss(spec: LossSpec, options: CallOptions, logits_shard: Tensor, target: Tensor, *, class_offset: int,
@@ -391,9 +423,9 @@ def _run_loss(spec: LossSpec, options: CallOptions, logits_shard: Tensor, target
     problem, header, error = _prepare(rows, labels, "logits_shard", rows.shape[1], class_offset, num_classes, weight,
                                       spec, options, group, chunk_rows, lambda s, e: rows[s:e].to(acc))
     problem.input_dtype = rows.dtype
-    need_grad = torch.is_grad_enabled() and rows.requires_grad
+    need_grad = torch.is_grad_enabled() and rows.requires_grad or problem.target_grad
     problem.result = problem.forward(need_grad, header, error).to(rows.dtype)
-    loss = _ClassParallelFunction.apply(problem, _logits_gradients, rows)
+    loss = _ClassParallelFunction.apply(problem, _logits_gradients, rows, *((labels,) if problem.target_grad else ()))
     return loss.reshape(shape) if shape is not None and options.reduction == "none" else loss
 
 
@@ -456,7 +488,10 @@ def _linear_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
     grad_hidden = torch.zeros_like(hidden) if needs[0] else None
     grad_weight = torch.zeros_like(weight) if needs[1] else None
     grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-    for start, end, g in problem.gradient_chunks(grad_loss):
+    grad_target = _target_gradient(problem)
+    for start, end, g, g_target in problem.gradient_chunks(grad_loss):
+        if grad_target:
+            grad_target[0][start:end] = g_target
         g = g.to(weight.dtype)
         if grad_hidden is not None:
             grad_hidden[start:end] = g @ weight
@@ -466,7 +501,7 @@ def _linear_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
             grad_bias += g.sum(0)
     if grad_hidden is not None:  # hidden is replicated: its gradient is the sum of the ranks' parts
         dist.all_reduce(grad_hidden, group=problem.group)
-    return (grad_hidden, grad_weight) + ((grad_bias,) if bias is not None else ())
+    return (grad_hidden, grad_weight) + ((grad_bias,) if bias is not None else ()) + grad_target
 
 
 def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Tensor, name: str, *,
@@ -508,9 +543,10 @@ def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Ten
                                       class_weight, spec, options, group, chunk_rows, logits)
     problem.linear_inputs = (hidden.detach(), weight_shard.detach(), None if bias_shard is None else bias_shard.detach())
     need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight_shard, bias_shard))
+        t is not None and t.requires_grad for t in (hidden, weight_shard, bias_shard)) or problem.target_grad
     problem.result = problem.forward(need_grad, header, error).to(hidden.dtype)
-    inputs = (hidden, weight_shard) + (() if bias_shard is None else (bias_shard,))
+    inputs = (hidden, weight_shard) + (() if bias_shard is None else (bias_shard,)) + (
+        (target,) if problem.target_grad else ())
     return _ClassParallelFunction.apply(problem, _linear_gradients, *inputs)
 
 
