@@ -35,7 +35,7 @@ namespace {
 
 // The passes over one row of K contiguous acc_t, with scratch rows of whole vectors: a copy of the
 // row (for callers that must convert it), e = exp(z - max), the coefficients c of a dense row,
-// each term's V', and (for the targets' gradient) each term's V.
+// each term's V', and (for the targets' gradient) each term's T (V; V - W for split).
 template <typename acc_t>
 class RowKernel {
  public:
@@ -111,7 +111,8 @@ class RowKernel {
   acc_t* value_row(int t) { return scratch_.data() + (3 + kMaxTerms + t) * padded_; }
 
   // The targets' gradient of a dense row whose finish() has run with a gradient: from the terms'
-  // V (value_row) and sums (sums_, `plain` gathered for reverse terms too when target_grad_).
+  // T (value_row: V, V - W for split) and sums (sums_, `plain` gathered for reverse and split terms
+  // too when target_grad_).
   void write_target_grad(acc_t* out, const acc_t* factor, const RowStats<acc_t>& row) {
     TargetCoefs<acc_t> k = target_coefs<acc_t>(params_, sums_, row, K_);
     k.scale_gradient(grad_scale_);
@@ -147,7 +148,15 @@ class RowKernel {
       const V p = V::loadu(e + i) * inv_s_v;
       const V lp = (load(z + i, count) - max_vec) - log_s_v;
       Element<V> el;
-      if constexpr (kDense) {
+      if constexpr (kDense && kFamily == kSplit) {  // its V and W once, for the targets' gradient too
+        const Element<V> at = base_element<kBase, V, acc_t>(p, lp, row, params_, K);
+        const Element<V> off = off_label_element<kBase, V, acc_t>(p, lp, row, params_, K);
+        el = split_element<V, acc_t>(at, off, V::loadu(c + i), total_c);
+        if (target_grad) {  // its T = V - W, and S = sum W
+          (at.value - off.value).store(values + i);
+          sum.plain.add(Math<V>::where(counted, off.value, zero));
+        }
+      } else if constexpr (kDense) {
         el = dense_element<kBase, V, acc_t>(p, lp, V::loadu(c + i), total_c, row, params_, K);
       } else {
         el = off_label_element<kBase, V, acc_t>(p, lp, row, params_, K);
@@ -158,7 +167,8 @@ class RowKernel {
         // A label of coefficient 0 adds nothing, even where V is infinite (a masked class).
         sum.weighted.add(Math<V>::where(w != zero, w * el.value, zero));
         sum.weighted_derivative.add(w * el.derivative);
-        if (target_grad) {  // the targets' gradient reads V, and the reverse family's S = sum V
+        // The targets' gradient reads T = V (target_element), and the reverse family's S = sum V.
+        if (target_grad && kFamily != kSplit) {
           el.value.store(values + i);
           if constexpr (kFamily == kReverse) sum.plain.add(Math<V>::where(counted, el.value, zero));
         }

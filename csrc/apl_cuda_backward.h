@@ -92,7 +92,7 @@ APL_UNROLL
 }
 
 // With a.target_grad (dense rows: probability targets), the targets' gradient of row r:
-// (1 - eps) w[j] (G + sum_t delta_t V_t[j]) (apl_rowmath.h, "Targets' gradient"; tk already
+// (1 - eps) w[j] (G + sum_t delta_t T_t[j]) (apl_rowmath.h, "Targets' gradient"; tk already
 // scaled), in a loop of its own over the row after the logits' gradient (the row read once more,
 // from cache as far as it stays there): inside gradient_loop its element switch pushed the
 // bfloat16 backward past its 64 registers on sm_80.
@@ -115,7 +115,7 @@ APL_UNROLL
 APL_UNROLL
         for (int term = 0; term < kMaxTerms; ++term) {
           if (term < a.params.num_terms) {
-            t += tk.slope[term] * element<S, S>(a.params.base[term], p, lp, row, a.params, span.K).value;
+            t += tk.slope[term] * target_element<S, S>(a.params.base[term], p, lp, row, a.params, span.K);
           }
         }
         t *= a.keep * class_weight(a, j);
@@ -160,7 +160,8 @@ APL_HD void backward_row(const Group& g, const Args<scalar_t>& a, int64_t r) {
   k.alpha[1] = record.alpha1;
   k.beta[1] = record.beta1;
   k.total_h = record.total_h;
-  // The targets' gradient's G and delta_t = beta_t (-beta_t for reverse terms), before the scale.
+  // The targets' gradient's G and delta_t = beta_t (-beta_t for reverse terms; split's beta is w),
+  // before the scale.
   TargetCoefs<S> tk;
   if (kTargets && a.target_grad) {
     tk.constant = record.target_g;

@@ -59,10 +59,12 @@ APL_UNROLL
             s[0] += total_c * el.value;
             s[1] += total_c * el.derivative;
           }
-          // (reverse: sum V is the targets' gradient's S)
+          // (reverse: sum V is the targets' gradient's S; split: sum W is, target_coefs)
           if (family == kNormalized || family == kNegative || (a.target_grad && family == kReverse)) {
             s[2] += el.value;
             s[3] += el.derivative;
+          } else if (a.target_grad && family == kSplit) {
+            s[2] += off_label_element<S, S>(base, p, lp, row, a.params, span.K).value;
           }
         }
       }

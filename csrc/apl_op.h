@@ -116,10 +116,6 @@ inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, co
                     "apl: target_grad (options[", kOptionTargetGrad, "]) must be 0, or 1 for probability targets "
                     "with a gradient mode; got ", target_grad);
   call.target_grad = target_grad == 1;
-  for (size_t t = 0; call.target_grad && t < terms; ++t) {  // apl_rowmath.h, target_coefs
-    TORCH_CHECK_VALUE(family_of(params.base[t]) != kSplit, "apl: the fused kernels give no gradient of the "
-                      "probability targets of ", kBaseNames[params.base[t]], ": detach them, or use backend='torch'");
-  }
   call.dense = call.probabilities || params.label_smoothing != 0;
   return call;
 }

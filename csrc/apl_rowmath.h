@@ -340,21 +340,26 @@ APL_HD Element<V> off_label_element(V p, V lp, const RowStats<S>& row, const Los
   }
 }
 
+// A split base's element c V + (C - c) W from its V (`at`) and W (`off`), on a row with coefficients
+// on every label. A label or a class whose factor is 0 adds nothing, even where V or W is infinite.
+template <typename V, typename S>
+APL_HD Element<V> split_element(const Element<V>& at, const Element<V>& off, V c, S total_c) {
+  using M = Math<V>;
+  const V zero(S(0)), rest = V(total_c) - c;
+  return {M::where(M::ne(c, zero), c * at.value, zero) + M::where(M::ne(rest, zero), rest * off.value, zero),
+          c * at.derivative + rest * off.derivative};
+}
+
 // A term's element on a row with coefficients on every label: c V + (C - c) W for a split base
-// (its omega is 1), V for any other (its omega multiplies it). A label or a class whose factor is
-// 0 adds nothing, even where V or W is infinite.
+// (its omega is 1, split_element), V for any other (its omega multiplies it).
 template <int kBase, typename V, typename S>
 APL_HD Element<V> dense_element(V p, V lp, V c, S total_c, const RowStats<S>& row, const LossParams& params,
                                 int64_t K) {
   if constexpr (family_of(kBase) != kSplit) {
     return base_element<kBase, V, S>(p, lp, row, params, K);
   } else {
-    using M = Math<V>;
-    const V zero(S(0)), rest = V(total_c) - c;
-    const Element<V> at = base_element<kBase, V, S>(p, lp, row, params, K);
-    const Element<V> off = off_label_element<kBase, V, S>(p, lp, row, params, K);
-    return {M::where(M::ne(c, zero), c * at.value, zero) + M::where(M::ne(rest, zero), rest * off.value, zero),
-            c * at.derivative + rest * off.derivative};
+    return split_element<V, S>(base_element<kBase, V, S>(p, lp, row, params, K),
+                               off_label_element<kBase, V, S>(p, lp, row, params, K), c, total_c);
   }
 }
 
@@ -465,12 +470,17 @@ APL_HD RowCoefs<S> row_coefs(const LossParams& params, const TermSums<S>* sums, 
 //   reverse     L = sum_j (C - c[j]) V[j]          dL/dc[k] = S - V[k],  S = sum_j V[j] (dC/dc[k] = 1)
 //   normalized  L = N / D, N = sum_j c[j] V[j]     dL/dc[k] = V[k] / D
 //   negative    L = C - N / D                      dL/dc[k] = 1 - V[k] / D
-// so over the terms dL/dc[k] = G + sum_t delta_t V_t[k], with per-row G = sum_t w_t (S_t for
-// reverse, 1 for negative, else 0) and delta_t = w_t, -w_t, w_t / D_t, -w_t / D_t (TargetCoefs).
+//   split       L = sum_j (c[j] V[j] + (C - c[j]) W[j]) = sum_j c[j] (V[j] - W[j]) + C S,  S = sum_j W[j]
+//                                                  dL/dc[k] = V[k] - W[k] + S
+// so over the terms dL/dc[k] = G + sum_t delta_t T_t[k], T = V (V - W for split: target_element),
+// with per-row G = sum_t w_t (S_t for reverse and split, 1 for negative, else 0) and
+// delta_t = w_t, -w_t, w_t / D_t, -w_t / D_t, w_t (TargetCoefs).
 // A probability target t enters as c[k] = w[k] ((1 - eps) t[k] + eps / K) (class weights w, label
 // smoothing eps), so dL/dt[k] = (1 - eps) w[k] dL/dc[k]; a mean's 1 / divisor (rows: free of t)
-// and the upstream gradient scale it as they scale the logits' gradient. (The reverse family's S
-// is the only sum this needs beyond the gradient's: its pass gathers it as `plain`.)
+// and the upstream gradient scale it as they scale the logits' gradient. (The reverse and split
+// families' S is the only sum this needs beyond the gradient's: their pass gathers it as `plain`.)
+// With a split term, V[k] - W[k] + S cancels where W[k] is most of S (p[k] near 1): its error is
+// then relative to S, as the reverse family's S - V[k] is.
 template <typename S>
 struct TargetCoefs {
   S constant = 0;                // G
@@ -482,8 +492,8 @@ struct TargetCoefs {
   }
 };
 
-// TargetCoefs of a row from its terms' sums (`plain` = S for reverse, D for normalized and
-// negative; nce's D from the row's statistics, as in row_coefs).
+// TargetCoefs of a row from its terms' sums (`plain` = S for reverse and split, D for normalized
+// and negative; nce's D from the row's statistics, as in row_coefs).
 template <typename S>
 APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* sums, const RowStats<S>& row,
                                    int64_t K) {
@@ -491,10 +501,11 @@ APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* 
   for (int t = 0; t < kMaxTerms && t < params.num_terms; ++t) {
     const S w = S(params.weight[t]);
     const int family = family_of(params.base[t]);
-    // The split family's dL/dc[k] = V[k] - W[k] + sum_j W[j] needs both elements: decode_call
-    // refuses the targets' gradient of its bases.
     if (family == kLocal) {
       k.slope[t] = w;
+    } else if (family == kSplit) {
+      k.slope[t] = w;
+      k.constant += w * sums[t].plain;
     } else if (family == kReverse) {
       k.slope[t] = -w;
       k.constant += w * sums[t].plain;
@@ -505,6 +516,29 @@ APL_HD TargetCoefs<S> target_coefs(const LossParams& params, const TermSums<S>* 
     }
   }
   return k;
+}
+
+// T[k], a term's per-class part of dL/dc[k] that delta_t multiplies: V[k], and V[k] - W[k] for a
+// split base. A split term's S = sum W is gathered with its sums (`plain`).
+template <int kBase, typename V, typename S>
+APL_HD V target_element(V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  const V value = base_element<kBase, V, S>(p, lp, row, params, K).value;
+  if constexpr (family_of(kBase) == kSplit) {
+    return value - off_label_element<kBase, V, S>(p, lp, row, params, K).value;
+  } else {
+    return value;
+  }
+}
+
+template <typename V, typename S>
+APL_HD V target_element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
+  switch (base) {
+#define APL_CASE(NAME) \
+  case k##NAME: return target_element<k##NAME, V, S>(p, lp, row, params, K);
+    APL_BASES(APL_CASE)
+#undef APL_CASE
+  }
+  return V(S(NAN));
 }
 
 // omega of term base b at an element of coefficient c (rows with coefficients on every label): c,

@@ -20,7 +20,7 @@ from torch.func import grad, vjp, vmap
 
 import apl_kernels as ak
 from apl_kernels.backends import contract
-from apl_kernels.catalogue import BASE, make_spec
+from apl_kernels.catalogue import make_spec
 from apl_kernels.options import CallOptions
 from apl_kernels.testing.formulas import loss_and_grad
 from cases import (
@@ -103,18 +103,6 @@ def check_target_parity(z, t, name, params, backend, device, reduction, upstream
     assert_parity(got[2], truth[2], magnitude, z.dtype, roundings, where + " target gradient")
 
 
-def targets_refused(name: str) -> bool:
-    """Whether the fused backends refuse the probability targets' gradient of loss ``name``."""
-    return any(BASE[base].family == "split" for base, _ in make_spec(name).terms)
-
-
-def check_refusal(name, params, backend, device, seed):
-    """The split family's per-class term needs both of its elements: the fused ops refuse it."""
-    z, t = random_logits(4, 5, seed).to(device), random_probabilities(4, 5, seed).to(device).requires_grad_()
-    with pytest.raises(ValueError, match="no gradient of the probability targets"):
-        ak.functional.apl_loss(z.requires_grad_(), t, name, backend=backend, **params)
-
-
 def combos(index: int, device: str, backend: str, seed: int):
     """(dtype, rows, classes, upstream mode, layout, weighted, smoothing) of a loss case: every dtype,
     the upstream modes, layouts and options rotating with the case; fewer under the interpreter."""
@@ -137,9 +125,6 @@ def test_target_gradient_parity_with_reference(case, device, backend, seed):
     the logits' gradient of the same call, against the reference, in every dtype, layout, upstream
     gradient and reduction, with and without class weights and label smoothing."""
     name, params = case
-    if targets_refused(name):
-        check_refusal(name, params, backend, device, seed)
-        return
     for j, (dtype, rows, classes, mode, layout, weighted, eps) in enumerate(
             combos(LOSS_CASES.index(case), device, backend, seed)):
         s = seed + 7 * j
@@ -156,7 +141,7 @@ def test_target_gradient_parity_with_reference(case, device, backend, seed):
 def test_triton_targets_gradient_in_both_modes_and_chunks(chunked, device, backend, monkeypatch, seed):
     """Triton's rows streamed through chunks (small tiles under the interpreter) against the
     reference, and the pair that GRAD_IN_FORWARD saves (times 1, over the divisor) equal to the one
-    that backward writes, for every family."""
+    that backward writes, for every family (the split family's S = sum W summed over the chunks)."""
     from test_triton_kernel import gradient_in_forward_and_backward, triton_backend as triton_ops, use_small_tiles
     if chunked:
         if not is_interpreted(device, backend):
@@ -164,7 +149,8 @@ def test_triton_targets_gradient_in_both_modes_and_chunks(chunked, device, backe
         use_small_tiles(monkeypatch)
     k = 50 if chunked else 20
     for j, (name, reduction, dtype) in enumerate([("nce+rce", "mean", torch.float64), ("nfl+nnfl", "none", torch.float32),
-                                                  ("ngce+mae", "sum", torch.float64)]):
+                                                  ("ngce+mae", "sum", torch.float64),
+                                                  ("nce+anorm", "mean", torch.float32)]):
         z = random_logits(4, k, seed + j, dtype=dtype)
         t = random_probabilities(4, k, seed + j, dtype=dtype)
         weight = random_weight(k, seed + j, dtype=dtype)
@@ -180,7 +166,8 @@ def test_triton_targets_gradient_in_both_modes_and_chunks(chunked, device, backe
 
 # Every family and pairs; no official_grad (by design not the exact derivative).
 GRADCHECK = [("nce+rce", {}), ("nfl+mae", {"gamma": 1.5}), ("ngce+nrce", {"q": 0.3}), ("sce", {}), ("nce+nnce", {}),
-             ("nnfl", {"gamma": 2.0}), ("agce", {"a": 0.5, "q": 0.2})]
+             ("nnfl", {"gamma": 2.0}), ("agce", {"a": 0.5, "q": 0.2}), ("anorm", {}),
+             ("nce+anorm", {"alpha": 1.0, "beta": 2.0, "a": 5.0, "p": 1.5})]
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)

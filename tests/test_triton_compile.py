@@ -58,14 +58,14 @@ wrapped_launch = tb.launch
 tb.launch = lambda kernel, grid, *args, **meta: launches.append((kernel, grid, args, meta))
 
 def call(name, dtype, k, target, reduction, grad_mode, ignore_index=-100, transposed=False, rows=4, weighted=False,
-         **params):
+         target_grad=False, **params):
     launches.clear()
     dtype = getattr(torch, dtype)
     z = torch.empty(k, rows, dtype=dtype).t() if transposed else torch.empty(rows, k, dtype=dtype)
     y = torch.zeros(rows, k) if target == "probabilities" else torch.zeros(rows, dtype=torch.long)
     weight = torch.ones(k) if weighted else None
     options = CallOptions(reduction, ignore_index, label_smoothing=0.1 * (target == "smoothed"))
-    args = contract.op_arguments(make_spec(name, **params), options, grad_mode)
+    args = contract.op_arguments(make_spec(name, **params), options, grad_mode, target_grad)
     tb.triton_loss(z, y, weight, *args)
     if grad_mode == contract.GRAD_IN_BACKWARD:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -276,6 +276,13 @@ AUDIT_CONFIGS = [
     # The split family's dense rows take two elements a class (anorm's V and W).
     ("nce+anorm", "float64", 1024, "probabilities", "mean", GIB, {}),
     ("nce+anorm", "float32", 1000, "smoothed", "sum", GIF, {}),
+    # The probability targets' gradient (TARGET_GRAD): one more element a class in the gradient's
+    # tiles (the split family's V - W: two) and one more sum (its sum W).
+    ("nce+anorm", "float32", 4000, "probabilities", "mean", GIB, {"target_grad": True}),
+    ("nce+anorm", "bfloat16", 100, "probabilities", "none", GIF, {"target_grad": True, **R64}),
+    ("nce+anorm", "float64", 2000, "probabilities", "sum", GIB, {"target_grad": True, **W}),
+    ("nce+anorm", "float32", 128000, "probabilities", "mean", GIF, {"target_grad": True, **W}),
+    ("nfl+nnfl", "bfloat16", 128000, "probabilities", "mean", GIB, {"target_grad": True}),
 ]
 
 

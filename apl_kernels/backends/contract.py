@@ -163,10 +163,6 @@ def decode(logits: Tensor, target: Tensor, weight: Optional[Tensor], bases, coef
     if target_grad not in (0, 1) or (target_grad and (not probabilities or grad_mode == NO_GRAD)):
         raise ValueError(f"apl: target_grad (options[{TARGET_GRAD}]) must be 0, or 1 for probability targets with a "
                          f"gradient mode; got {target_grad}")
-    for base in bases if target_grad else ():  # apl_rowmath.h, target_coefs
-        if BASES[base].family == "split":
-            raise ValueError(f"apl: the fused kernels give no gradient of the probability targets of "
-                             f"{BASES[base].name}: detach them, or use backend='torch'")
     return Call(tuple(int(b) for b in bases), tuple(float(w) for w in coefficients[:terms]), gamma, q, a, min_prob,
                 label_smoothing, ignore_index, reduction, bool(official_grad), grad_mode, bool(target_grad),
                 probabilities,

@@ -310,6 +310,17 @@ def off_label_element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.co
 
 
 @triton.jit
+def target_element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.constexpr):
+    """T, a term's per-class part of the targets' gradient that its delta multiplies (apl_rowmath.h's
+    target_element): V, and V - W for a split base."""
+    value, _ = element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+    if family_of(BASE) == SPLIT:
+        off_value, _ = off_label_element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+        value = value - off_value
+    return value
+
+
+@triton.jit
 def term_element(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
                  OFFICIAL: tl.constexpr):
     """The element a term sums and differentiates: with dense coefficients, a split term's
@@ -340,8 +351,8 @@ def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c,
     coefficients, omega = c (C - c for reverse, 1 for split); one-hot, the reverse and split terms'
     omega is C off the label (skipping it rather than subtracting p[y] ~ 1 later) and the other
     terms' label sums come from the label alone (label_sums, which a split term's adds to these);
-    normalized and negative terms add sum V, sum V', and reverse terms sum V for the targets'
-    gradient (TARGET_GRAD: its S)."""
+    normalized and negative terms add sum V, sum V', and reverse terms sum V, split terms sum W for
+    the targets' gradient (TARGET_GRAD: their S)."""
     value, derivative = term_element(BASE, DENSE, p, lp, valid, c, total_c, is_label, u_max, kf, prm, OFFICIAL)
     zero = tl.full(total_c.shape, 0.0, total_c.dtype)
     weighted = zero
@@ -366,6 +377,9 @@ def term_sums(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c,
             TARGET_GRAD and family_of(BASE) == REVERSE):
         plain = tl.sum(tl.where(valid, value, 0.0), 1)
         plain_derivative = tl.sum(tl.where(valid, derivative, 0.0), 1)
+    if TARGET_GRAD and family_of(BASE) == SPLIT:  # term_element's W again: the compiler computes it once
+        off_value, _ = off_label_element(BASE, p, lp, u_max, kf, prm, OFFICIAL)
+        plain = tl.sum(tl.where(valid, off_value, 0.0), 1)
     return Sums(weighted, weighted_derivative, plain, plain_derivative)
 
 
@@ -420,8 +434,9 @@ def coefs(BASE: tl.constexpr, w, sums, lp_sum, total_c, kf):
 @triton.jit
 def target_constant(BASE: tl.constexpr, w, sums):
     """A term's part of the targets' gradient's G (apl_rowmath.h's target_coefs): w S for reverse
-    (S = sum V, in `plain`), w for negative, else 0. Its delta is beta (-beta for reverse)."""
-    if family_of(BASE) == REVERSE:
+    (S = sum V, in `plain`) and split (S = sum W), w for negative, else 0. Its delta is beta (-beta
+    for reverse), times target_element."""
+    if family_of(BASE) == REVERSE or family_of(BASE) == SPLIT:
         return w * sums.plain
     elif family_of(BASE) == NEGATIVE:
         return w + 0.0 * sums.plain

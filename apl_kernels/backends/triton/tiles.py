@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .rowmath import (
-    FLOAT_ARGS, NO_TERM, STATS, Label, Params, Record, element, needs_pass, pass_term_gradient, target_sign,
+    FLOAT_ARGS, NO_TERM, STATS, Label, Params, Record, needs_pass, pass_term_gradient, target_element, target_sign,
 )
 
 # Never specialized on their values (floats travel as int64 bits, see ops.float_bits; ignore_index
@@ -146,17 +146,17 @@ def store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g,
                           BASE1: tl.constexpr, OFFICIAL: tl.constexpr, WEIGHTED: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """The probability targets' gradient over the tile, into the second (R, K) of the pair
-    (contract.gradient_output): dL/dt[k] = (1 - eps) w[k] (G + sum_t delta_t V_t[k]), delta_t = beta_t
-    (-beta_t for reverse), G and beta already times the row's scale (apl_rowmath.h, "Targets'
-    gradient")."""
+    (contract.gradient_output): dL/dt[k] = (1 - eps) w[k] (G + sum_t delta_t T_t[k]), delta_t = beta_t
+    (-beta_t for reverse), T = V (V - W for split), G and beta already times the row's scale
+    (apl_rowmath.h, "Targets' gradient")."""
     cols = start + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     lp = (z - g.max_z[:, None]) - g.log_s[:, None]
     p = tl.exp(lp)
-    value, _ = element(BASE0, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+    value = target_element(BASE0, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
     out = g.target_g[:, None] + target_sign(BASE0) * g.beta0[:, None] * value
     if BASE1 != NO_TERM:
-        value, _ = element(BASE1, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+        value = target_element(BASE1, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
         out += target_sign(BASE1) * g.beta1[:, None] * value
     factor = tl.full([BLOCK_K], 1.0, out.dtype) * prm.keep
     if WEIGHTED:
