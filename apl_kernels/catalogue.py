@@ -148,8 +148,10 @@ class LossSpec:
     base_indices: tuple[int, ...] = field(init=False, repr=False, compare=False)  # the kernels' enum values
     weights: tuple[float, ...] = field(init=False, repr=False, compare=False)
     param_values: tuple[float, ...] = field(init=False, repr=False, compare=False)  # in PARAMETERS' order
+    limits_classes: bool = field(init=False, repr=False, compare=False)  # check_classes has a limit to check
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "limits_classes", any(BASE[base].family == "negative" for base, _ in self.terms))
         object.__setattr__(self, "base_indices", tuple(BASE_INDEX[base] for base, _ in self.terms))
         object.__setattr__(self, "weights", tuple(float(weight) for _, weight in self.terms))
         object.__setattr__(self, "param_values", tuple(float(value) for _, value in self.params))
@@ -239,7 +241,7 @@ def check_classes(spec: LossSpec, num_classes: int) -> None:
     """The limit that depends on K, checked when a call sees K: nnce and nnfl divide by a sum over
     the classes that is 0 when every p[k] <= min_prob, which a row can reach once K · min_prob >= 1.
     K · min_prob <= 1/2 keeps the largest p at least twice min_prob, so that sum well above 0."""
-    if any(BASE[base].family == "negative" for base, _ in spec.terms):
+    if spec.limits_classes:
         min_prob = spec.param("min_prob")
         if min_prob * num_classes > 0.5:
             raise ValueError(f"min_prob = {_shown(min_prob)} is too large for K = {num_classes} classes: {spec.name} "

@@ -22,7 +22,7 @@ from .catalogue import (
     check_classes, make_spec, members,
 )
 from .distributed import class_parallel
-from .options import DEFAULTS, CallOptions, accumulation_dtype, check_inputs, check_target_range
+from .options import ACCUMULATION_DTYPES, DEFAULTS, CallOptions, accumulation_dtype, check_inputs, check_target_range
 
 OPTION_TEXT = f"""\
     weight: class weights (K,), as ``nn.CrossEntropyLoss``'s: a row's loss is scaled by the weight
@@ -74,9 +74,9 @@ def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None
     if not torch.compiler.is_compiling() and class_parallel.is_dtensor(input):  # logits sharded by class
         return class_parallel.dtensor_loss(spec, input, target, weight, options)
     check_inputs(input, target, weight)
-    num_classes = input.shape[1]
+    num_classes = input.size(1)
     check_classes(spec, num_classes)
-    chosen = choose_backend(options, input.device.type)
+    chosen = choose_backend(options, "cpu" if input.is_cpu else input.device.type)  # (.device makes an object)
     spatial = input.dim() > 2
     probabilities = target.is_floating_point()
 
@@ -126,7 +126,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def result_dtype(input: Tensor) -> torch.dtype:
     """A loss is returned in the input's dtype, or in float32 (float64) under autocast, as
     ``F.cross_entropy``'s."""
-    return input.dtype if autocast_dtype(input.device.type) is None else accumulation_dtype(input.dtype)
+    dtype = input.dtype
+    if dtype in ACCUMULATION_DTYPES:  # its own accumulation dtype: the same with autocast or without
+        return dtype
+    return dtype if autocast_dtype(input.device.type) is None else accumulation_dtype(dtype)
 
 
 def bind(name: str, args: tuple, kwargs: dict) -> dict:

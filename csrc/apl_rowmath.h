@@ -154,11 +154,13 @@ struct RowStats {
   S sum_shifted = 0;      // sum_j (z[j] - m)
 
   // Sets log s and, once per row, 1 - p at the row's max: the only element whose p can exceed
-  // 1/2 (any other has exp(z - m) <= 1 <= s - exp(z - m)), where z - m = 0 and so lp = -log s,
-  // and 1 - p = -expm1(-log s) without cancellation.
+  // 1/2 (any other has exp(z - m) <= 1 <= s - exp(z - m)), where z - m = 0 and so p = 1/s and
+  // 1 - p = (s - 1) / s without cancellation: s - 1 is exact for s in [1, 2] (Sterbenz), where
+  // p >= 1/2, so the one rounding is the division's. (-expm1(-log s) is the same number through
+  // two more roundings, and expm1 cost as much as the rest of a row's scalar work at K = 10.)
   APL_HD void set_sum_exp(S s) {
     log_s = Math<S>::log(s);
-    one_minus_p_max = -Math<S>::expm1(-log_s);
+    one_minus_p_max = (s - S(1)) / s;
   }
 
   // The same from log s itself (the CUDA backward reads it from the row's record).

@@ -130,6 +130,8 @@ y10 = torch.tensor([0, 1, 2, 3])
         (lambda: F.nce(z10, torch.tensor([0, -1, 2, 3])), ValueError, r"target -1 .* not ignore_index \(-100\)"),
         (lambda: F.nce(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), ValueError, r"K = input.shape\[1\] must be >= 2"),
         (lambda: F.nce(z10, torch.tensor([0, 1, 2])), ValueError, r"target shape \(3,\) does not match input shape \(4, 10\)"),
+        (lambda: F.nce(torch.randn(4, 10, 3), y10), ValueError,
+         r"target shape \(4,\) does not match input shape \(4, 10, 3\): expected \(4, 3\)"),
         (lambda: F.nce(z10, torch.zeros(4, 10, dtype=torch.long)), TypeError,
          r"probability targets must be floating point \(use target.to\(input.dtype\)\)"),
         (lambda: F.nce(torch.randn(10), torch.tensor(1)), ValueError, r"shape \(N, K\)"),

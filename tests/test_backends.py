@@ -8,12 +8,14 @@ Triton and CUDA C++ kernels on CUDA tensors. Tolerances are cases.assert_parity'
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import apl_kernels as ak
 from apl_kernels import backends
-from apl_kernels.backends import contract
+from apl_kernels.backends import contract, fused
 from apl_kernels.catalogue import FOCAL, make_spec, members
 from apl_kernels.options import CallOptions
 from cases import (
@@ -320,6 +322,27 @@ def test_backward_twice_and_accumulation(device, backend, seed):
     F.nce_rce(z, y, backend=backend).backward()
     F.nce_rce(z, y, backend=backend).backward()
     torch.testing.assert_close(z.grad, 2 * first, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_calls_are_the_same_without_the_private_below_autograd_guard(reduction, device, backend, seed,
+                                                                           monkeypatch):
+    """An eager call dispatches its op below autograd with a private torch guard (fused.below_autograd);
+    without it (a torch that dropped it) the op's own autograd kernel hands the call on: the same
+    loss and gradient, bit for bit."""
+    z = random_logits(8, 5, seed).to(device)
+    y = random_target(8, 5, seed).to(device)
+
+    def loss_and_gradient():
+        x = z.detach().requires_grad_()
+        loss = F.nce_rce(x, y, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        return loss, x.grad
+
+    want = loss_and_gradient()
+    monkeypatch.setattr(fused, "below_autograd", contextlib.nullcontext)
+    torch.testing.assert_close(loss_and_gradient(), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
