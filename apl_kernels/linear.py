@@ -402,7 +402,7 @@ def _linear_loss(spec: LossSpec, hidden: Tensor, weight: Tensor, bias: Tensor | 
     if dtype is not None:
         hidden, weight, bias = (x if x is None else x.to(dtype) for x in (hidden, weight, bias))
     result = result_dtype(hidden)
-    fused.refuse_other_gradients(None, class_weight, "linear + loss gives")
+    fused.refuse_weight_gradient(class_weight, "linear + loss gives")
     grad = torch.is_grad_enabled()
     needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad,

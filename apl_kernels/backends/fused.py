@@ -309,17 +309,13 @@ def register(qualname: str, backward_qualname: str | None = None, fake: bool = T
         torch.library.register_vmap(backward_qualname, _vmap_backward(backward_op))
 
 
-def refuse_other_gradients(target: Tensor | None, weight: Tensor | None, where: str = "backends give") -> None:
-    """The fused ops differentiate the logits and the probability targets, not the class weights:
-    a ``weight`` (or a ``target`` given here: the fused linear + loss differentiates neither) that
-    asks for a gradient gets an error, not a gradient of None that reads as "no dependence"
-    (evaluation under no_grad asks for none)."""
-    if not torch.is_grad_enabled():
-        return
-    for tensor, what in ((target, "the probability targets"), (weight, "the class weights")):
-        if tensor is not None and tensor.requires_grad:
-            raise ValueError(f"fused apl_kernels {where} no gradient of {what}: detach them, or use "
-                             f"backend='torch'")
+def refuse_weight_gradient(weight: Tensor | None, where: str = "backends give") -> None:
+    """The fused ops differentiate the logits and the probability targets, not the class weights: a
+    ``weight`` that asks for a gradient gets an error, not a gradient of None that reads as "no
+    dependence" (evaluation under no_grad asks for none)."""
+    if torch.is_grad_enabled() and weight is not None and weight.requires_grad:
+        raise ValueError(f"fused apl_kernels {where} no gradient of the class weights: detach them, or use "
+                         f"backend='torch'")
 
 
 def backend_function(op: Callable, grad_mode: int, inplace_op: Callable | None = None) -> Callable:
@@ -332,7 +328,7 @@ def backend_function(op: Callable, grad_mode: int, inplace_op: Callable | None =
 
     def fused_loss(logits: Tensor, target: Tensor, weight: Tensor | None, spec: LossSpec,
                    options: CallOptions) -> Tensor:
-        refuse_other_gradients(None, weight)
+        refuse_weight_gradient(weight)
         # Probability targets that require grad get theirs from the same pass (target_grad).
         target_grad = torch.is_grad_enabled() and target.requires_grad
         wants_grad = torch.is_grad_enabled() and (logits.requires_grad or target_grad)
