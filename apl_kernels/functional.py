@@ -21,7 +21,7 @@ from .catalogue import (
     BASE, NAMED_PAIRS, PARAMETER_TEXT, SCE_FORMULA, LossSpec, accepted_params, available_losses, canonical_name,
     check_classes, make_spec, members,
 )
-from .distributed import class_parallel
+from .distributed import dtensor
 from .options import ACCUMULATION_DTYPES, DEFAULTS, CallOptions, accumulation_dtype, check_inputs, check_target_range
 
 OPTION_TEXT = f"""\
@@ -71,8 +71,8 @@ def compute(spec: LossSpec, input: Tensor, target: Tensor, weight: Tensor | None
     """The loss ``spec`` of ``input`` against ``target``; the one path every public form takes (the
     fused linear + loss shares its steps: :func:`choose_backend`, :func:`check_labels`,
     :func:`result_dtype`)."""
-    if not torch.compiler.is_compiling() and class_parallel.is_dtensor(input):  # logits sharded by class
-        return class_parallel.dtensor_loss(spec, input, target, weight, options)
+    if not torch.compiler.is_compiling() and dtensor.is_dtensor(input):  # logits sharded by class
+        return dtensor.dtensor_loss(spec, input, target, weight, options)
     check_inputs(input, target, weight)
     num_classes = input.size(1)
     check_classes(spec, num_classes)

@@ -117,7 +117,7 @@ def _fl(r: Row) -> Tensor:
     return expectation(r.c, r.focal(r.lp))
 
 
-def _gce_elements(r: Row) -> Tensor:
+def gce_elements(r: Row) -> Tensor:
     """GCE's ``(1 - p̂^q) / q`` of every element, as ``-expm1(q ln p̂) / q``: 1 - p̂^q cancels to 0
     for small q (q = 1e-8: p̂^q = 1 - 1e-8 |ln p̂| is 1 in float32), this form is exact to a few
     ulps for every q, and tends to -ln p̂ as q -> 0. Its derivative (autograd, through
@@ -128,7 +128,7 @@ def _gce_elements(r: Row) -> Tensor:
 
 
 def _gce(r: Row) -> Tensor:
-    return expectation(r.c, _gce_elements(r))
+    return expectation(r.c, gce_elements(r))
 
 
 def _mae(r: Row) -> Tensor:
@@ -154,7 +154,7 @@ def _ngce(r: Row) -> Tensor:
     # (1 - p̂[y]^q) / (K - sum_j p̂[j]^q) = V[y] / sum_j V[j] with GCE's V = (1 - p̂^q) / q: the
     # numerator and every term of the denominator without cancellation (K - sum p̂^q is 0 in
     # float32 at q = 1e-8), and all of a size ~|ln p̂| rather than q |ln p̂| (so no underflow at q = 1e-30).
-    v = _gce_elements(r)
+    v = gce_elements(r)
     return expectation(r.c, v) / v.sum(1)
 
 

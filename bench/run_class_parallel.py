@@ -7,7 +7,9 @@ Forward plus backward of ``nce+rce`` (mean) two ways, each against its single-pr
 * ``linear``: hidden (N, H) and a classifier (K, H). Single process: ``linear_loss`` (chunked);
   class-parallel: ``class_parallel_linear_loss`` with (K/P, H) of the classifier on each rank.
 
-Each path runs in processes of its own (gloo on CPU, P processes for the class-parallel one).
+Each path runs in processes of its own (gloo on CPU, P processes for the class-parallel one), once
+per backend of ``--backend`` (``auto``: the fused C++ kernels, whole rows for the single process and
+the shard kernel for the class-parallel path; ``torch``: the PyTorch reference and formulation).
 Peak memory is per process, above what existed before the first forward (the inputs): the
 allocator's peak, from torch.profiler's allocation records (bench/run_linear.py's
 ``peak_memory``, the gradients left in ``.grad`` not counted), and the peak RSS growth (the
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "bench"))
 
 LOSS = "nce+rce"
+BACKENDS = {"auto": "fused C++", "torch": "PyTorch"}  # the class-parallel path's two formulations
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -85,7 +88,8 @@ def worker(args) -> dict:
 
         def step():
             x.grad = None
-            loss = (class_parallel_loss(x, target, LOSS, class_offset=offset, num_classes=k) if parallel
+            loss = (class_parallel_loss(x, target, LOSS, class_offset=offset, num_classes=k, backend=args.backend)
+                    if parallel
                     else apl_loss(x, target, LOSS, backend=args.backend))
             loss.backward()
     else:
@@ -98,7 +102,7 @@ def worker(args) -> dict:
             for t in tensors:
                 t.grad = None
             loss = (class_parallel_linear_loss(hidden, weight, target, LOSS, class_offset=offset, num_classes=k,
-                                               bias_shard=bias) if parallel
+                                               bias_shard=bias, backend=args.backend) if parallel
                     else linear_loss(hidden, weight, target, LOSS, bias=bias, backend=args.backend))
             loss.backward()
 
@@ -117,7 +121,7 @@ def worker(args) -> dict:
     return {"rank": rank, "time": statistics.median(times), "rss": peak_rss, "allocated": allocated}
 
 
-def working_set(args) -> str:
+def working_set() -> str:
     """The ``--working-set`` table (the docstring)."""
     import torch.distributed as dist
     from run_linear import peak_memory
@@ -131,16 +135,18 @@ def working_set(args) -> str:
     torch.manual_seed(0)
     hidden, weight = torch.randn(n, h).requires_grad_(), (torch.randn(k, h) / h**0.5).requires_grad_()
     targets = {"class indices": torch.randint(0, k, (n,)), "probabilities": torch.randn(n, k).softmax(1)}
+    columns = [(backend, kind) for backend in BACKENDS for kind in targets]
     lines = [f"Chunk-sized tensors held at the peak of forward plus backward (N = {n}, H = {h}, K_r = {k}, "
-             f"{chunk} rows a chunk; `--working-set`):", "", "| loss | " + " | ".join(targets) + " |",
-             "|---|" + "---:|" * len(targets)]
+             f"{chunk} rows a chunk; `--working-set`):", "",
+             "| loss | " + " | ".join(f"{kind}, {BACKENDS[backend]}" for backend, kind in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name in SINGLES + PAIRS:
         cells = []
-        for target in targets.values():
+        for backend, kind in columns:
             def step():
                 hidden.grad = weight.grad = None
-                class_parallel_linear_loss(hidden, weight, target, name, class_offset=0, num_classes=k,
-                                           chunk_size=chunk).backward()
+                class_parallel_linear_loss(hidden, weight, targets[kind], name, class_offset=0, num_classes=k,
+                                           chunk_size=chunk, backend=backend).backward()
             peak = peak_memory(step, lambda: [hidden.grad, weight.grad])
             cells.append(f"{peak / (chunk * k * 4):.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -181,18 +187,20 @@ def report(args, rows: list[tuple[str, tuple, list[dict], list[dict]]]) -> str:
              "No GPU (NCCL) ran.", "",
              "| workload | N × H × K | path | peak allocated / process (MiB) | peak RSS growth / process (MiB) | "
              "forward + backward (s) |", "|---|---|---|---|---|---|"]
-    for workload, (n, h, k), singles, ranks in rows:
+    backends = args.backend.split(",")
+    for workload, (n, h, k), singles, parallel in rows:
         size = f"{n} × {h} × {k}" if workload == "linear" else f"{n} × {k}"
-        for backend, single in zip(args.backend.split(","), singles):
+        for backend, single in zip(backends, singles):
             lines.append(f"| {workload} | {size} | single process, backend {backend} | {mib(single['allocated'])} | "
                          f"{mib(single['rss'])} | {single['time']:.3f} |")
-        one = singles[0]
-        allocated = None if one["allocated"] is None else max(r["allocated"] for r in ranks)
-        rss, slowest = max(r["rss"] for r in ranks), max(r["time"] for r in ranks)
-        big = (lambda b: None if b is None or b < 2**20 else b)  # a ratio to less than 1 MiB says nothing
-        lines.append(f"| {workload} | {size} | class-parallel, largest of {len(ranks)} | {mib(allocated)}"
-                     f"{ratio(allocated, big(one['allocated']))} | {mib(rss)}{ratio(rss, big(one['rss']))} | "
-                     f"{slowest:.3f}{ratio(slowest, one['time'])} |")
+        one = singles[0]  # the ratios: against the first backend's single process
+        for backend, ranks in zip(backends, parallel):
+            allocated = None if one["allocated"] is None else max(r["allocated"] for r in ranks)
+            rss, slowest = max(r["rss"] for r in ranks), max(r["time"] for r in ranks)
+            big = (lambda b: None if b is None or b < 2**20 else b)  # a ratio to less than 1 MiB says nothing
+            lines.append(f"| {workload} | {size} | class-parallel, backend {backend}, largest of {len(ranks)} | "
+                         f"{mib(allocated)}{ratio(allocated, big(one['allocated']))} | {mib(rss)}"
+                         f"{ratio(rss, big(one['rss']))} | {slowest:.3f}{ratio(slowest, one['time'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-allocator", dest="allocator", action="store_false",
                         help="skip the allocator's peak (torch.profiler), which costs memory at large shapes")
     parser.add_argument("--backend", default="auto",
-                        help="the single-process path's backends, comma-separated (default: auto; the first is the "
-                             "ratios' reference)")
+                        help="backends of both paths, comma-separated (default: auto; the first one's single "
+                             "process is the ratios' reference)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--working-set", action="store_true", help="chunk-sized tensors held, every loss (docstring)")
     parser.add_argument("--out", type=Path, default=None)
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     if args.working_set:
-        print(working_set(args))
+        print(working_set())
         return 0
     if args.quick:
         args.rows, args.hidden, args.classes, args.reps = 64, 16, 1000, 1
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.linear_shape and "linear" in shapes and not args.quick:
         shapes["linear"] = tuple(int(x) for x in args.linear_shape.split(","))
     rows = [(w, shape, [launch(args, w, shape, 1, b)[0] for b in args.backend.split(",")],
-             launch(args, w, shape, args.world)) for w, shape in shapes.items()]
+             [launch(args, w, shape, args.world, b) for b in args.backend.split(",")]) for w, shape in shapes.items()]
     text = report(args, rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / args.report).write_text(text)

@@ -39,10 +39,16 @@ inline bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// num_classes: the loss's number of classes when the logits hold only some of them (a class-parallel
+// shard's columns, at least one); 0 for logits.size(1).
 inline OpCall decode_call(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                          at::IntArrayRef bases, at::ArrayRef<double> coefficients, at::IntArrayRef options) {
+                          at::IntArrayRef bases, at::ArrayRef<double> coefficients, at::IntArrayRef options,
+                          int64_t num_classes = 0) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "apl: logits must be 2-D (rows, classes); got ", logits.dim(), " dims");
-  TORCH_CHECK_VALUE(logits.size(1) >= 2, "apl: the number of classes must be >= 2; got ", logits.size(1));
+  TORCH_CHECK_VALUE((num_classes ? num_classes : logits.size(1)) >= 2 && logits.size(1) >= 1 &&
+                    logits.size(1) <= (num_classes ? num_classes : logits.size(1)),
+                    "apl: the number of classes must be >= 2 (a shard's columns between 1 and it); got ",
+                    logits.size(1), " columns, num_classes ", num_classes);
   TORCH_CHECK_TYPE(is_float(logits.scalar_type()), "apl: logits must be float16, bfloat16, float32 or float64; got ",
               logits.scalar_type());
   OpCall call{};

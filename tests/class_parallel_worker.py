@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import apl_kernels as ak
-from apl_kernels.distributed import ClassParallelLoss, class_parallel_linear_loss, class_parallel_loss
+from apl_kernels.distributed import ClassParallelLoss, class_parallel, class_parallel_linear_loss, class_parallel_loss
 from apl_kernels.testing.cases import (
     LOSS_CASES, TARGET_MODES, assert_parity, case_id, clamp_levels, make_target, off_kinks, random_logits, run,
     term_magnitudes,
@@ -75,8 +75,9 @@ def counted_call(fn):
 def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
     """Every catalogue case against the single-process reference on the whole logits. The (case,
     target mode) pairs are dealt over the groups of 2, 3 and 4 ranks (each case meets each group):
-    float64 on 2 ranks, float32 on 3, both in turn on 4. Probability targets require grad: their
-    columns' gradient too."""
+    float64 on 2 ranks, float32 on 3, both in turn on 4; each with the fused C++ shard kernel
+    ("auto" on CPU) and the PyTorch formulation. Probability targets require grad: their columns'
+    gradient too."""
     group = world - 2
     dtypes_of = {0: lambda i: (torch.float64,), 1: lambda i: (torch.float32,),
                  2: lambda i: ((torch.float64, torch.float32)[i % 2],)}[group]
@@ -85,7 +86,7 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
     failures, counts = [], Counter()
     for i, (name, params) in enumerate(LOSS_CASES):
         for mode in [m for j, m in enumerate(TARGET_MODES) if (i + j) % 3 == group]:
-            for dtype in dtypes_of(i):
+            for dtype, backend in [(d, b) for d in dtypes_of(i) for b in ("auto", "torch")]:
                 reduction = ("none", "mean", "sum")[i % 3]
                 s = seed + 1000 * i + 10 * TARGET_MODES.index(mode)
                 z = off_kinks(random_logits(rows, K, s).to(dtype), clamp_levels(params))
@@ -96,7 +97,7 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
                     options["label_smoothing"] = 0.1
                 g = torch.Generator().manual_seed(s + 5)
                 upstream = torch.rand(rows if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
-                where = f"seed {seed} {case_id((name, params))} {mode} {dtype} {reduction} split {sizes}"
+                where = f"seed {seed} {case_id((name, params))} {mode} {dtype} {reduction} {backend} split {sizes}"
                 shard = z[:, offset:offset + kr].clone().requires_grad_()
                 local_target = target[:, offset:offset + kr].to(dtype) if mode == "probabilities" else target
                 local_target.requires_grad_(mode == "probabilities")
@@ -106,7 +107,7 @@ def parity_job(rank: int, world: int, seed: int, rows: int = 7) -> dict:
                     loss = class_parallel_loss(
                         shard, local_target, name, class_offset=offset, num_classes=K, reduction=reduction,
                         weight=None if weight is None else weight[offset:offset + kr].to(dtype),
-                        label_smoothing=options.get("label_smoothing", 0.0), **params)
+                        label_smoothing=options.get("label_smoothing", 0.0), backend=backend, **params)
                     return loss, lambda: loss.backward(upstream.to(dtype))
 
                 try:
@@ -153,7 +154,7 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
              ("ngce+mae", {"q": 0.1}, "weighted", "none"), ("sce", {}, "probabilities", "mean"),
              ("ce", {}, "index", "sum")]
     for j, (name, params, mode, reduction) in enumerate(cases):
-        for dtype in (torch.float64, torch.float32):
+        for dtype, backend in [(d, b) for d in (torch.float64, torch.float32) for b in ("auto", "torch")]:
             s = seed + 100 * j
             g = torch.Generator().manual_seed(s)
             hidden = torch.randn(9, 5, generator=g, dtype=torch.float64).to(dtype)
@@ -163,7 +164,7 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
             upstream = torch.rand(9 if reduction == "none" else (), generator=g, dtype=torch.float64).to(dtype) + 0.5
             class_weight = options.get("weight")
             smoothing = options.get("label_smoothing", 0.0)
-            where = f"rank {rank} linear {name} {mode} {dtype} {reduction} split {sizes}"
+            where = f"rank {rank} linear {name} {mode} {dtype} {reduction} {backend} split {sizes}"
             try:
                 x = hidden.clone().requires_grad_()
                 w = weight[offset:offset + kr].clone().requires_grad_()
@@ -175,7 +176,7 @@ def linear_job(rank: int, world: int, seed: int) -> dict:
                     loss = class_parallel_linear_loss(
                         x, w, local_target, name, class_offset=offset, num_classes=K, bias_shard=b,
                         class_weight=None if class_weight is None else class_weight[offset:offset + kr].to(dtype),
-                        reduction=reduction, label_smoothing=smoothing, chunk_size=4, **params)
+                        reduction=reduction, label_smoothing=smoothing, chunk_size=4, backend=backend, **params)
                     return loss, lambda: loss.backward(upstream)
 
                 got, forward, backward = counted_call(call)
@@ -350,6 +351,9 @@ def main() -> int:
     dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=180))
     count_collectives()
+    # Chunks and slices of a few rows, so that the tests' 5 to 9 rows go in several of each (the
+    # defaults, sized for large K, would give one).
+    class_parallel.CHUNK_ELEMENTS, class_parallel.SLICE_ELEMENTS = 24, 8
     reports = {}
     for job in jobs:
         reports[job] = []

@@ -19,6 +19,7 @@ import torch
 
 from apl_kernels.distributed import class_parallel
 from apl_kernels.catalogue import available_losses, make_spec
+from apl_kernels.options import CallOptions
 from apl_kernels.testing.cases import LOSS_CASES, TARGET_MODES
 
 WORKER = Path(__file__).with_name("class_parallel_worker.py")
@@ -77,11 +78,12 @@ def test_every_loss_matches_the_single_process_loss(world, base_seed, tmp_path_f
     require), and the loss is the same on every rank: every loss
     and pair, every target mode (index with an ignored row, smoothed, weighted, probabilities with
     weights and smoothing) dealt over the three group sizes, float64 on 2 ranks, float32 on 3, both
-    on 4, reductions in turn, uneven splits with a rank of one class; and each call makes exactly 2
-    all-reduces in forward and no collective in backward."""
+    on 4, reductions in turn, uneven splits with a rank of one class, each with the fused C++ shard
+    kernel and the PyTorch formulation; and each call makes exactly 2 all-reduces in forward and no
+    collective in backward."""
     reports = reports_of("parity", world, base_seed, tmp_path_factory)
     assert_no_failures(reports)
-    calls = sum((i + j) % 3 == world - 2 for i in range(len(LOSS_CASES)) for j in range(len(TARGET_MODES)))
+    calls = 2 * sum((i + j) % 3 == world - 2 for i in range(len(LOSS_CASES)) for j in range(len(TARGET_MODES)))
     for report in reports:
         assert report["counts"] == {"(2, 0)": calls}
 
@@ -89,11 +91,12 @@ def test_every_loss_matches_the_single_process_loss(world, base_seed, tmp_path_f
 def test_linear_loss_matches_the_single_device_linear_loss(base_seed, tmp_path_factory):
     """hidden's, the weight shard's and the bias shard's gradients (and the probability targets') and
     the value equal linear_loss on the whole classifier (3 ranks, float64 and float32, chunks of 4
-    rows); 2 all-reduces in forward, 1 (hidden's gradient) in backward."""
+    rows, the fused C++ shard kernel and the PyTorch formulation); 2 all-reduces in forward, 1
+    (hidden's gradient) in backward."""
     reports = reports_of("linear", 3, base_seed, tmp_path_factory)
     assert_no_failures(reports)
     for report in reports:
-        assert report["counts"] == {"(2, 1)": 10}
+        assert report["counts"] == {"(2, 1)": 20}
 
 
 def test_dtensor_logits_through_the_ordinary_losses(base_seed, tmp_path_factory):
@@ -132,21 +135,49 @@ def test_the_benchmark_runs(tmp_path):
     """bench/run_class_parallel.py on tiny shapes (so that it never rots): a report with both paths."""
     bench = WORKER.parent.parent / "bench" / "run_class_parallel.py"
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent)}
-    subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "linear", "--backend", "torch", "--out",
-                    str(tmp_path)], env=env, check=True, timeout=TIMEOUT, capture_output=True)
+    subprocess.run([sys.executable, str(bench), "--quick", "--workloads", "linear", "--backend", "auto,torch",
+                    "--out", str(tmp_path)], env=env, check=True, timeout=TIMEOUT, capture_output=True)
     text = (tmp_path / "class-parallel-cpu.md").read_text()
-    assert "| linear | 64 × 16 × 1000 | single process, backend torch |" in text
-    assert "| linear | 64 × 16 × 1000 | class-parallel, largest of 2 |" in text
+    for backend in ("auto", "torch"):
+        assert f"| linear | 64 × 16 × 1000 | single process, backend {backend} |" in text
+        assert f"| linear | 64 × 16 × 1000 | class-parallel, backend {backend}, largest of 2 |" in text
 
 
 def test_num_sums_and_backend_checked_without_a_group():
-    """Refusals that need no process group: a fused backend name, and no torch.distributed."""
+    """Refusals that need no process group: a backend that takes whole rows, and no torch.distributed."""
     assert class_parallel.num_sums(make_spec("nfl+nnfl")) == 4
     z = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="backend"):
-        class_parallel.class_parallel_loss(z, torch.zeros(2, dtype=torch.long), "ce", class_offset=0, num_classes=3,
-                                           backend="cpp")
+    for backend in ("triton", "cuda"):
+        with pytest.raises(ValueError, match="backend"):
+            class_parallel.class_parallel_loss(z, torch.zeros(2, dtype=torch.long), "ce", class_offset=0,
+                                               num_classes=3, backend=backend)
     if not torch.distributed.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             class_parallel.class_parallel_loss(z, torch.zeros(2, dtype=torch.long), "ce", class_offset=0,
                                                num_classes=3)
+
+
+def test_shard_ops_refuse_bad_arguments():
+    """The fused shard ops (called by the class-parallel path with arguments it made) refuse a label
+    column outside [-1, K_r), a record of the wrong shape, too few global classes, and a gradient
+    output that overlaps the logits without being them, with errors that say so."""
+    from apl_kernels.backends import contract, resolve
+
+    resolve("cpp", "cpu")  # loads the ops
+    z = torch.randn(3, 4, dtype=torch.float64)
+    labels = torch.tensor([0, -1, 3])
+    record = torch.zeros(3, contract.STATS, dtype=torch.float64)
+    counted = torch.ones(3, dtype=torch.bool)
+    args = contract.op_arguments(make_spec("nce+rce"), CallOptions("mean", -100, 0.0, "auto"),
+                                 contract.GRAD_IN_FORWARD)
+    assert torch.ops.apl.shard_sums(z, labels, None, record, counted, *args, 10).shape == (3, 2, 4)
+    with pytest.raises(ValueError, match=r"label column 4 at row 1 is outside \[-1, 4\)"):
+        torch.ops.apl.shard_sums(z, torch.tensor([0, 4, 3]), None, record, counted, *args, 10)
+    with pytest.raises(ValueError, match="record must be a contiguous float64"):
+        torch.ops.apl.shard_sums(z, labels, None, record[:, :5], counted, *args, 10)
+    with pytest.raises(ValueError, match="number of classes"):
+        torch.ops.apl.shard_sums(z, labels, None, record, counted, *args, 3)
+    rows = torch.randn(4, 4, dtype=torch.float64)
+    torch.ops.apl.shard_gradient(rows[:3], labels, None, record, counted, *args, 10, rows[:3], None)  # in place
+    with pytest.raises(ValueError, match="must be the logits themselves or not share their memory"):
+        torch.ops.apl.shard_gradient(rows[:3], labels, None, record, counted, *args, 10, rows[1:], None)

@@ -17,107 +17,40 @@ so the global loss needs two all-reduces of per-row numbers, whatever the loss:
 The backward needs no collective: the loss is a function ``F(H)`` of the global sums ``H``, replicated
 on every rank, so ``∂F/∂H`` is known everywhere, and this rank's columns' gradient is
 ``Σ_k ∂F/∂H_k · ∂h_k/∂z + (Σ_k ∂F/∂H_k · D_k) · p`` (the second term: the sums depend on every rank's
-logits through ``lse``, whose derivative is ``p``). The per-element derivatives are autograd's, on
-the same code as the forward's, recomputed in the backward chunk by chunk (as the fused kernels'
-GRAD_IN_BACKWARD mode recomputes them): nothing of size (R, K_r) is kept between the passes.
+logits through ``lse``, whose derivative is ``p``). The per-element derivatives are recomputed in
+the backward chunk by chunk (as the fused kernels' GRAD_IN_BACKWARD mode recomputes them): nothing
+of size (R, K_r) is kept between the passes.
 Probability targets that require grad get their columns' gradient alike, ``∂F/∂c`` through the
 sums and through ``C`` (``E``), times ``∂c/∂t = (1 - ε) w`` (docs/losses.md).
 
-The per-element formulas are the reference's (reference.Row's methods and its base functions):
-a "local" or "reverse" base is a row sum of per-label terms, so the reference's own function on a
-shard is this shard's part of the value; a "normalized" or "negative" base divides two such sums.
-The fused C++/CUDA/Triton kernels are not used: they take whole rows (their softmax is over the
-columns they are given) and return row losses, not the partial sums a shard must exchange.
+Two formulations of the per-shard passes (shard_math.py): the fused C++ shard kernel for CPU tensors
+(``backend='auto'`` or ``'cpp'``: one pass over a chunk for the sums and their derivatives, one for
+the gradient, written over the chunk's logits in the linear + loss), and the PyTorch reference's
+per-element functions with autograd (``'torch'``, and every other device: the CUDA and Triton
+kernels take whole rows).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..catalogue import BASE, LossSpec, canonical_name, check_classes, make_spec
+from ..backends import contract, resolve
+from ..catalogue import LossSpec, canonical_name, check_classes, make_spec
 from ..options import DEFAULTS, FLOAT_DTYPES, CallOptions, accumulation_dtype, check_target_range
-from ..reference import BASE_FUNCTIONS, Row, expectation, reduce_rows
+from ..reference import reduce_rows
+from .shard_math import ShardRow, fused_gradient, fused_sums, gradient_record, num_sums, partial_sums, row_values
 
-# Elements per chunk of rows (~16 MiB of float32): bounds what one pass holds besides the logits.
+# Elements per chunk of rows (~16 MiB of float32) of given logits: bounds what one pass holds.
 CHUNK_ELEMENTS = 1 << 22
+# The PyTorch formulation's elements at a time (~2 MiB of float32) within a chunk: its autograd
+# holds 7 to 20 tensors of that size at once (bench/run_class_parallel.py --working-set).
+SLICE_ELEMENTS = 1 << 19
 HEADER = ("present", "class_offset", "local_classes", "num_classes", "rows", "fingerprint", "error")
-
-
-def _ratio_terms(base: str, r: Row) -> tuple[Tensor, Tensor]:
-    """A normalized or negative base's per-element numerator and denominator terms (reference.py)."""
-    if base == "nce":
-        return r.lp, r.lp
-    if base == "nfl":
-        f = r.focal(r.lp)
-        return f, f
-    if base == "ngce":
-        powered = r.clamped().pow(r.spec.param("q"))
-        return 1 - powered, powered
-    if base == "nnce":
-        s = -math.log(r.spec.param("min_prob")) + r.clamped_lp()
-        return s, s
-    m, gamma = r.spec.param("min_prob"), r.spec.param("gamma")
-    g = -(1 - m) ** gamma * math.log(m) - r.focal(r.clamped_lp())  # nnfl: B - f̂
-    # Where the clamp holds, f̂ = f(ln m) = B exactly; in float32 the two roundings differ by ~1e-7 B,
-    # which a label of such a class turns into a numerator (and a gradient) that should be 0.
-    g = torch.where(r.lp > math.log(m), g, 0)
-    return g, g
-
-
-def _ratio_value(base: str, numerator: Tensor, denominator: Tensor, total_c: Tensor, num_classes: int) -> Tensor:
-    if base == "ngce":
-        return numerator / (num_classes - denominator)
-    if base in ("nnce", "nnfl"):
-        return total_c - numerator / denominator
-    return numerator / denominator
-
-
-def _is_ratio(base: str) -> bool:
-    return BASE[base].family in ("normalized", "negative")
-
-
-def num_sums(spec: LossSpec) -> int:
-    """How many per-row sums over classes loss ``spec`` exchanges (the second all-reduce's width / 2)."""
-    return sum(2 if _is_ratio(base) else 1 for base, _ in spec.terms)
-
-
-class ShardRow(Row):
-    """reference.Row on this rank's columns, with the global log-softmax and the global K and C."""
-
-    def __init__(self, lp: Tensor, c: Tensor, total_c: Tensor, num_classes: int, spec: LossSpec) -> None:
-        self.lp, self.p, self.c, self.total_c, self.K, self.spec = lp, lp.exp(), c, total_c, num_classes, spec
-
-
-def partial_sums(spec: LossSpec, r: ShardRow) -> Tensor:
-    """(R, n): this rank's part of each per-row sum loss ``spec`` needs."""
-    sums = []
-    for base, _ in spec.terms:
-        if _is_ratio(base):
-            numerator, denominator = _ratio_terms(base, r)
-            sums += [expectation(r.c, numerator), denominator.sum(1)]
-        else:  # a sum of per-label terms: the reference's value on these columns is this rank's part
-            sums.append(BASE_FUNCTIONS[base](r))
-    return torch.stack(sums, 1)
-
-
-def row_values(spec: LossSpec, sums: Tensor, total_c: Tensor, num_classes: int) -> Tensor:
-    """The rows' losses from the global sums (R, n)."""
-    rows, k = 0, 0
-    for base, weight in spec.terms:
-        if _is_ratio(base):
-            value = _ratio_value(base, sums[:, k], sums[:, k + 1], total_c, num_classes)
-            k += 2
-        else:
-            value = sums[:, k]
-            k += 1
-        rows = rows + weight * value
-    return rows
 
 
 class _Problem:
@@ -127,8 +60,8 @@ class _Problem:
 
     def __init__(self, spec: LossSpec, options: CallOptions, target: Tensor, class_weight: Tensor | None,
                  class_offset: int, num_classes: int, local_classes: int, group, acc: torch.dtype,
-                 chunk_rows: int, logits) -> None:
-        self.spec, self.options, self.group, self.acc = spec, options, group, acc
+                 chunk_rows: int, logits, fused: bool) -> None:
+        self.spec, self.options, self.group, self.acc, self.fused = spec, options, group, acc, fused
         self.target, self.offset, self.K, self.Kr = target.detach(), class_offset, num_classes, local_classes
         self.class_weight = None if class_weight is None else class_weight.to(acc)
         self.probabilities = target.is_floating_point()
@@ -139,6 +72,11 @@ class _Problem:
 
     def chunks(self):
         return ((s, min(s + self.chunk_rows, self.rows)) for s in range(0, self.rows, self.chunk_rows))
+
+    def slices(self, start: int, end: int):
+        """The PyTorch formulation's pieces of chunk [start, end): at most SLICE_ELEMENTS each."""
+        step = max(1, SLICE_ELEMENTS // max(self.Kr, 1))
+        return ((s, min(s + step, end)) for s in range(start, end, step))
 
     def coefficients(self, start: int, end: int) -> tuple[Tensor, Tensor]:
         """This rank's columns of the rows' target coefficients ``c`` (reference.target_coefficients'
@@ -152,18 +90,42 @@ class _Problem:
                 c = c * w
             # every rank has every row: the rank holding class 0 counts each row once
             return c, torch.full((end - start,), float(self.offset == 0), dtype=self.acc, device=c.device)
-        y = self.target[start:end]
-        valid = y != self.options.ignore_index
-        local = y - self.offset
-        owned = valid & (local >= 0) & (local < self.Kr)
-        index = torch.where(owned, local, 0)
-        label_weight = owned.to(self.acc) if w is None else torch.where(owned, w[index], 0)
-        c = torch.zeros(end - start, self.Kr, dtype=self.acc, device=y.device).scatter(
-            1, index[:, None], ((1 - eps) * label_weight)[:, None])
+        valid, column, label_weight = self.labels(start, end)
+        c = torch.zeros(end - start, self.Kr, dtype=self.acc, device=valid.device).scatter(
+            1, column.clamp(min=0)[:, None], ((1 - eps) * label_weight)[:, None])
         if eps:
-            spread = eps / self.K * (torch.ones(self.Kr, dtype=self.acc, device=y.device) if w is None else w)
-            c = c + valid[:, None] * spread
+            c = c + valid[:, None] * self.spread()
         return c, label_weight
+
+    def labels(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Class-index rows: whether each counts (not ignore_index), its label's column on this
+        shard (-1 where another rank holds it) and that label's class weight (0 there)."""
+        y = self.target[start:end]
+        valid, local = y != self.options.ignore_index, y - self.offset
+        owned = valid & (local >= 0) & (local < self.Kr)
+        column = torch.where(owned, local, -1)
+        w = self.class_weight
+        label_weight = owned.to(self.acc) if w is None else torch.where(owned, w[column.clamp(min=0)], 0)
+        return valid, column, label_weight
+
+    def spread(self) -> Tensor:
+        """What label smoothing puts on each of this rank's classes: ε / K times the class weight."""
+        w = self.class_weight
+        ones = torch.ones(self.Kr, dtype=self.acc, device=self.target.device)
+        return self.options.label_smoothing / self.K * (ones if w is None else w)
+
+    def row_totals(self, start: int, end: int) -> Tensor:
+        """(3, rows) of this rank's part of the rows' C = Σ c, weight in a mean, and a count that is
+        0 exactly where all of c is; for class indices without forming c (one label, one spread)."""
+        if self.probabilities:
+            c, row_weight = self.coefficients(start, end)
+            return torch.stack([c.sum(1), row_weight, (c != 0).sum(1).to(c.dtype)])
+        valid, _, label_weight = self.labels(start, end)
+        spread = self.spread()
+        label_c = (1 - self.options.label_smoothing) * label_weight
+        # (the label's own spread has its weight's sign: it never cancels label_c)
+        nonzero = (label_c != 0).to(self.acc) + valid * (spread != 0).sum()
+        return torch.stack([label_c + valid * spread.sum(), label_weight, nonzero])
 
     # -- pass 1 and the first all-reduce ----------------------------------------------------------
     def statistics(self, header: list[float], error: str | None) -> None:
@@ -182,9 +144,9 @@ class _Problem:
                     m = z.amax(1)
                     m = torch.where(m == -math.inf, 0, m)  # a row of masked classes: S_r = 0
                     slots[rank, H + start:H + end] = m.double()
-                    slots[rank, H + R + start:H + R + end] = (z - m[:, None]).exp().sum(1).double()
-                    c, row_weight = self.coefficients(start, end)
-                    shared[:, start:end] = torch.stack([c.sum(1), row_weight, (c != 0).sum(1).to(c.dtype)]).double()
+                    slots[rank, H + R + start:H + R + end] = torch.sub(z, m[:, None]).exp_().sum(1).double()
+                    del z  # (before the next chunk's logits are formed)
+                    shared[:, start:end] = self.row_totals(start, end).double()
         flat = torch.cat([slots.reshape(-1), shared.reshape(-1)])
         dist.all_reduce(flat, group=self.group)
         slots, shared = flat[:P * (H + 2 * R)].reshape(P, H + 2 * R), flat[P * (H + 2 * R):].reshape(3, R)
@@ -192,8 +154,11 @@ class _Problem:
         m_r, s_r = slots[:, H:H + R], slots[:, H + R:]
         m = m_r.amax(0)
         m_finite = torch.where(m == -math.inf, 0, m)
-        lse = m_finite + (s_r * (m_r - m_finite).exp()).sum(0).log()
-        self.lse = lse.to(self.acc)
+        log_s = (s_r * (m_r - m_finite).exp()).sum(0).log()
+        self.lse = (m_finite + log_s).to(self.acc)
+        if self.fused:  # the rows' global max, log s and C, as the shard ops read them (contract.RECORD)
+            self.record = torch.zeros(R, contract.STATS, dtype=torch.float64, device=self.target.device)
+            self.record[:, :3] = torch.stack([m_finite, log_s, shared[0]], 1)
         self.total_c, self.row_weight = shared[0].to(self.acc), shared[1].to(self.acc)
         self.counted = shared[2] > 0  # rows with some coefficient (reference: the others give 0)
 
@@ -202,22 +167,51 @@ class _Problem:
         c = self.coefficients(start, end)[0] if c is None else c
         return ShardRow(lp, c, self.total_c[start:end] if total_c is None else total_c, self.K, self.spec)
 
+    def shard_target(self, start: int, end: int) -> Tensor:
+        """The fused ops' target: the rows' label columns on this shard (-1 elsewhere), or this
+        shard's probabilities."""
+        return self.target[start:end] if self.probabilities else self.labels(start, end)[1]
+
+    def fused_arguments(self, start: int, end: int) -> tuple:
+        return (self.spec, self.options, self.logits(start, end), self.shard_target(start, end), self.class_weight)
+
+    def fused_chunk_gradient(self, record: Tensor, start: int, end: int, into) -> tuple[Tensor, Tensor | None]:
+        """The fused path's gradients of a chunk (gradient_chunks)."""
+        spec, options, z, target, weight = self.fused_arguments(start, end)
+        grad = z if into is None else into(start, end)
+        grad_target = torch.empty_like(grad) if self.target_grad else None
+        fused_gradient(spec, options, z, target, weight, record[start:end], self.counted[start:end], self.K, grad,
+                       grad_target)
+        return grad, grad_target
+
+    def torch_sums(self, z: Tensor, start: int, end: int, local: Tensor, need_grad: bool) -> None:
+        """The PyTorch formulation of rows [start, end) of sums(), from their logits ``z``."""
+        n = num_sums(self.spec)
+        lp = (z.detach() - self.lse[start:end, None]).requires_grad_(need_grad)
+        total_c = self.total_c[start:end].detach().requires_grad_(self.target_grad)
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            h = partial_sums(self.spec, self.row(lp, start, end, total_c=total_c))
+            if need_grad:  # D_k = ∂h_k/∂lse = -Σ_j ∂h_k/∂lp_j; E_k = ∂h_k/∂C
+                for k in range(n):
+                    g = torch.autograd.grad(h[:, k].sum(), (lp, total_c) if self.target_grad else lp,
+                                            retain_graph=k + 1 < n, allow_unused=True, materialize_grads=True)
+                    local[start:end, n + k] = -g[0].sum(1)
+                    if self.target_grad:
+                        local[start:end, 2 * n + k] = g[1]
+        local[start:end, :n] = h.detach()
+
     def sums(self, need_grad: bool) -> None:
         n = num_sums(self.spec)
         local = torch.zeros(self.rows, (3 if self.target_grad else 2) * n, dtype=self.acc, device=self.target.device)
         for start, end in self.chunks():
-            lp = (self.logits(start, end).detach() - self.lse[start:end, None]).requires_grad_(need_grad)
-            total_c = self.total_c[start:end].detach().requires_grad_(self.target_grad)
-            with torch.enable_grad() if need_grad else torch.no_grad():
-                h = partial_sums(self.spec, self.row(lp, start, end, total_c=total_c))
-                if need_grad:  # D_k = ∂h_k/∂lse = -Σ_j ∂h_k/∂lp_j; E_k = ∂h_k/∂C
-                    for k in range(n):
-                        g = torch.autograd.grad(h[:, k].sum(), (lp, total_c) if self.target_grad else lp,
-                                                retain_graph=k + 1 < n, allow_unused=True, materialize_grads=True)
-                        local[start:end, n + k] = -g[0].sum(1)
-                        if self.target_grad:
-                            local[start:end, 2 * n + k] = g[1]
-            local[start:end, :n] = h.detach()
+            if self.fused:  # every sum and its derivatives in one pass (D, E are cheap: always taken)
+                local[start:end] = fused_sums(*self.fused_arguments(start, end), self.record[start:end],
+                                              self.counted[start:end], self.K, self.target_grad)
+                continue
+            z = self.logits(start, end)
+            for s, e in self.slices(start, end):
+                self.torch_sums(z[s - start:e - start], s, e, local, need_grad)
+            del z  # (before the next chunk's logits are formed)
         local = torch.where(self.counted[:, None], local, 0)  # ignored rows may hold anything
         dist.all_reduce(local, group=self.group)
         self.global_sums, self.lse_derivatives = local[:, :n], local[:, n:2 * n]
@@ -226,7 +220,7 @@ class _Problem:
     def loss(self, sums: Tensor, total_c: Tensor | None = None) -> Tensor:
         total_c = self.total_c if total_c is None else total_c
         sums = torch.where(self.counted[:, None], sums, 1)  # (uncounted rows: finite values and gradients)
-        rows = torch.where(self.counted, row_values(self.spec, sums, total_c, self.K), 0)
+        rows = torch.where(self.counted, row_values(self.spec, sums, total_c), 0)
         # the mean's divisor (contract.mean_divisor's rule): the counted rows' summed weight, 1 if none
         divisor = self.row_weight.sum()
         return reduce_rows(rows, torch.where(divisor == 0, 1, divisor), self.options.reduction)
@@ -237,9 +231,11 @@ class _Problem:
         return self.loss(self.global_sums)
 
     # -- pass 3: the gradient, chunk by chunk, with no collective ---------------------------------
-    def gradient_chunks(self, grad_loss: Tensor):
+    def gradient_chunks(self, grad_loss: Tensor, into=None):
         """Yield (start, end, d loss / d logits of the chunk, d loss / d targets of the chunk or None)
-        for the upstream ``grad_loss``."""
+        for the upstream ``grad_loss``. ``into(start, end)``: where a chunk's gradient may be written
+        (contiguous, the accumulation dtype); None: a new tensor, or (the fused path) over the chunk's
+        logits, which ``logits(start, end)`` must then make anew."""
         sums = self.global_sums.detach().requires_grad_()
         total_c = self.total_c.detach().requires_grad_(self.target_grad)
         with torch.enable_grad():
@@ -247,22 +243,33 @@ class _Problem:
                                         grad_loss.to(self.acc), allow_unused=True, materialize_grads=True)
         grad_sums = grads[0]
         grad_lse = (grad_sums * self.lse_derivatives).sum(1)
+        grad_total = None
         if self.target_grad:  # ∂F/∂C, directly and through the sums; ∂c/∂t = (1 - ε) w
             grad_total = grads[1] + (grad_sums * self.total_derivatives).sum(1)
             keep = (1 - self.options.label_smoothing) * (1 if self.class_weight is None else self.class_weight)
+        if self.fused:
+            record = gradient_record(self.spec, self.record, grad_sums, grad_lse, grad_total)
+            for start, end in self.chunks():
+                yield start, end, *self.fused_chunk_gradient(record, start, end, into)
+            return
         for start, end in self.chunks():
-            lp = (self.logits(start, end).detach() - self.lse[start:end, None]).requires_grad_()
-            c = self.coefficients(start, end)[0].detach().requires_grad_(self.target_grad)
-            with torch.enable_grad():
-                r = self.row(lp, start, end, c=c)
-                g = torch.autograd.grad(partial_sums(self.spec, r), (lp, c) if self.target_grad else lp,
-                                        grad_sums[start:end], materialize_grads=True)
-            grad = g[0] + grad_lse[start:end, None] * r.p.detach()
-            counted = self.counted[start:end, None]
-            grad_target = None
-            if self.target_grad:
-                grad_target = torch.where(counted, (g[1] + grad_total[start:end, None]) * keep, 0)
-            yield start, end, torch.where(counted, grad, 0), grad_target
+            z = self.logits(start, end)
+            grad = torch.empty(end - start, self.Kr, dtype=self.acc, device=z.device) if into is None \
+                else into(start, end)
+            grad_target = torch.empty_like(grad) if self.target_grad else None
+            for s, e in self.slices(start, end):
+                lp = (z[s - start:e - start].detach() - self.lse[s:e, None]).requires_grad_()
+                c = self.coefficients(s, e)[0].detach().requires_grad_(self.target_grad)
+                with torch.enable_grad():
+                    r = self.row(lp, s, e, c=c)
+                    g = torch.autograd.grad(partial_sums(self.spec, r), (lp, c) if self.target_grad else lp,
+                                            grad_sums[s:e], materialize_grads=True)
+                counted = self.counted[s:e, None]
+                grad[s - start:e - start] = torch.where(counted, g[0] + grad_lse[s:e, None] * r.p.detach(), 0)
+                if self.target_grad:
+                    grad_target[s - start:e - start] = torch.where(counted, (g[1] + grad_total[s:e, None]) * keep, 0)
+            del z
+            yield start, end, grad, grad_target
 
 
 def _check_headers(headers: Tensor, error: str | None, rank: int) -> None:
@@ -365,9 +372,12 @@ def _local_error(rows: int, local_classes: int, target: Tensor, class_offset: in
 def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, class_offset: int, num_classes: int,
              weight, spec: LossSpec, options: CallOptions, group, chunk_rows: int, source):
     """The checks, and a :class:`_Problem` over the (already row-flattened) inputs."""
-    if options.backend not in ("auto", "torch"):
-        raise ValueError(f"backend {options.backend!r}: class-parallel losses run the PyTorch formulation (a fused "
-                         f"kernel's softmax is over the columns it is given); use backend='auto' or 'torch'")
+    if options.backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"backend {options.backend!r}: class-parallel losses run the fused C++ shard kernel (CPU "
+                         f"tensors) or the PyTorch formulation (any device); use backend='auto', 'cpp' or 'torch'")
+    if options.backend == "cpp" and logits.device.type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on CPU tensors; these are on {logits.device} (use 'auto' or 'torch')")
+    fused = options.backend != "torch" and logits.device.type == "cpu" and resolve(options.backend, "cpu").name == "cpp"
     if group is None and not dist.is_initialized():
         raise RuntimeError("class-parallel losses need torch.distributed: call dist.init_process_group first, or "
                            "pass group=")
@@ -380,7 +390,7 @@ def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, clas
     except ValueError as err:
         error = str(err)
     problem = _Problem(spec, options, target, weight if error is None else None, class_offset, num_classes,
-                       local_classes, group, acc, chunk_rows, source)
+                       local_classes, group, acc, chunk_rows, source, fused)
     header = [1.0, float(class_offset), float(local_classes), float(num_classes), float(target.shape[0]),
               _fingerprint(spec, options, weight is not None, target.is_floating_point(), problem.target_grad),
               float(error is not None)]
@@ -407,14 +417,20 @@ def _target_gradient(problem: _Problem) -> tuple:
 def _logits_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
     grad = torch.empty(problem.rows, problem.Kr, dtype=problem.input_dtype, device=problem.target.device)
     grad_target = _target_gradient(problem)
-    for start, end, g, g_target in problem.gradient_chunks(grad_loss):
-        grad[start:end] = g
+    direct = grad.dtype == problem.acc  # the fused path writes into grad's rows themselves
+
+    def into(start: int, end: int) -> Tensor:
+        return grad[start:end] if direct else torch.empty(end - start, problem.Kr, dtype=problem.acc, device=grad.device)
+
+    for start, end, g, g_target in problem.gradient_chunks(grad_loss, into):
+        if g.data_ptr() != grad[start:end].data_ptr():
+            grad[start:end] = g
         if grad_target:
             grad_target[0][start:end] = g_target
     return (grad, *grad_target)
 
 
-def _run_loss(spec: LossSpec, options: CallOptions, logits_shard: Tensor, target: Tensor, *, class_offset: int,
+def run_loss(spec: LossSpec, options: CallOptions, logits_shard: Tensor, target: Tensor, *, class_offset: int,
               num_classes: int, group, weight: Tensor | None) -> Tensor:
     _check_call(logits_shard, target, class_offset, num_classes, weight, "logits_shard")
     rows, labels, shape = _spatial_rows(logits_shard, target)
@@ -447,7 +463,8 @@ def class_parallel_loss(logits_shard: Tensor, target: Tensor, name: str, *, clas
         weight: this rank's slice of the class weights (K_r), or None.
         reduction, ignore_index, label_smoothing: as ``F.cross_entropy``'s; label smoothing is the
             exact global ``ε / num_classes``.
-        backend: ``'auto'`` or ``'torch'`` (the PyTorch formulation).
+        backend: ``'auto'`` (the fused C++ shard kernel for CPU tensors, else the PyTorch
+            formulation), ``'cpp'`` or ``'torch'``.
 
     Returns the global loss, the same on every rank; its backward gives this rank's columns'
     gradient with no collective. Every rank must call it with the same loss, options and targets
@@ -455,7 +472,7 @@ def class_parallel_loss(logits_shard: Tensor, target: Tensor, name: str, *, clas
     objective from the returned loss). Two all-reduces per call.
     """
     options = CallOptions(reduction, ignore_index, label_smoothing, backend)
-    return _run_loss(make_spec(name, **params), options, logits_shard, target, class_offset=class_offset,
+    return run_loss(make_spec(name, **params), options, logits_shard, target, class_offset=class_offset,
                      num_classes=num_classes, group=group, weight=weight)
 
 
@@ -474,7 +491,7 @@ class ClassParallelLoss(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, logits_shard: Tensor, target: Tensor) -> Tensor:
-        return _run_loss(self.spec, self.options, logits_shard, target, class_offset=self.class_offset,
+        return run_loss(self.spec, self.options, logits_shard, target, class_offset=self.class_offset,
                          num_classes=self.num_classes, group=self.group, weight=self.weight)
 
     def extra_repr(self) -> str:
@@ -499,6 +516,7 @@ def _linear_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
             grad_weight.addmm_(g.t(), hidden[start:end])
         if grad_bias is not None:
             grad_bias += g.sum(0)
+        del g, g_target  # (before the next chunk's logits are formed)
     if grad_hidden is not None:  # hidden is replicated: its gradient is the sum of the ranks' parts
         dist.all_reduce(grad_hidden, group=problem.group)
     return (grad_hidden, grad_weight) + ((grad_bias,) if bias is not None else ()) + grad_target
@@ -535,9 +553,9 @@ def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Ten
     local_classes = weight_shard.shape[0]
     chunk_rows = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], local_classes, hidden.device.type)
 
-    def logits(start: int, end: int) -> Tensor:
-        chunk = hidden[start:end].detach() @ weight_shard.detach().t()
-        return (chunk if bias_shard is None else chunk + bias_shard.detach()).to(acc)
+    def logits(start: int, end: int) -> Tensor:  # a new tensor each time (the gradient is written over it)
+        rows, w = hidden[start:end].detach(), weight_shard.detach().t()
+        return (rows @ w if bias_shard is None else torch.addmm(bias_shard.detach(), rows, w)).to(acc)
 
     problem, header, error = _prepare(hidden, target, "hidden", local_classes, class_offset, num_classes,
                                       class_weight, spec, options, group, chunk_rows, logits)
@@ -548,52 +566,3 @@ def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Ten
     inputs = (hidden, weight_shard) + (() if bias_shard is None else (bias_shard,)) + (
         (target,) if problem.target_grad else ())
     return _ClassParallelFunction.apply(problem, _linear_gradients, *inputs)
-
-
-# -- DTensor: logits sharded on the class dimension ---------------------------------------------------
-
-def is_dtensor(x) -> bool:
-    """Whether ``x`` is a DTensor (without importing torch.distributed.tensor where no one has)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(x, module.DTensor)
-
-
-def _local(x):
-    """A replicated DTensor's local tensor (a plain tensor as it is)."""
-    if is_dtensor(x):
-        if not all(p.is_replicate() for p in x.placements):
-            raise ValueError(f"a target or weight given as a DTensor must be replicated; got {x.placements}")
-        return x.to_local()
-    return x
-
-
-def dtensor_loss(spec: LossSpec, input, target, weight, options: CallOptions) -> Tensor:
-    """The ordinary loss functions' and modules' path for DTensor logits sharded on the class
-    dimension (``Shard(1)``, or ``Shard(-1)`` of (N, K) logits) over a 1-D device mesh: the
-    explicit form on the local shard. Returns the loss as a plain tensor, the same on every rank."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    explicit = ("use apl_kernels.distributed.class_parallel_loss(logits.to_local(), target, name, class_offset=..., "
-                "num_classes=...) on each rank's shard")
-    mesh, placements = input.device_mesh, input.placements
-    class_dim = 1 if input.dim() > 1 else None
-    sharded = [p.is_shard() and (p.dim % input.dim()) == class_dim for p in placements]
-    if mesh.ndim != 1 or not all(sharded):
-        raise ValueError(f"DTensor logits are accepted sharded on the class dimension (Shard(1)) over a 1-D mesh; "
-                         f"got placements {placements} on a {mesh.ndim}-D mesh: {explicit}")
-    shape, offsets = compute_local_shape_and_global_offset(input.shape, mesh, placements)
-    class_offset, local_classes, num_classes = offsets[1], shape[1], input.shape[1]
-    if is_dtensor(target) and not all(p.is_replicate() for p in target.placements):
-        target = target.to_local()  # probabilities sharded as the logits are
-    else:
-        target = _local(target)
-        if isinstance(target, Tensor) and target.is_floating_point() and target.dim() > 1 \
-                and target.shape[1] == num_classes:
-            target = target.narrow(1, class_offset, local_classes)  # global probabilities: this rank's columns
-    weight = _local(weight)
-    if weight is not None:
-        if weight.shape[0] != num_classes:
-            raise ValueError(f"weight must have one entry per class ({num_classes}); got {weight.shape[0]}")
-        weight = weight.narrow(0, class_offset, local_classes)
-    return _run_loss(spec, options, input.to_local(), target, class_offset=class_offset, num_classes=num_classes,
-                     group=mesh.get_group(), weight=weight)
