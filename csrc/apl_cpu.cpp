@@ -194,10 +194,14 @@ class RowKernel {
   // V - W for split), from its coefficients k.
   void write_target_grad(acc_t* out, const acc_t* factor, const TargetCoefs<acc_t>& k) {
     const V constant(k.constant);
+    const acc_t* c = coefficient_row();
     for (int64_t i = 0; i < K_; i += kLanes) {
       const int64_t count = std::min(kLanes, K_ - i);
+      const V c_i = V::loadu(c + i);
       V g = constant;
-      for (int t = 0; t < params_.num_terms; ++t) g = g + V(k.slope[t]) * V::loadu(value_row(t) + i);
+      for (int t = 0; t < params_.num_terms; ++t) {
+        g = g + V(k.slope[t]) * zero_coefficient_term(V::loadu(value_row(t) + i), c_i);
+      }
       g = g * load(factor + i, count);
       count == kLanes ? g.store(out + i) : g.store(out + i, count);
     }

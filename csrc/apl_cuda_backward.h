@@ -111,11 +111,13 @@ APL_UNROLL
         if (j >= span.K) continue;
         const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
         const S p = Math<S>::exp(lp);
+        const S c = coefficient(a, r, j, -1, S(0));
         S t = tk.constant;
 APL_UNROLL
         for (int term = 0; term < kMaxTerms; ++term) {
           if (term < a.params.num_terms) {
-            t += tk.slope[term] * target_element<S, S>(a.params.base[term], p, lp, row, a.params, span.K);
+            t += tk.slope[term] *
+                 zero_coefficient_term(target_element<S, S>(a.params.base[term], p, lp, row, a.params, span.K), c);
           }
         }
         t *= a.keep * class_weight(a, j);

@@ -532,6 +532,18 @@ APL_HD V target_element(V p, V lp, const RowStats<S>& row, const LossParams& par
   }
 }
 
+// T[k] as dL/dc[k] reads it: at a class of coefficient 0 where T is infinite (a masked class, lp =
+// -inf: ce's and nfl's V = +inf, nce's -inf), 0. A coefficient of 0 adds c V = 0 to the loss there
+// whatever V is (the sums' rule above), and the reference differentiates that product
+// (reference.expectation); 0 also keeps a slope of 0 (nce's w / D with D = -inf) from making
+// 0 * inf = NaN. (T - T is 0 where T is finite, NaN where it is infinite.)
+template <typename V>
+APL_HD V zero_coefficient_term(V target_term, V c) {
+  const V zero(0);
+  return Math<V>::where(Math<V>::ne(c, zero), target_term,
+                        Math<V>::where(Math<V>::ne(target_term - target_term, zero), zero, target_term));
+}
+
 template <typename V, typename S>
 APL_HD V target_element(int base, V p, V lp, const RowStats<S>& row, const LossParams& params, int64_t K) {
   switch (base) {

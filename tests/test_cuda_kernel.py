@@ -179,6 +179,14 @@ def test_targets_gradient_parity_with_reference(case, emulated, seed):
             check_target_parity(z, t, case[0], case[1], BACKEND, "cpu", reduction, upstream, layout, weight, eps)
 
 
+@pytest.mark.parametrize("case", LOSS_CASES[::2], ids=LOSS_IDS[::2])
+def test_targets_gradient_at_masked_classes(case, emulated, seed):
+    """test_target_grad.py's masked classes: a coefficient of 0 where V is infinite adds nothing."""
+    from test_target_grad import check_masked_class
+    with launch(GROUPS[LOSS_CASES.index(case) % len(GROUPS)]):
+        check_masked_class(*case, BACKEND, "cpu", seed)
+
+
 def test_targets_gradcheck_and_gradient_in_forward(emulated, seed):
     """gradcheck in float64 in both inputs through the emulated kernels, and the pair that
     GRAD_IN_FORWARD returns (an upstream gradient of 1, over the divisor) equal to backward's."""

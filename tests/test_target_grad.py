@@ -258,6 +258,39 @@ def test_torch_compile_gradients_of_targets(device, backend, seed):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def check_masked_class(name, params, backend, device, seed):
+    """-inf logits at a class whose probability (so whose coefficient) is 0, and at one whose class
+    weight is 0: the targets' gradient there is the reference's, finite (a coefficient of 0 adds
+    0 * V = 0 to the loss even where V is infinite), never the NaN of 0 * inf."""
+    for dtype in (torch.float64, torch.float32):
+        z = random_logits(5, 7, seed, dtype=dtype)
+        z[:, 3] = float("-inf")
+        z[2, 5] = float("-inf")
+        t = random_probabilities(5, 7, seed, dtype=dtype)
+        t[:, 3] = 0
+        t = t / t.sum(1, keepdim=True)
+        weight = random_weight(7, seed, dtype=dtype)
+        weight[5] = 0
+        where = f"{backend} {name} {params} {dtype}"
+        for reduction, upstream in (("mean", torch.tensor(1.0, dtype=dtype)),
+                                    ("none", torch.randn(5, generator=torch.Generator().manual_seed(seed), dtype=dtype))):
+            got = run(z.to(device), t.to(device), name, params, backend, reduction, upstream, "rows",
+                      weight=weight.to(device))
+            want = run(z.double(), t.double(), name, params, "torch", reduction, upstream.double(), "rows",
+                       weight=weight.double())
+            for g, w in zip(got, want):
+                assert torch.isfinite(w).all() and torch.isfinite(g.cpu()).all(), where
+                scale = max(w.abs().max().item(), 1.0)
+                tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+                torch.testing.assert_close(g.cpu().double(), w, rtol=tolerance, atol=tolerance * scale, msg=where)
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_masked_class_targets_gradient(case, device, backend, seed):
+    check_masked_class(*case, backend, device, seed)
+
+
 def test_one_hot_rows_and_zero_coefficients():
     """Where a target row puts 0 on a class, the gradient there is still L(z, k) (F.cross_entropy's
     -log_softmax for ce), not 0: checked on the reference and the C++ kernel."""

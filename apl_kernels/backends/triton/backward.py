@@ -54,5 +54,5 @@ def backward_kernel(
         store_gradient(grad_ptr, rows, row_ok, start, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
                        BLOCK_K)
         if TARGET_GRAD:
-            store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g, kf, prm, BASE0, BASE1,
+            store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, c, g, kf, prm, BASE0, BASE1,
                                   OFFICIAL, WEIGHTED, BLOCK_K)

@@ -164,13 +164,13 @@ def forward_kernel(
                 store_gradient(saved_ptr, rows, row_ok, start, K, zc, cc, label.y, g, kf, prm, BASE0, BASE1, DENSE,
                                OFFICIAL, BLOCK_K)
                 if TARGET_GRAD:
-                    store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, start, K, zc, g, kf, prm, BASE0,
+                    store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, start, K, zc, cc, g, kf, prm, BASE0,
                                           BASE1, OFFICIAL, WEIGHTED, BLOCK_K)
         else:
             store_gradient(saved_ptr, rows, row_ok, 0, K, z, c, label.y, g, kf, prm, BASE0, BASE1, DENSE, OFFICIAL,
                            BLOCK_K)
             if TARGET_GRAD:
-                store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, 0, K, z, g, kf, prm, BASE0, BASE1,
+                store_target_gradient(saved_ptr, weight_ptr, R, rows, row_ok, 0, K, z, c, g, kf, prm, BASE0, BASE1,
                                       OFFICIAL, WEIGHTED, BLOCK_K)
 
     if REDUCTION != 0:

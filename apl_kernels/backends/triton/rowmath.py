@@ -321,6 +321,13 @@ def target_element(BASE: tl.constexpr, p, lp, u_max, kf, prm, OFFICIAL: tl.const
 
 
 @triton.jit
+def zero_coefficient_term(value, c):
+    """T as dL/dc[k] reads it (apl_rowmath.h's zero_coefficient_term): 0 at a class of coefficient 0
+    where T is infinite (a masked class)."""
+    return tl.where((c == 0.0) & (value - value != 0.0), 0.0, value)
+
+
+@triton.jit
 def term_element(BASE: tl.constexpr, DENSE: tl.constexpr, p, lp, valid, c, total_c, is_label, u_max, kf, prm,
                  OFFICIAL: tl.constexpr):
     """The element a term sums and differentiates: with dense coefficients, a split term's
@@ -436,12 +443,13 @@ def target_constant(BASE: tl.constexpr, w, sums):
     """A term's part of the targets' gradient's G (apl_rowmath.h's target_coefs): w S for reverse
     (S = sum V, in `plain`) and split (S = sum W), w for negative, else 0. Its delta is beta (-beta
     for reverse), times target_element."""
+    # (zeros_like, not 0 * sums.plain: a normalized term's D is infinite at a masked class.)
     if family_of(BASE) == REVERSE or family_of(BASE) == SPLIT:
         return w * sums.plain
     elif family_of(BASE) == NEGATIVE:
-        return w + 0.0 * sums.plain
+        return w + tl.zeros_like(sums.plain)
     else:
-        return 0.0 * sums.plain
+        return tl.zeros_like(sums.plain)
 
 
 @triton.jit

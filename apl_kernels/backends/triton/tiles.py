@@ -6,6 +6,7 @@ import triton.language as tl
 
 from .rowmath import (
     FLOAT_ARGS, NO_TERM, STATS, Label, Params, Record, needs_pass, pass_term_gradient, target_element, target_sign,
+    zero_coefficient_term,
 )
 
 # Never specialized on their values (floats travel as int64 bits, see ops.float_bits; ignore_index
@@ -142,7 +143,7 @@ def store_gradient(grad_ptr, rows, row_ok, start, K, z, c, y, g, kf, prm, BASE0:
 
 
 @triton.jit
-def store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g, kf, prm, BASE0: tl.constexpr,
+def store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, c, g, kf, prm, BASE0: tl.constexpr,
                           BASE1: tl.constexpr, OFFICIAL: tl.constexpr, WEIGHTED: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     """The probability targets' gradient over the tile, into the second (R, K) of the pair
@@ -153,10 +154,10 @@ def store_target_gradient(grad_ptr, weight_ptr, R, rows, row_ok, start, K, z, g,
     col_ok = cols < K
     lp = (z - g.max_z[:, None]) - g.log_s[:, None]
     p = tl.exp(lp)
-    value = target_element(BASE0, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+    value = zero_coefficient_term(target_element(BASE0, p, lp, g.u_max[:, None], kf, prm, OFFICIAL), c)
     out = g.target_g[:, None] + target_sign(BASE0) * g.beta0[:, None] * value
     if BASE1 != NO_TERM:
-        value = target_element(BASE1, p, lp, g.u_max[:, None], kf, prm, OFFICIAL)
+        value = zero_coefficient_term(target_element(BASE1, p, lp, g.u_max[:, None], kf, prm, OFFICIAL), c)
         out += target_sign(BASE1) * g.beta1[:, None] * value
     factor = tl.full([BLOCK_K], 1.0, out.dtype) * prm.keep
     if WEIGHTED:
