@@ -621,8 +621,9 @@ at::Tensor fused_loss_inplace_cpu(at::Tensor& logits, const at::Tensor& target, 
 // global max_z, log_s and total_c, and for shard_gradient the row's alpha, beta, H and target_g from
 // the global sums. counted (R) bool: the rows with a coefficient on some rank (others give 0).
 
-// Calls f(kernel, r, z, y, label_c, total_c) for every row, in parallel; z is null for a row that is
-// not counted.
+// Calls f(kernel, r, z, y, label_c, row_record, target_factor) for every row, in parallel: z is null
+// for a row that is not counted, row_record the row's kStats doubles of record (total_c at 2), and
+// target_factor (with target_grad) dc[k]/dt[k] = (1 - eps) w[k].
 template <typename scalar_t, typename F>
 void for_each_shard_row(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                         const at::Tensor& record, const at::Tensor& counted, const OpCall& call, int64_t num_classes,
@@ -647,6 +648,8 @@ void for_each_shard_row(const at::Tensor& logits, const at::Tensor& target, cons
   const bool* is_counted = counted_c.const_data_ptr<bool>();
   const double* rec = record.const_data_ptr<double>();
   const Coefficients<acc_t> co(weight, K, call.params.label_smoothing, num_classes);
+  std::vector<acc_t> target_factor(call.target_grad ? K : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(target_factor.size()); ++i) target_factor[i] = co.keep * co.weight[i];
   at::parallel_for(0, rows, std::max<int64_t>(1, kBlockElements / K), [&](int64_t begin, int64_t end) {
     RowKernel<acc_t> kernel(K, call.params, call.dense, acc_t(1), call.target_grad, num_classes);
     const RowReader<acc_t> logits_reader{logits}, target_reader{target};
@@ -655,7 +658,7 @@ void for_each_shard_row(const at::Tensor& logits, const at::Tensor& target, cons
       const int64_t y = labels ? labels[r] : -1;
       const acc_t label_c = y >= 0 ? co.keep * co.weight[y] : acc_t(0);
       if (!is_counted[r]) {
-        f(kernel, r, static_cast<const acc_t*>(nullptr), y, label_c, acc_t(0));
+        f(kernel, r, static_cast<const acc_t*>(nullptr), y, label_c, rec + r * kStats, target_factor.data());
         continue;
       }
       if (labels && call.dense) {
@@ -666,7 +669,7 @@ void for_each_shard_row(const at::Tensor& logits, const at::Tensor& target, cons
         co.dense_row(read_any(target_reader, r, c), c, K, local_total, any);
       }
       const acc_t* z = logits_reader.template read<scalar_t>(r, kernel.input_row());
-      f(kernel, r, z, y, label_c, static_cast<acc_t>(rec[r * kStats + 2]));
+      f(kernel, r, z, y, label_c, rec + r * kStats, target_factor.data());
     }
   });
 }
@@ -683,11 +686,10 @@ at::Tensor shard_sums_cpu(const at::Tensor& logits, const at::Tensor& target, co
     using acc_t = at::opmath_type<scalar_t>;
     static_assert(sizeof(TermSums<acc_t>) == 4 * sizeof(acc_t), "TermSums holds 4 values");
     auto* out = reinterpret_cast<TermSums<acc_t>*>(sums.mutable_data_ptr<acc_t>());
-    const double* rec = record.const_data_ptr<double>();
     for_each_shard_row<scalar_t>(logits, target, weight, record, counted, call, num_classes,
                                  [&](RowKernel<acc_t>& kernel, int64_t r, const acc_t* z, int64_t y, acc_t label_c,
-                                     acc_t total_c) {
-      if (z) kernel.shard_sums(z, y, label_c, total_c, rec[r * kStats], rec[r * kStats + 1], out + r * terms);
+                                     const double* row, const acc_t*) {
+      if (z) kernel.shard_sums(z, y, label_c, acc_t(row[2]), row[0], row[1], out + r * terms);
     });
   });
   return sums;
@@ -714,18 +716,20 @@ void shard_gradient_cpu(const at::Tensor& logits, const at::Tensor& target, cons
   TORCH_CHECK_VALUE(!grad.is_alias_of(logits) ||
                     (logits.data_ptr() == grad.data_ptr() && logits.strides() == grad.strides()),
                     "apl: shard_gradient's grad must be the logits themselves or not share their memory");
+  const at::Tensor* target_grad_readers[] = {&grad, &logits, &target};
+  for (const at::Tensor* other : target_grad_readers) {
+    TORCH_CHECK_VALUE(!target_grad.has_value() || !target_grad->is_alias_of(*other) ||
+                      at::get_overlap_status(*target_grad, *other) == at::MemOverlapStatus::No,
+                      "apl: shard_gradient's target_grad must not share memory with grad, the logits or the target");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_shard_gradient_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t K = logits.size(1);
     acc_t* grad_out = grad.mutable_data_ptr<acc_t>();
     acc_t* target_out = call.target_grad ? target_grad->mutable_data_ptr<acc_t>() : nullptr;
-    const Coefficients<acc_t> co(weight, K, call.params.label_smoothing, num_classes);
-    std::vector<acc_t> target_factor(call.target_grad ? K : 0);
-    for (int64_t i = 0; i < static_cast<int64_t>(target_factor.size()); ++i) target_factor[i] = co.keep * co.weight[i];
-    const double* rec = record.const_data_ptr<double>();
     for_each_shard_row<scalar_t>(logits, target, weight, record, counted, call, num_classes,
                                  [&](RowKernel<acc_t>& kernel, int64_t r, const acc_t* z, int64_t y, acc_t label_c,
-                                     acc_t total_c) {
+                                     const double* row, const acc_t* target_factor) {
       acc_t* grad_row = grad_out + r * K;
       acc_t* target_row = target_out ? target_out + r * K : nullptr;
       if (!z) {
@@ -733,12 +737,11 @@ void shard_gradient_cpu(const at::Tensor& logits, const at::Tensor& target, cons
         if (target_row) std::fill(target_row, target_row + K, acc_t(0));
         return;
       }
-      const double* row = rec + r * kStats;  // RowRecord's order
-      RowCoefs<acc_t> k;
+      RowCoefs<acc_t> k;  // row: RowRecord's order
       k.alpha[0] = acc_t(row[3]), k.beta[0] = acc_t(row[4]), k.alpha[1] = acc_t(row[5]), k.beta[1] = acc_t(row[6]);
       k.total_h = acc_t(row[7]);
-      kernel.shard_gradient(z, y, label_c, total_c, acc_t(row[0]), acc_t(row[1]), k, acc_t(row[8]), grad_row,
-                            target_row, target_factor.data());
+      kernel.shard_gradient(z, y, label_c, acc_t(row[2]), acc_t(row[0]), acc_t(row[1]), k, acc_t(row[8]), grad_row,
+                            target_row, target_factor);
     });
   });
 }

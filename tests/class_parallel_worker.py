@@ -255,7 +255,8 @@ def dtensor_job(rank: int, world: int, seed: int) -> dict:
 
 def extras_job(rank: int, world: int, seed: int) -> dict:
     """(N, K, d) logits with (N, d) targets, a non-contiguous shard, bfloat16, the module form, no
-    gradient needed: the same as the single-process loss on the whole logits."""
+    gradient needed, a shard whose rows are all masked: the same as the single-process loss on the
+    whole logits; the call's state released by the last backward; and a double backward refused."""
     K, sizes = splits(world, seed)
     offset, kr = sum(sizes[:rank]), sizes[rank]
     failures = []
@@ -301,6 +302,50 @@ def extras_job(rank: int, world: int, seed: int) -> dict:
         torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(z[:, :, 0], target[:, 0]))
     except Exception as err:  # noqa: BLE001
         failures.append(f"rank {rank} bfloat16 / no_grad: {type(err).__name__}: {err}")
+    # Rows whose part on rank 0 is all -inf (masked classes) and whose other logits are all negative
+    # (the global max is then below 0, and in float32 below the exponential's range): the global
+    # max is another rank's, never rank 0's missing one.
+    for dtype, low in ((torch.float64, 2.0), (torch.float32, 95.0)):
+        zm = -(torch.rand(4, K, generator=g, dtype=torch.float64) * 10 + low)
+        zm[[0, 2], :sizes[0]] = -math.inf
+        ym = torch.randint(sizes[0], K, (4,), generator=g)
+        zm = zm.to(dtype)
+        for backend in ("auto", "torch"):
+            for name in ("mae", "fl", "nfl+rce", "ce"):
+                try:
+                    shard = zm[:, offset:offset + kr].clone().requires_grad_()
+                    got = class_parallel_loss(shard, ym, name, class_offset=offset, num_classes=K, backend=backend)
+                    got.backward()
+                    whole = zm.detach().double().clone().requires_grad_()
+                    want = ak.functional.apl_loss(whole, ym, name, backend="torch")
+                    want.backward()
+                    # (float32: |z| ~ 100 puts z - lse's rounding near 1e-5)
+                    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+                    torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+                    torch.testing.assert_close(shard.grad.double(), whole.grad[:, offset:offset + kr], rtol=tolerance,
+                                               atol=tolerance)
+                except Exception as err:  # noqa: BLE001
+                    failures.append(f"rank {rank} masked shard {name} {dtype} {backend}: {type(err).__name__}: {err}")
+    try:  # the call's inputs and sums are released by backward, kept with retain_graph=True
+        shard = z[:, offset:offset + kr, 0].clone().requires_grad_()
+        loss = class_parallel_loss(shard, target[:, 0], "nfl+rce", class_offset=offset, num_classes=K)
+        (first,) = torch.autograd.grad(loss, shard, retain_graph=True)
+        assert loss.grad_fn.problem is not None, "released by a backward with retain_graph=True"
+        (second,) = torch.autograd.grad(loss, shard)
+        assert torch.equal(first, second) and loss.grad_fn.problem is None, "kept after the last backward"
+    except Exception as err:  # noqa: BLE001
+        failures.append(f"rank {rank} release after backward: {type(err).__name__}: {err}")
+    try:  # first derivatives only: a gradient to be differentiated is refused, not given as a constant
+        shard = z[:, offset:offset + kr, 0].clone().requires_grad_()
+        loss = class_parallel_loss(shard, target[:, 0], "nce+rce", class_offset=offset, num_classes=K)
+        try:
+            torch.autograd.grad(loss, shard, create_graph=True)
+            failures.append(f"rank {rank}: backward(create_graph=True) through the class-parallel loss did not raise")
+        except RuntimeError as err:
+            if "first derivatives only" not in str(err):
+                raise
+    except Exception as err:  # noqa: BLE001
+        failures.append(f"rank {rank} double backward: {type(err).__name__}: {err}")
     return {"failures": failures, "failed": len(failures)}
 
 
@@ -323,6 +368,8 @@ def errors_job(rank: int, world: int, seed: int) -> dict:
         "official_grad": dict(official_grad=rank == 0),
         "reduction": dict(reduction="sum" if rank == 0 else "mean"),
         "weight_size": dict(weight=torch.ones(kr + (rank == 0), dtype=torch.float64)),
+        "weight_dtype": dict(weight=torch.ones(kr, dtype=torch.int64 if rank == 0 else torch.float64)),
+        "weight_grad": dict(weight=torch.ones(kr, dtype=torch.float64).requires_grad_(rank == 0)),
         # probability targets whose gradient one rank alone asks for (the second all-reduce's width differs)
         "target_grad": dict(target=torch.full((5, kr), 1 / K, dtype=torch.float64).requires_grad_(rank == 0)),
     }
@@ -331,6 +378,23 @@ def errors_job(rank: int, world: int, seed: int) -> dict:
         t = args.pop("target")
         try:
             class_parallel_loss(z[:, offset:offset + kr], t, "nfl+rce", **args)
+            raised[label] = None
+        except (ValueError, RuntimeError) as err:
+            raised[label] = str(err)
+    # One rank's own inputs wrong where only that rank can see it: (N, K_r, d) logits with a target
+    # of the wrong spatial shape, and a classifier shard's bias of the wrong size.
+    spatial = z[:, offset:offset + kr, None].expand(5, kr, 2)
+    rank_cases = {
+        "spatial_target": lambda: class_parallel_loss(spatial, target[:, None].expand(5, 3 if rank == 0 else 2),
+                                                      "nce+rce", class_offset=offset, num_classes=K),
+        "bias": lambda: class_parallel_linear_loss(torch.ones(5, 4, dtype=torch.float64),
+                                                   torch.ones(kr, 4, dtype=torch.float64), target, "ce",
+                                                   class_offset=offset, num_classes=K,
+                                                   bias_shard=torch.zeros(kr + (rank == 0), dtype=torch.float64)),
+    }
+    for label, call in rank_cases.items():
+        try:
+            call()
             raised[label] = None
         except (ValueError, RuntimeError) as err:
             raised[label] = str(err)

@@ -108,23 +108,29 @@ def test_dtensor_logits_through_the_ordinary_losses(base_seed, tmp_path_factory)
 
 def test_spatial_noncontiguous_bfloat16_module_and_no_grad(base_seed, tmp_path_factory):
     """(N, K, d) logits, a non-contiguous shard, bfloat16 (returned and differentiated in bfloat16),
-    the module form, and a call without gradients: the single-process results."""
+    the module form, a call without gradients, rows whose part on one rank is all masked (-inf)
+    with negative logits elsewhere (both backends, float64 and float32): the single-process
+    results; the call's inputs and sums released by backward (kept with retain_graph=True); and
+    backward(create_graph=True) raises (first derivatives only)."""
     assert_no_failures(reports_of("extras", 3, base_seed, tmp_path_factory))
 
 
 def test_bad_input_raises_on_every_rank(base_seed, tmp_path_factory):
     """Overlapping shards, shards short of num_classes, disagreeing num_classes / parameters /
     official_grad / reduction / targets' gradient, one rank's target out of range, a wrong weight
-    slice: every rank raises a clear error (no hang), and the group then still computes a correct loss."""
+    slice (size, dtype, or one that requires grad), one rank's spatial target of the wrong shape or
+    classifier bias of the wrong size: every rank raises a clear error (no hang), and the group then still computes a correct loss."""
     reports = reports_of("errors", 2, base_seed, tmp_path_factory)
     expected = {"overlap": "cover", "gap": "cover", "num_classes": "num_classes", "target": "outside [0",
                 "params": "disagree", "official_grad": "disagree", "reduction": "disagree", "weight_size": "weight",
-                "target_grad": "require grad"}
+                "target_grad": "require grad", "weight_dtype": "1-D floating", "weight_grad": "class weights",
+                "spatial_target": "target has shape", "bias": "bias_shard"}
+    one_rank = ("target", "weight_size", "weight_dtype", "weight_grad", "spatial_target", "bias")
     for rank, report in enumerate(reports):
         for label, text in expected.items():
             message = report["raised"][label]
             assert message is not None, f"rank {rank}: {label} was accepted"
-            if label in ("target", "weight_size") and "invalid" in message:
+            if label in one_rank and "invalid" in message:
                 continue  # the rank without the bad input says which rank has it
             assert text in message, f"rank {rank} {label}: {message}"
         value, want = report["after"]
@@ -159,8 +165,9 @@ def test_num_sums_and_backend_checked_without_a_group():
 
 def test_shard_ops_refuse_bad_arguments():
     """The fused shard ops (called by the class-parallel path with arguments it made) refuse a label
-    column outside [-1, K_r), a record of the wrong shape, too few global classes, and a gradient
-    output that overlaps the logits without being them, with errors that say so."""
+    column outside [-1, K_r), a record of the wrong shape or dtype, too few global classes, a gradient
+    output that overlaps the logits without being them, and a targets' gradient output that overlaps
+    any other argument, with errors that say so."""
     from apl_kernels.backends import contract, resolve
 
     resolve("cpp", "cpu")  # loads the ops
@@ -173,11 +180,21 @@ def test_shard_ops_refuse_bad_arguments():
     assert torch.ops.apl.shard_sums(z, labels, None, record, counted, *args, 10).shape == (3, 2, 4)
     with pytest.raises(ValueError, match=r"label column 4 at row 1 is outside \[-1, 4\)"):
         torch.ops.apl.shard_sums(z, torch.tensor([0, 4, 3]), None, record, counted, *args, 10)
-    with pytest.raises(ValueError, match="record must be a contiguous float64"):
-        torch.ops.apl.shard_sums(z, labels, None, record[:, :5], counted, *args, 10)
+    for bad_record in (record[:, :5], record.float()):
+        with pytest.raises(ValueError, match="record must be a contiguous float64"):
+            torch.ops.apl.shard_sums(z, labels, None, bad_record, counted, *args, 10)
+        with pytest.raises(ValueError, match="record must be a contiguous float64"):
+            torch.ops.apl.shard_gradient(z, labels, None, bad_record, counted, *args, 10, torch.empty_like(z), None)
     with pytest.raises(ValueError, match="number of classes"):
         torch.ops.apl.shard_sums(z, labels, None, record, counted, *args, 3)
     rows = torch.randn(4, 4, dtype=torch.float64)
     torch.ops.apl.shard_gradient(rows[:3], labels, None, record, counted, *args, 10, rows[:3], None)  # in place
     with pytest.raises(ValueError, match="must be the logits themselves or not share their memory"):
         torch.ops.apl.shard_gradient(rows[:3], labels, None, record, counted, *args, 10, rows[1:], None)
+    probabilities = torch.softmax(torch.randn(3, 4, dtype=torch.float64), 1)
+    target_args = contract.op_arguments(make_spec("nce+rce"), CallOptions("mean", -100, 0.0, "auto"),
+                                        contract.GRAD_IN_FORWARD, True)
+    grad = torch.empty_like(z)
+    for overlapping in (grad, z, probabilities):
+        with pytest.raises(ValueError, match="target_grad must not share memory"):
+            torch.ops.apl.shard_gradient(z, probabilities, None, record, counted, *target_args, 10, grad, overlapping)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backends import contract, resolve
+from ..backends.fused import released_after_this_backward
 from ..catalogue import LossSpec, canonical_name, check_classes, make_spec
 from ..options import DEFAULTS, FLOAT_DTYPES, CallOptions, accumulation_dtype, check_target_range
 from ..reference import reduce_rows
@@ -142,8 +143,11 @@ class _Problem:
                 for start, end in self.chunks():
                     z = self.logits(start, end)
                     m = z.amax(1)
-                    m = torch.where(m == -math.inf, 0, m)  # a row of masked classes: S_r = 0
+                    # M_r as it is (-inf where this rank's part of a row is all masked: the global max
+                    # is then another rank's, which the shard kernel takes as the row's max), and
+                    # S_r = 0 there, from a finite reference
                     slots[rank, H + start:H + end] = m.double()
+                    m = torch.where(m == -math.inf, 0, m)
                     slots[rank, H + R + start:H + R + end] = torch.sub(z, m[:, None]).exp_().sum(1).double()
                     del z  # (before the next chunk's logits are formed)
                     shared[:, start:end] = self.row_totals(start, end).double()
@@ -322,7 +326,14 @@ class _ClassParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (None, None, *ctx.gradients(ctx.problem, grad_loss, ctx.needs_input_grad[2:]))
+        if torch.is_grad_enabled():  # backward(create_graph=True): a gradient to be differentiated
+            raise RuntimeError("class-parallel losses give first derivatives only: backward with create_graph=True "
+                               "(a gradient penalty, a Hessian) is refused; compute the loss with "
+                               "apl_kernels.functional on gathered logits (backend='torch') for those")
+        gradients = ctx.gradients(ctx.problem, grad_loss, ctx.needs_input_grad[2:])
+        if released_after_this_backward(grad_loss):  # the inputs and sums go, as saved tensors would
+            ctx.problem = None
+        return (None, None, *gradients)
 
 
 def _check_call(logits: Tensor, target: Tensor, class_offset, num_classes, weight, what: str) -> None:
@@ -336,8 +347,6 @@ def _check_call(logits: Tensor, target: Tensor, class_offset, num_classes, weigh
             raise TypeError(f"{name} must be an int, got {value!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes (the global K) must be >= 2; got {num_classes}")
-    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point()):
-        raise ValueError("weight must be a 1-D floating tensor: this rank's slice of the class weights")
 
 
 def _local_error(rows: int, local_classes: int, target: Tensor, class_offset: int, num_classes: int,
@@ -345,6 +354,10 @@ def _local_error(rows: int, local_classes: int, target: Tensor, class_offset: in
     """What is wrong with this rank's own inputs (reported to every rank by the first all-reduce)."""
     if local_classes < 1:
         return "this rank's shard has no classes (logits_shard.shape[1] == 0)"
+    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point()):
+        return "weight must be a 1-D floating tensor: this rank's slice of the class weights"
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return "class-parallel losses give no gradient of the class weights: pass weight.detach()"
     if class_offset < 0 or class_offset + local_classes > num_classes:
         return (f"the shard [class_offset, class_offset + K_r) = [{class_offset}, {class_offset + local_classes}) "
                 f"is not inside [0, num_classes = {num_classes})")
@@ -370,8 +383,10 @@ def _local_error(rows: int, local_classes: int, target: Tensor, class_offset: in
 
 
 def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, class_offset: int, num_classes: int,
-             weight, spec: LossSpec, options: CallOptions, group, chunk_rows: int, source):
-    """The checks, and a :class:`_Problem` over the (already row-flattened) inputs."""
+             weight, spec: LossSpec, options: CallOptions, group, chunk_rows: int, source,
+             input_error: str | None = None):
+    """The checks, and a :class:`_Problem` over the (already row-flattened) inputs. ``input_error``:
+    what the caller found wrong with this rank's own inputs (reported like _local_error's)."""
     if options.backend not in ("auto", "cpp", "torch"):
         raise ValueError(f"backend {options.backend!r}: class-parallel losses run the fused C++ shard kernel (CPU "
                          f"tensors) or the PyTorch formulation (any device); use backend='auto', 'cpp' or 'torch'")
@@ -385,8 +400,8 @@ def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, clas
     target = target if target.is_floating_point() else target.long()
     try:  # the same on every rank that makes the same call; reported through the header all the same
         check_classes(spec, num_classes)
-        error = _local_error(logits.shape[0], local_classes, target, class_offset, num_classes, weight, options,
-                             logits.device)
+        error = input_error or _local_error(logits.shape[0], local_classes, target, class_offset, num_classes,
+                                            weight, options, logits.device)
     except ValueError as err:
         error = str(err)
     problem = _Problem(spec, options, target, weight if error is None else None, class_offset, num_classes,
@@ -397,16 +412,24 @@ def _prepare(logits: Tensor, target: Tensor, what: str, local_classes: int, clas
     return problem, header, error
 
 
-def _spatial_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple | None]:
-    """(N, K_r, d1, ...) logits and their targets as rows, as functional.compute does."""
+def _spatial_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple | None, str | None]:
+    """(N, K_r, d1, ...) logits and their targets as rows, as functional.compute does, and what is
+    wrong with the target's shape (then replaced by zeros, so that this rank still meets the others
+    at the first all-reduce and every rank raises there)."""
     if logits.dim() < 2:
         raise ValueError(f"logits_shard must have shape (N, K_r) or (N, K_r, d1, ...); got {tuple(logits.shape)}")
     if logits.dim() == 2:
-        return logits, target, None
-    k = logits.shape[1]
+        return logits, target, None, None
+    k, error = logits.shape[1], None
     rows = logits.movedim(1, -1).reshape(-1, k)
+    spatial = logits.shape[:1] + logits.shape[2:]
+    want = logits.shape if target.is_floating_point() else spatial
+    if target.shape != want:
+        error = (f"target has shape {tuple(target.shape)}; logits of shape {tuple(logits.shape)} take class indices "
+                 f"of shape {tuple(spatial)} or this rank's probabilities of the logits' shape")
+        target = torch.zeros(want, dtype=target.dtype, device=logits.device)
     labels = target.movedim(1, -1).reshape(-1, k) if target.is_floating_point() else target.reshape(-1)
-    return rows, labels, (target.shape[:1] + target.shape[2:]) if target.is_floating_point() else target.shape
+    return rows, labels, spatial, error
 
 
 def _target_gradient(problem: _Problem) -> tuple:
@@ -433,11 +456,12 @@ def _logits_gradients(problem: _Problem, grad_loss: Tensor, needs) -> tuple:
 def run_loss(spec: LossSpec, options: CallOptions, logits_shard: Tensor, target: Tensor, *, class_offset: int,
               num_classes: int, group, weight: Tensor | None) -> Tensor:
     _check_call(logits_shard, target, class_offset, num_classes, weight, "logits_shard")
-    rows, labels, shape = _spatial_rows(logits_shard, target)
+    rows, labels, shape, shape_error = _spatial_rows(logits_shard, target)
     acc = accumulation_dtype(rows.dtype)
     chunk_rows = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
     problem, header, error = _prepare(rows, labels, "logits_shard", rows.shape[1], class_offset, num_classes, weight,
-                                      spec, options, group, chunk_rows, lambda s, e: rows[s:e].to(acc))
+                                      spec, options, group, chunk_rows, lambda s, e: rows[s:e].detach().to(acc),
+                                      shape_error)
     problem.input_dtype = rows.dtype
     need_grad = torch.is_grad_enabled() and rows.requires_grad or problem.target_grad
     problem.result = problem.forward(need_grad, header, error).to(rows.dtype)
@@ -539,18 +563,25 @@ def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Ten
     from ..linear import default_chunk_size  # (linear imports functional, which imports this module)
 
     _check_call(hidden, target, class_offset, num_classes, class_weight, "hidden")
-    if not isinstance(weight_shard, Tensor) or weight_shard.dim() != 2 or hidden.dim() != 2 \
-            or weight_shard.shape[1] != hidden.shape[1] or weight_shard.dtype != hidden.dtype:
-        raise ValueError(f"hidden (N, H) and weight_shard (K_r, H) must be 2-D of one dtype and the same H; got "
-                         f"{tuple(hidden.shape)} {hidden.dtype} and {tuple(getattr(weight_shard, 'shape', ()))}")
-    if bias_shard is not None and (bias_shard.shape != weight_shard.shape[:1] or bias_shard.dtype != hidden.dtype):
-        raise ValueError(f"bias_shard must have shape ({weight_shard.shape[0]},) and hidden's dtype")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape (N, H); got {tuple(hidden.shape)}")
+    # This rank's own classifier shard: what is wrong with it goes to every rank at the first all-reduce.
+    shard_error = None
+    if not isinstance(weight_shard, Tensor) or weight_shard.dim() != 2 or weight_shard.shape[1] != hidden.shape[1] \
+            or weight_shard.dtype != hidden.dtype or weight_shard.device != hidden.device:
+        shard_error = (f"weight_shard must be (K_r, H = {hidden.shape[1]}) of hidden's dtype {hidden.dtype} and device "
+                       f"{hidden.device}; got {tuple(getattr(weight_shard, 'shape', ()))} "
+                       f"{getattr(weight_shard, 'dtype', type(weight_shard).__name__)} "
+                       f"{getattr(weight_shard, 'device', '')}")
+    elif bias_shard is not None and (not isinstance(bias_shard, Tensor) or bias_shard.shape != weight_shard.shape[:1]
+                                     or bias_shard.dtype != hidden.dtype or bias_shard.device != hidden.device):
+        shard_error = f"bias_shard must have shape ({weight_shard.shape[0]},) and hidden's dtype and device"
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
     spec = make_spec(name, **params)
     options = CallOptions(reduction, ignore_index, label_smoothing, backend)
     acc = accumulation_dtype(hidden.dtype)
-    local_classes = weight_shard.shape[0]
+    local_classes = weight_shard.shape[0] if shard_error is None else 1
     chunk_rows = chunk_size or default_chunk_size(hidden.shape[0], hidden.shape[1], local_classes, hidden.device.type)
 
     def logits(start: int, end: int) -> Tensor:  # a new tensor each time (the gradient is written over it)
@@ -558,10 +589,11 @@ def class_parallel_linear_loss(hidden: Tensor, weight_shard: Tensor, target: Ten
         return (rows @ w if bias_shard is None else torch.addmm(bias_shard.detach(), rows, w)).to(acc)
 
     problem, header, error = _prepare(hidden, target, "hidden", local_classes, class_offset, num_classes,
-                                      class_weight, spec, options, group, chunk_rows, logits)
-    problem.linear_inputs = (hidden.detach(), weight_shard.detach(), None if bias_shard is None else bias_shard.detach())
+                                      class_weight, spec, options, group, chunk_rows, logits, shard_error)
+    problem.linear_inputs = (hidden.detach(), weight_shard.detach(), None if bias_shard is None else bias_shard.detach()) \
+        if shard_error is None else None
     need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight_shard, bias_shard)) or problem.target_grad
+        getattr(t, "requires_grad", False) for t in (hidden, weight_shard, bias_shard)) or problem.target_grad
     problem.result = problem.forward(need_grad, header, error).to(hidden.dtype)
     inputs = (hidden, weight_shard) + (() if bias_shard is None else (bias_shard,)) + (
         (target,) if problem.target_grad else ())
