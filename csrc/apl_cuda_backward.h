@@ -111,14 +111,21 @@ APL_UNROLL
         if (j >= span.K) continue;
         const S lp = (static_cast<S>(pack.v[e]) - row.max_z) - row.log_s;
         const S p = Math<S>::exp(lp);
-        const S c = coefficient(a, r, j, -1, S(0));
-        S t = tk.constant;
+        S values[kMaxTerms] = {S(0), S(0)};
+        bool finite = true;
 APL_UNROLL
         for (int term = 0; term < kMaxTerms; ++term) {
           if (term < a.params.num_terms) {
-            t += tk.slope[term] *
-                 zero_coefficient_term(target_element<S, S>(a.params.base[term], p, lp, row, a.params, span.K), c);
+            values[term] = target_element<S, S>(a.params.base[term], p, lp, row, a.params, span.K);
+            finite = finite && values[term] - values[term] == S(0);
           }
+        }
+        // The coefficient matters only where a T is infinite (a masked class): read only there.
+        const S c = finite ? S(1) : coefficient(a, r, j, -1, S(0));
+        S t = tk.constant;
+APL_UNROLL
+        for (int term = 0; term < kMaxTerms; ++term) {
+          if (term < a.params.num_terms) t += tk.slope[term] * zero_coefficient_term(values[term], c);
         }
         t *= a.keep * class_weight(a, j);
         a.target_grad_out[r * a.K + j] = state == kCounted ? t : state == kZero ? S(0) : quiet_nan<S>();
